@@ -1,0 +1,3 @@
+"""finetune-operator: governed LLM fine-tuning on Kubernetes."""
+
+__version__ = "0.1.0"

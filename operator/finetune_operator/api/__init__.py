@@ -1,0 +1,22 @@
+"""The v1alpha1 API of finetune.dev: the single source of truth for CRDs and docs.
+
+Everything here is plain pydantic (no Kubernetes client, no torch), so the trainer,
+the operator and the CLI all share one definition of every field.
+"""
+
+from .meta import GROUP, VERSION, API_VERSION, Condition
+from .dataset import Dataset, DatasetSpec, DatasetStatus
+from .finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+from .governance import GovernancePolicy, GovernancePolicySpec, GovernanceSpec, CHECK_NAMES
+from .trainer_config import TrainerConfig
+
+#: Every kind this API serves, in the order the CRDs are generated.
+KINDS = (Dataset, FineTuneJob, GovernancePolicy)
+
+__all__ = [
+    "GROUP", "VERSION", "API_VERSION", "Condition",
+    "Dataset", "DatasetSpec", "DatasetStatus",
+    "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus",
+    "GovernancePolicy", "GovernancePolicySpec", "GovernanceSpec", "CHECK_NAMES",
+    "TrainerConfig", "KINDS",
+]

@@ -1,0 +1,138 @@
+"""Dataset: training data, its format, provenance and curation."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field
+
+from .meta import DIGEST_PATTERN, ApiModel, Condition, Resource, SecretRef, URI_PATTERN, age_column
+
+# Data formats follow the usual JSONL conventions; the trainer's formats module parses them.
+# New formats (e.g. image-text) are added there and here, nowhere else.
+DataFormat = Literal["chat", "instruction", "completion"]
+PIIPolicy = Literal["reject", "redact", "allow"]
+Consent = Literal["obtained", "not-required", "unknown"]
+DatasetPhase = Literal["Pending", "Validating", "Ready", "Invalid", "Failed"]
+
+
+class DataSource(ApiModel):
+    """Where the raw data lives."""
+
+    uri: str = Field(
+        ..., pattern=URI_PATTERN, max_length=2048,
+        description="JSONL file (or a folder of *.jsonl files) at s3://bucket/key or file://path.")
+    credentials: Optional[SecretRef] = Field(None, description="Secret with S3 credentials for this source.")
+
+
+class EvaluationSplit(ApiModel):
+    """The held-out split used for eval loss and governance: a fraction of the data, or a separate file."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": {"x-kubernetes-validations": [{
+            "rule": "has(self.fraction) != has(self.uri)",
+            "message": "set exactly one of evaluation.fraction or evaluation.uri",
+        }]}
+    }
+
+    fraction: Optional[float] = Field(
+        None, gt=0, lt=1, description="Fraction of the examples held out for evaluation, in (0, 1).")
+    seed: int = Field(42, ge=0, description="Seed of the deterministic split, so every run holds out the same examples.")
+    uri: Optional[str] = Field(
+        None, pattern=URI_PATTERN, max_length=2048,
+        description="A separate JSONL evaluation file in the same format, instead of a fraction.")
+
+
+class Provenance(ApiModel):
+    """Where the data came from; checked by the provenance governance check."""
+
+    origin: str = Field(..., min_length=1, max_length=1024,
+                        description="Where the data came from (a system, a URL, a team, a vendor).")
+    license: Optional[str] = Field(
+        None, min_length=1, max_length=256,
+        description="SPDX license id (e.g. CC-BY-4.0, Apache-2.0) or a free-form license name.")
+    collectedBy: Optional[str] = Field(None, max_length=256, description="Who collected or produced the data.")
+    consent: Consent = Field(
+        "unknown", description="Whether the people in the data consented: obtained, not-required or unknown.")
+    containsPersonalData: bool = Field(False, description="Whether the data contains personal data about people.")
+
+
+class Curation(ApiModel):
+    """What the validation Job does to the data besides checking it."""
+
+    deduplicate: bool = Field(True, description="Remove exact duplicate examples.")
+    minExamples: int = Field(10, ge=1, description="A Dataset with fewer valid training examples is Invalid.")
+    maxInvalidLines: int = Field(
+        0, ge=0, description="How many malformed lines are tolerated (dropped) before the Dataset is Invalid.")
+    piiPolicy: PIIPolicy = Field(
+        "reject", description="What to do with PII found in the data: reject the Dataset, redact it, or allow it.")
+
+
+class DatasetOutput(ApiModel):
+    """Where the validated data and the validation report are written."""
+
+    uri: str = Field(..., pattern=URI_PATTERN, max_length=2048,
+                     description="Folder (s3://… or file://…) for the cleaned data and the report.")
+    credentials: Optional[SecretRef] = Field(None, description="Secret with S3 credentials for the output.")
+
+
+class DatasetSpec(ApiModel):
+    """The desired Dataset."""
+
+    source: DataSource = Field(..., description="Where the raw data is.")
+    format: DataFormat = Field(
+        ..., description="chat: {\"messages\": [{\"role\", \"content\"}]}; instruction: {\"instruction\", "
+        "\"input\" (optional), \"output\"}; completion: {\"prompt\", \"completion\"}.")
+    evaluation: EvaluationSplit = Field(
+        default_factory=lambda: EvaluationSplit(fraction=0.1), description="The held-out evaluation split.")
+    provenance: Provenance = Field(..., description="Where the data came from, its license and consent.")
+    curation: Curation = Field(default_factory=Curation, description="Validation and curation options.")
+    output: Optional[DatasetOutput] = Field(
+        None, description="Where validated data goes; defaults to the operator's artifact store.")
+
+
+class DatasetStats(ApiModel):
+    """Counts from the last validation."""
+
+    examples: int = Field(0, ge=0, description="Valid training examples after curation.")
+    evalExamples: int = Field(0, ge=0, description="Examples in the evaluation split.")
+    tokens: int = Field(0, ge=0, description="Tokens in the validated data (whitespace-free estimate or tokenizer count).")
+    duplicatesRemoved: int = Field(0, ge=0, description="Exact duplicates removed.")
+    invalidLines: int = Field(0, ge=0, description="Malformed lines found.")
+
+
+class DatasetStatus(ApiModel):
+    """Observed state of a Dataset."""
+
+    phase: DatasetPhase = Field("Pending", description="Pending, Validating, Ready, Invalid or Failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Standard conditions (Validated, Ready).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    observedGeneration: int = Field(0, ge=0, description="The generation the status describes.")
+    stats: Optional[DatasetStats] = Field(None, description="Counts from the last validation.")
+    digest: Optional[str] = Field(None, pattern=DIGEST_PATTERN, description="sha256 of the validated content.")
+    validatedURI: Optional[str] = Field(None, description="Where the validated (cleaned) data is.")
+    reportURI: Optional[str] = Field(None, description="Where the validation report is.")
+    piiFindings: dict[str, int] = Field(default_factory=dict, description="PII findings by kind (email, phone, …).")
+    invalidLineNumbers: list[int] = Field(default_factory=list, description="The first offending line numbers.")
+    validationJob: Optional[str] = Field(None, description="Name of the validation Job.")
+    message: str = Field("", description="A human-readable summary of the current phase.")
+
+
+class Dataset(Resource):
+    """Training data for fine-tuning: source, format, provenance and curation."""
+
+    KIND: ClassVar[str] = "Dataset"
+    PLURAL: ClassVar[str] = "datasets"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftds",)
+    PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = (
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Format", "type": "string", "jsonPath": ".spec.format"},
+        {"name": "Examples", "type": "integer", "jsonPath": ".status.stats.examples"},
+        {"name": "Digest", "type": "string", "jsonPath": ".status.digest", "priority": 1},
+        age_column(),
+    )
+
+    kind: Literal["Dataset"] = Field("Dataset", description="Dataset")
+    spec: DatasetSpec = Field(..., description="The desired Dataset.")
+    status: Optional[DatasetStatus] = Field(None, description="Observed state, written by the operator.")

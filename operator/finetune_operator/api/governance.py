@@ -1,0 +1,138 @@
+"""Governance: which checks gate promotion, their thresholds, and the cluster-wide policy."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal, Optional
+
+from pydantic import Field
+
+from .meta import ApiModel, Resource, URI_PATTERN, age_column
+
+CheckName = Literal["evaluation", "bias", "provenance", "pii", "explainability"]
+CHECK_NAMES: tuple[str, ...] = ("evaluation", "bias", "provenance", "pii", "explainability")
+
+
+class EvaluationThresholds(ApiModel):
+    """How much better than the base model the adapter must be on the held-out split."""
+
+    minRelativeImprovement: float = Field(
+        0.0, ge=0, le=1,
+        description="Required relative drop of eval loss versus the base model: (base - adapter) / base. "
+        "0.05 means at least 5% lower loss. The adapter must never be worse than the base model.")
+    minAbsoluteImprovement: float = Field(
+        0.0, ge=0, description="Required absolute drop of eval loss (nats per token) versus the base model.")
+    minExactMatch: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="If set, the required exact-match accuracy on the labelled evaluation set (evalSetURI).")
+    evalSetURI: Optional[str] = Field(
+        None, pattern=URI_PATTERN,
+        description="Optional labelled evaluation set (JSONL of {\"prompt\", \"answer\"}) for exact match.")
+
+
+class BiasThresholds(ApiModel):
+    """Counterfactual probes: only a demographic term changes between prompts."""
+
+    maxGap: float = Field(
+        0.25, gt=0,
+        description="Largest allowed difference between demographic groups of the mean per-token "
+        "log-probability the model gives to the same answer (Fairlearn-style between-groups difference).")
+    probesURI: Optional[str] = Field(
+        None, pattern=URI_PATTERN,
+        description="Optional JSONL of probe templates; the project's own default set is used when empty.")
+
+
+class PIIThresholds(ApiModel):
+    """Dataset PII findings and memorization of training PII."""
+
+    maxFindings: int = Field(
+        0, ge=0,
+        description="Largest number of PII findings left in the validated data (after redaction).")
+    maxMemorizationRate: float = Field(
+        0.0, ge=0, le=1,
+        description="Largest fraction of PII-bearing training prefixes for which the adapter completes "
+        "the PII verbatim.")
+
+
+class ExplainabilityThresholds(ApiModel):
+    """Token-attribution reports over evaluation prompts."""
+
+    samples: int = Field(4, ge=1, le=64, description="How many evaluation prompts get an attribution report.")
+    maxProtectedAttributeShare: float = Field(
+        0.5, gt=0, le=1,
+        description="Largest share of total attribution that protected-attribute tokens may carry.")
+
+
+class ProvenanceRules(ApiModel):
+    """What a Dataset must declare about where its data came from."""
+
+    allowedLicenses: list[str] = Field(
+        default_factory=list,
+        description="SPDX ids (or names) of licenses allowed for training data. Empty means any declared "
+        "license is allowed; a missing license always fails.")
+    requireConsentForPersonalData: bool = Field(
+        True, description="A Dataset that contains personal data must declare consent: obtained.")
+
+
+class GovernanceSpec(ApiModel):
+    """Which checks must pass before an adapter is promoted, and how strict each one is.
+
+    On a FineTuneJob these settings can only tighten the GovernancePolicy that applies to it.
+    """
+
+    required: list[CheckName] = Field(
+        default_factory=lambda: list(CHECK_NAMES),
+        description="Checks that must pass before promotion: evaluation, bias, provenance, pii, explainability.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    evaluation: EvaluationThresholds = Field(default_factory=EvaluationThresholds, description="Thresholds of the evaluation check.")
+    bias: BiasThresholds = Field(default_factory=BiasThresholds, description="Thresholds of the bias check.")
+    pii: PIIThresholds = Field(default_factory=PIIThresholds, description="Thresholds of the pii check.")
+    explainability: ExplainabilityThresholds = Field(
+        default_factory=ExplainabilityThresholds, description="Settings of the explainability check.")
+    provenance: ProvenanceRules = Field(default_factory=ProvenanceRules, description="Rules of the provenance check.")
+
+
+class GovernancePolicySpec(GovernanceSpec):
+    """A cluster-wide governance policy."""
+
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces this policy applies to; empty means every namespace. When several policies "
+        "apply, the strictest value of each setting wins.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
+class GovernancePolicyStatus(ApiModel):
+    """Observed state of a GovernancePolicy."""
+
+    observedGeneration: int = Field(0, ge=0, description="The generation last seen by the operator.")
+
+
+class GovernancePolicy(Resource):
+    """Cluster-scoped: which governance checks are required, their thresholds, allowed licenses, namespaces."""
+
+    KIND: ClassVar[str] = "GovernancePolicy"
+    PLURAL: ClassVar[str] = "governancepolicies"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftgp",)
+    SCOPE: ClassVar[str] = "Cluster"
+    PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = (
+        {"name": "Required", "type": "string", "jsonPath": ".spec.required"},
+        {"name": "Namespaces", "type": "string", "jsonPath": ".spec.namespaces"},
+        age_column(),
+    )
+
+    kind: Literal["GovernancePolicy"] = Field("GovernancePolicy", description="GovernancePolicy")
+    spec: GovernancePolicySpec = Field(..., description="The policy.")
+    status: Optional[GovernancePolicyStatus] = Field(None, description="Observed state.")
+
+
+class CheckResult(ApiModel):
+    """The outcome of one governance check."""
+
+    name: str = Field(..., description="The check: evaluation, bias, provenance, pii or explainability.")
+    passed: bool = Field(..., description="Whether the check passed. A check that could not run did not pass.")
+    value: Optional[float] = Field(None, description="The measured value (e.g. relative improvement, gap).")
+    threshold: Optional[float] = Field(None, description="The threshold the value was compared with.")
+    message: str = Field("", description="What was measured and why it passed or failed.")
+    reportURI: Optional[str] = Field(None, description="Where the check's detailed report is stored.")

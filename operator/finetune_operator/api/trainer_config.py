@@ -1,0 +1,59 @@
+"""The configs the operator renders for the trainer package's commands.
+
+They are built from a FineTuneJob / Dataset spec (so their schema *is* the API's) plus
+what the operator resolved: the validated data location, digests, the job's identity.
+Credentials are never part of a config: they come from the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from .dataset import DataFormat, DatasetSpec
+from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
+from .governance import GovernanceSpec
+from .meta import ApiModel, URI_PATTERN
+
+
+class JobIdentity(ApiModel):
+    """Which Kubernetes object a run belongs to (labels of metrics and logs)."""
+
+    namespace: str = Field("default", description="Namespace of the object.")
+    name: str = Field(..., description="Name of the object.")
+    uid: Optional[str] = Field(None, description="UID of the object.")
+
+
+class TrainingData(ApiModel):
+    """The validated data a run trains on (written by the validation command)."""
+
+    uri: str = Field(..., pattern=URI_PATTERN, description="Folder with train.jsonl and eval.jsonl.")
+    format: DataFormat = Field(..., description="Format of the examples.")
+    digest: Optional[str] = Field(None, description="Digest of the validated data, recorded in the adapter manifest.")
+
+
+class TrainerConfig(ApiModel):
+    """Input of `finetune-trainer train` (and `finetune-trainer governance`)."""
+
+    job: JobIdentity
+    baseModel: BaseModelRef
+    data: TrainingData
+    method: Method = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    quantization: Optional[Quantization] = None
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    outputURI: str = Field(..., pattern=URI_PATTERN, description="Run folder: checkpoints/, adapters/, progress.json.")
+    governance: Optional[GovernanceSpec] = Field(None, description="Effective governance policy (governance command).")
+    metricsPort: int = Field(9400, ge=0, le=65535, description="Prometheus port; 0 disables the endpoint.")
+    progressIntervalSeconds: float = Field(15.0, gt=0, le=30, description="How often progress.json is written.")
+
+
+class ValidationConfig(ApiModel):
+    """Input of `finetune-trainer validate`: check, curate and digest a Dataset."""
+
+    job: JobIdentity
+    dataset: DatasetSpec
+    outputURI: str = Field(..., pattern=URI_PATTERN, description="Folder for train.jsonl, eval.jsonl, report.json.")
+    tokenizerURI: Optional[str] = Field(
+        None, pattern=URI_PATTERN, description="Optional tokenizer folder for exact token counts.")

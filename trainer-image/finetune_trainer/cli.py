@@ -1,0 +1,50 @@
+"""`finetune-trainer`: the commands the operator's Jobs (and `ftctl run`) execute.
+
+    finetune-trainer validate   --config validation.json   # Dataset validation (no GPU)
+    finetune-trainer train      --config job.json          # LoRA / QLoRA / DoRA training
+    finetune-trainer governance --config job.json          # governance checks on the adapter
+
+Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional
+
+from .errors import EXIT_CONFIG_ERROR, TrainerError
+from .logs import get_logger
+
+# command -> module with `run(config_path: str) -> int`; imported lazily so `validate`
+# never pays for importing torch.
+COMMANDS = {
+    "validate": "finetune_trainer.validate",
+    "train": "finetune_trainer.train",
+    "governance": "finetune_trainer.governance.runner",
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-trainer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        p = sub.add_parser(name)
+        p.add_argument("--config", required=True, help="Path (or file:// / s3:// URI) of the rendered JSON config")
+    ns = parser.parse_args(argv)
+    log = get_logger(ns.command)
+    try:
+        module = importlib.import_module(COMMANDS[ns.command])
+        code = int(module.run(ns.config) or 0)
+    except TrainerError as exc:
+        log.error(str(exc), extra={"event": "error", "exit_code": exc.exit_code, "error_type": type(exc).__name__})
+        code = exc.exit_code
+    except FileNotFoundError as exc:
+        log.error(f"not found: {exc}", extra={"event": "error", "exit_code": EXIT_CONFIG_ERROR})
+        code = EXIT_CONFIG_ERROR
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
