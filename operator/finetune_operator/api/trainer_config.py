@@ -11,7 +11,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from .dataset import DataFormat, DatasetSpec
+from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
 from .meta import ApiModel, URI_PATTERN
@@ -33,6 +33,16 @@ class TrainingData(ApiModel):
     digest: Optional[str] = Field(None, description="Digest of the validated data, recorded in the adapter manifest.")
 
 
+class GovernanceInputs(ApiModel):
+    """What the governance command needs besides the training config (filled by the operator)."""
+
+    adapterURI: Optional[str] = Field(
+        None, pattern=URI_PATTERN, description="The adapter to check; defaults to the one in {outputURI}/result.json.")
+    dataset: DatasetSpec = Field(..., description="The Dataset spec (provenance, source, curation) as it is now.")
+    datasetPIIFindings: dict[str, int] = Field(default_factory=dict, description="PII findings of the validation.")
+    baseModelDigest: Optional[str] = Field(None, description="Digest of the base model the adapter was trained on.")
+
+
 class TrainerConfig(ApiModel):
     """Input of `finetune-trainer train` (and `finetune-trainer governance`)."""
 
@@ -45,6 +55,7 @@ class TrainerConfig(ApiModel):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     outputURI: str = Field(..., pattern=URI_PATTERN, description="Run folder: checkpoints/, adapters/, progress.json.")
     governance: Optional[GovernanceSpec] = Field(None, description="Effective governance policy (governance command).")
+    governanceInputs: Optional[GovernanceInputs] = Field(None, description="Inputs of the governance command.")
     metricsPort: int = Field(9400, ge=0, le=65535, description="Prometheus port; 0 disables the endpoint.")
     progressIntervalSeconds: float = Field(15.0, gt=0, le=30, description="How often progress.json is written.")
 
