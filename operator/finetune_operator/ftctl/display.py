@@ -1,0 +1,138 @@
+"""What ftctl shows: the live progress view, statuses as YAML, governance and job tables.
+
+Everything here turns API objects (or plain dicts shaped like them) into rich
+renderables, so `ftctl run` (local) and `ftctl watch` (cluster) look the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import yaml
+from pydantic import BaseModel
+from rich.console import Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+PHASE_STYLES = {
+    "Succeeded": "green", "Ready": "green", "Promoted": "green",
+    "Failed": "red", "Invalid": "red", "Blocked": "red",
+    "AwaitingApproval": "yellow", "Suspended": "yellow",
+}
+
+
+def _get(obj: Any, name: str) -> Any:
+    """Field access that works on pydantic models and on dicts from the API server."""
+    if obj is None:
+        return None
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def format_eta(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_number(value: Optional[float], digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def phase_text(phase: Optional[str]) -> Text:
+    return Text(phase or "-", style=PHASE_STYLES.get(phase or "", "cyan"))
+
+
+def progress_view(name: str, phase: Optional[str], progress: Any, message: str = "") -> Panel:
+    """The live view: phase, step/total with a bar, loss, eval loss, tokens/s and ETA."""
+    step = _get(progress, "step") or 0
+    total = _get(progress, "totalSteps") or 0
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("phase", phase_text(phase))
+    bar = ProgressBar(total=max(total, 1), completed=min(step, total) if total else 0, width=40)
+    grid.add_row("step", Group(Text(f"{step}/{total or '?'}  ({_get(progress, 'percent') or 0}%)"), bar))
+    grid.add_row("loss", format_number(_get(progress, "loss")))
+    grid.add_row("eval loss", format_number(_get(progress, "evalLoss")))
+    tps = _get(progress, "tokensPerSecond")
+    grid.add_row("tokens/s", "-" if tps is None else f"{tps:,.0f}")
+    grid.add_row("ETA", format_eta(_get(progress, "etaSeconds")))
+    if message:
+        grid.add_row("", Text(message, style="dim"))
+    return Panel(grid, title=f"FineTuneJob {name}", expand=False)
+
+
+def status_yaml(kind: str, name: str, status: BaseModel | dict) -> str:
+    """The status exactly as `kubectl get -o yaml` would show it (only set fields)."""
+    body = status.model_dump(mode="json", exclude_none=True) if isinstance(status, BaseModel) else status
+    return yaml.safe_dump({"kind": kind, "metadata": {"name": name}, "status": body},
+                          sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def governance_table(checks: Iterable[Any], passed: Optional[bool], required: Iterable[str] = ()) -> Table:
+    """One row per check: pass/fail, value vs threshold, what was measured."""
+    required = set(required)
+    verdict = {True: "[green]passed[/]", False: "[red]BLOCKED[/]", None: "[yellow]not evaluated[/]"}[passed]
+    table = Table(title=f"Governance: {verdict}", title_justify="left")
+    table.add_column("check", style="bold")
+    table.add_column("result")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("message", overflow="fold")
+    for check in checks:
+        name = _get(check, "name")
+        ok = _get(check, "passed")
+        result = "[green]pass[/]" if ok else "[red]FAIL[/]"
+        if required and name not in required:
+            result += " [dim](not required)[/]"
+        table.add_row(name, result, format_number(_get(check, "value")),
+                      format_number(_get(check, "threshold")), _get(check, "message") or "")
+    return table
+
+
+def failing_checks(governance: Any) -> list[str]:
+    return [_get(c, "name") for c in (_get(governance, "checks") or []) if not _get(c, "passed")]
+
+
+def governance_summary(governance: Any) -> str:
+    if not governance or _get(governance, "passed") is None:
+        return "-"
+    if _get(governance, "passed"):
+        return f"passed ({len(_get(governance, 'checks') or [])} checks)"
+    return "failed: " + ", ".join(failing_checks(governance))
+
+
+def jobs_table(jobs: Iterable[dict]) -> Table:
+    """`ftctl status`: one row per FineTuneJob from its status."""
+    table = Table(title="FineTuneJobs", title_justify="left")
+    for col in ("name", "phase", "progress", "loss", "eval loss", "ETA", "governance", "promotion"):
+        table.add_column(col)
+    for job in jobs:
+        status = job.get("status") or {}
+        progress = status.get("progress") or {}
+        promotion = status.get("promotion") or {}
+        step, total = progress.get("step", 0), progress.get("totalSteps", 0)
+        table.add_row(
+            job["metadata"]["name"], phase_text(status.get("phase", "Pending")),
+            f"{step}/{total} ({progress.get('percent', 0)}%)" if total else "-",
+            format_number(progress.get("loss")), format_number(progress.get("evalLoss")),
+            format_eta(progress.get("etaSeconds")), governance_summary(status.get("governance")),
+            phase_text(promotion.get("state")) if promotion else Text("-"),
+        )
+    return table
+
+
+def samples_table(samples: Iterable[dict]) -> Table:
+    """Before/after: greedy answers of the base model and of base + adapter."""
+    table = Table(title="What the adapter changed (greedy decoding)", title_justify="left", show_lines=True)
+    table.add_column("prompt", overflow="fold", ratio=2)
+    table.add_column("base model", overflow="fold", ratio=3)
+    table.add_column("base + adapter", overflow="fold", ratio=3, style="green")
+    for s in samples:
+        table.add_row(s["prompt"], s["before"], s["after"])
+    return table

@@ -1,0 +1,169 @@
+"""The v1alpha1 API: generated CRDs stay in sync, are structural, and accept/reject the right manifests."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import celpy
+import pytest
+import yaml
+
+from finetune_operator.api import KINDS, Dataset, FineTuneJob, GovernancePolicy
+from finetune_operator.api.crd import crd, openapi_schema
+from finetune_operator.api.validation import ManifestError, validate_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+INVALID = sorted((REPO / "tests" / "manifests" / "invalid").glob("*.yaml"))
+EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml"))
+
+
+def _load_gen():
+    spec = importlib.util.spec_from_file_location("gen_crds", REPO / "hack" / "gen-crds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generated_files_are_current():
+    """crds/ and docs/api.md are exactly what the models generate (run hack/gen-crds.py)."""
+    for path, text in _load_gen().expected_files().items():
+        assert path.exists(), f"{path} missing: run python hack/gen-crds.py"
+        assert path.read_text() == text, f"{path.relative_to(REPO)} drifted from the models: run python hack/gen-crds.py"
+
+
+def _walk(node, path="$"):
+    yield path, node
+    for name, sub in node.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.KIND)
+def test_schema_is_structural_and_documented(kind):
+    schema = openapi_schema(kind)
+    for path, node in _walk(schema):
+        assert "type" in node, f"{path}: structural schemas need a type on every node"
+        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "not", "const", "title", "$defs"):
+            assert forbidden not in node, f"{path}: {forbidden} is not allowed in a structural schema"
+        if node["type"] != "object" or "properties" not in node:
+            continue
+        for name, sub in node["properties"].items():
+            if path == "$" and name in ("metadata",):
+                continue
+            assert sub.get("description"), f"{path}.{name} has no description (kubectl explain would be empty)"
+        for req in node.get("required", []):
+            assert req in node["properties"], f"{path}: required {req} is not a property"
+        if "default" in node:
+            validate_default = node["default"]
+            assert isinstance(validate_default, dict), f"{path}: object default must be an object"
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.KIND)
+def test_crd_shape(kind):
+    doc = crd(kind)
+    spec = doc["spec"]
+    assert doc["metadata"]["name"] == f"{kind.PLURAL}.finetune.dev"
+    assert spec["scope"] == kind.SCOPE
+    assert "finetune" in spec["names"]["categories"]
+    assert spec["names"]["shortNames"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    schema = version["schema"]["openAPIV3Schema"]
+    columns = version["additionalPrinterColumns"]
+    assert columns[-1]["name"] == "Age"
+    for col in columns:  # every printer column points at a field that exists
+        node = schema
+        if col["jsonPath"].startswith(".metadata"):
+            continue
+        for part in col["jsonPath"].strip(".").split("."):
+            node = node["properties"][part]
+
+
+def test_finetunejob_printer_columns():
+    names = [c["name"] for c in crd(FineTuneJob)["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert names[:3] == ["Phase", "Progress", "Base Model"]
+    assert "Promotion" in names and "Adapter" in names
+
+
+def test_every_cel_rule_compiles():
+    env = celpy.Environment()
+    count = 0
+    for kind in KINDS:
+        for path, node in _walk(openapi_schema(kind)):
+            for rule in node.get("x-kubernetes-validations", []):
+                env.program(env.compile(rule["rule"]))
+                assert rule.get("message"), f"{path}: CEL rule without a message"
+                count += 1
+    assert count >= 6
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_examples_are_valid(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for doc in docs:
+        defaulted = validate_manifest(doc)
+        model = {"Dataset": Dataset, "FineTuneJob": FineTuneJob, "GovernancePolicy": GovernancePolicy}[doc["kind"]]
+        model.model_validate(defaulted)  # the models agree with the schema on valid input
+
+
+def test_there_are_at_least_15_kinds_of_mistake():
+    assert len(INVALID) >= 15
+
+
+@pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
+def test_invalid_manifest_is_rejected_naming_the_field(path):
+    text = path.read_text()
+    expected_field = text.splitlines()[0].removeprefix("# expect:").strip()
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(yaml.safe_load(text))
+    assert any(err.startswith(expected_field) or f'"{expected_field}' in err for err in info.value.errors), (
+        f"no error names {expected_field}: {info.value.errors}")
+
+
+def _job(**spec):
+    base = {"baseModel": {"uri": "s3://models/m"}, "datasetRef": {"name": "d"}, "output": {"uri": "s3://out/x"}}
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j"},
+            "spec": {**base, **spec}}
+
+
+def test_cel_rules_behave():
+    validate_manifest(_job(method="qlora", quantization={"quantType": "fp4"}))
+    validate_manifest(_job(method="dora", quantization={}))  # QDoRA is supported by peft
+    validate_manifest(_job(method="dora"))
+    with pytest.raises(ManifestError, match="spec.quantization"):
+        validate_manifest(_job(method="qlora"))
+    with pytest.raises(ManifestError, match="spec.training"):
+        validate_manifest(_job(training={"epochs": 1, "maxSteps": 3}))
+
+
+def test_base_model_and_dataset_ref_are_immutable():
+    old = validate_manifest(_job())
+    validate_manifest(_job(training={"maxSteps": 5}), old=old)  # other fields may change
+    with pytest.raises(ManifestError, match="spec.baseModel is immutable"):
+        validate_manifest(_job(baseModel={"uri": "s3://models/other"}), old=old)
+    with pytest.raises(ManifestError, match="spec.datasetRef is immutable"):
+        validate_manifest(_job(datasetRef={"name": "other"}), old=old)
+
+
+def test_defaults_are_applied_like_the_api_server():
+    obj = validate_manifest(_job())
+    assert obj["spec"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+    assert obj["spec"]["training"]["packing"] is True
+    assert obj["spec"]["promotion"]["mode"] == "auto"
+    parsed = FineTuneJob.model_validate(obj)
+    assert parsed.spec.lora.r == 16
+
+
+def test_import_operator_still_gives_the_standard_library():
+    out = subprocess.run([sys.executable, "-c", "import operator; print(operator.__file__)"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert "site-packages" not in out and not out.startswith(str(REPO)), out
+    assert out.endswith("operator.py")
