@@ -1,0 +1,296 @@
+"""Governance decisions of the operator: which policy applies, what a report says, whether to promote.
+
+Everything here is pure (no I/O, no Kubernetes client, no torch) so the operator, `ftctl`
+and the governance command itself share one implementation, and every rule is testable
+without a cluster.
+
+- `effective_policy`: merge the GovernancePolicies that apply to a namespace, strictest
+  wins, then let the job's `spec.governance` tighten (never loosen) the result.
+- `report_digest` / `read_report`: the governance report (governance.json) carries the
+  sha256 of its own canonical JSON and the adapter digest it was computed for; a report
+  that was edited, or that belongs to another adapter, is not trusted.
+- `promotion_decision`: Promoted, AwaitingApproval or Blocked, with a CamelCase reason.
+- `alias_uri` / `alias_record`: where and what the promotion alias is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .api.governance import CHECK_NAMES, CheckResult, GovernanceSpec
+
+#: allowedLicenses after intersecting non-empty lists that share nothing: no license is
+#: allowed. An empty list would mean "any license", so the emptiness needs a marker that
+#: can never be a real license name (SPDX ids do not contain "!").
+NO_LICENSE_ALLOWED = "!no-license-allowed"
+
+#: The GovernancePolicy the operator applies when the cluster has none: the API defaults
+#: (every check required, default thresholds). Callers pass it in `policies` themselves.
+DEFAULT_POLICY: dict[str, Any] = {
+    "apiVersion": "finetune.dev/v1alpha1",
+    "kind": "GovernancePolicy",
+    "metadata": {"name": "operator-default"},
+    "spec": {},
+}
+
+# How each threshold is merged: "max" means a larger value is stricter, "min" a smaller one.
+_STRICTNESS: dict[str, dict[str, str]] = {
+    "evaluation": {"minRelativeImprovement": "max", "minAbsoluteImprovement": "max", "minExactMatch": "max"},
+    "bias": {"maxGap": "min"},
+    "pii": {"maxFindings": "min", "maxMemorizationRate": "min"},
+    "explainability": {"samples": "max", "maxProtectedAttributeShare": "min"},
+}
+# Data locations: not comparable by strictness; the first policy (by name) that sets one wins,
+# and a job may only add one where the policy has none.
+_LOCATIONS: dict[str, str] = {"evaluation": "evalSetURI", "bias": "probesURI"}
+
+_DEFAULTS = GovernanceSpec().model_dump()
+
+
+def _stricter(a: Any, b: Any, how: str) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b) if how == "max" else min(a, b)
+
+
+def _is_tighter_or_equal(job_value: Any, current: Any, how: str) -> bool:
+    if current is None:
+        return True  # the policy does not set it: any value adds a requirement
+    if job_value is None:
+        return False
+    return job_value >= current if how == "max" else job_value <= current
+
+
+def _intersect_licenses(a: list[str], b: list[str]) -> list[str]:
+    if not a:
+        return list(b)
+    if not b:
+        return list(a)
+    b_folded = {x.casefold() for x in b}
+    common = [x for x in a if x.casefold() in b_folded]
+    return common or [NO_LICENSE_ALLOWED]
+
+
+def applies_to(policy: dict, namespace: str) -> bool:
+    namespaces = (policy.get("spec") or {}).get("namespaces") or []
+    return not namespaces or namespace in namespaces
+
+
+def _merge_policy(merged: dict, spec: dict) -> None:
+    """Fold one (validated, defaulted) policy spec into `merged`, strictest wins."""
+    merged["required"] = sorted(set(merged["required"]) | set(spec["required"]), key=CHECK_NAMES.index)
+    for section, fields in _STRICTNESS.items():
+        for name, how in fields.items():
+            merged[section][name] = _stricter(merged[section][name], spec[section][name], how)
+    for section, name in _LOCATIONS.items():
+        merged[section][name] = merged[section][name] or spec[section][name]
+    prov = merged["provenance"]
+    prov["allowedLicenses"] = _intersect_licenses(prov["allowedLicenses"], spec["provenance"]["allowedLicenses"])
+    prov["requireConsentForPersonalData"] = (
+        prov["requireConsentForPersonalData"] or spec["provenance"]["requireConsentForPersonalData"])
+
+
+def _apply_job(merged: dict, job: dict) -> list[str]:
+    """Apply the job's settings where they tighten; return a message for each one ignored.
+
+    The API server fills in defaults of spec.governance, so a job value equal to the API
+    default is probably not what the user wrote: it still applies when it tightens, but
+    is ignored silently when it would loosen.
+    """
+    ignored: list[str] = []
+
+    def loosening(path: str, value: Any, current: Any, default: Any) -> None:
+        if value != default:
+            ignored.append(f"spec.governance.{path}={value!r} would loosen the policy ({current!r}); ignored")
+
+    if "required" in job:
+        wanted = set(job["required"] or [])
+        dropped = [c for c in merged["required"] if c not in wanted]
+        if dropped and set(job["required"] or []) != set(_DEFAULTS["required"]):
+            ignored.append(f"spec.governance.required omits {', '.join(dropped)} which the policy requires; "
+                           "they stay required")
+        merged["required"] = sorted(set(merged["required"]) | wanted, key=CHECK_NAMES.index)
+    for section, fields in _STRICTNESS.items():
+        for name, how in fields.items():
+            if name not in (job.get(section) or {}):
+                continue
+            value, current = job[section][name], merged[section][name]
+            if _is_tighter_or_equal(value, current, how):
+                merged[section][name] = value
+            else:
+                loosening(f"{section}.{name}", value, current, _DEFAULTS[section][name])
+    for section, name in _LOCATIONS.items():
+        value = (job.get(section) or {}).get(name)
+        if value and merged[section][name] and value != merged[section][name]:
+            ignored.append(f"spec.governance.{section}.{name} cannot replace the policy's {merged[section][name]}; "
+                           "ignored")
+        elif value:
+            merged[section][name] = value
+    prov = job.get("provenance") or {}
+    if "allowedLicenses" in prov:
+        current = merged["provenance"]["allowedLicenses"]
+        narrowed = _intersect_licenses(current, prov["allowedLicenses"] or [])
+        extra = [x for x in prov["allowedLicenses"] or []
+                 if current and x.casefold() not in {c.casefold() for c in current}]
+        if extra:
+            ignored.append(f"spec.governance.provenance.allowedLicenses adds {', '.join(extra)} which the policy "
+                           "does not allow; ignored")
+        merged["provenance"]["allowedLicenses"] = narrowed
+    if "requireConsentForPersonalData" in prov:
+        if prov["requireConsentForPersonalData"]:
+            merged["provenance"]["requireConsentForPersonalData"] = True
+        elif merged["provenance"]["requireConsentForPersonalData"]:
+            loosening("provenance.requireConsentForPersonalData", False, True,
+                      _DEFAULTS["provenance"]["requireConsentForPersonalData"])
+    return ignored
+
+
+def effective_policy(policies: list[dict], namespace: str,
+                     job_governance: Optional[dict]) -> tuple[GovernanceSpec, list[str]]:
+    """The policy a job in `namespace` runs under, and messages about job settings that were ignored.
+
+    `policies` are GovernancePolicy objects as dicts. The operator passes DEFAULT_POLICY
+    when the cluster has no GovernancePolicy; if none applies to the namespace, the API
+    defaults (every check required) are used, never "no checks".
+    """
+    applicable = sorted((p for p in policies if applies_to(p, namespace)),
+                        key=lambda p: (p.get("metadata") or {}).get("name", ""))
+    specs = [GovernanceSpec.model_validate({k: v for k, v in (p.get("spec") or {}).items() if k != "namespaces"})
+             .model_dump() for p in applicable] or [dict(_DEFAULTS)]
+    merged = json.loads(json.dumps(specs[0]))  # deep copy
+    for spec in specs[1:]:
+        _merge_policy(merged, spec)
+    messages = _apply_job(merged, job_governance) if job_governance else []
+    return GovernanceSpec.model_validate(merged), messages
+
+
+# ---------------------------------------------------------------------------------------------
+# The governance report
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one serialization that report digests are computed over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def report_digest(report: dict) -> str:
+    """sha256 of the report's canonical JSON without its own `sha256` field."""
+    body = {k: v for k, v in report.items() if k != "sha256"}
+    return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+@dataclass
+class GovernanceOutcome:
+    checks: list[CheckResult]
+    passed: bool
+    failing: list[str]
+    message: str
+    report_ok: bool
+    required: list[str] = field(default_factory=list)
+
+
+def read_report(report: dict, adapter_digest: str, required: Optional[list[str]] = None) -> GovernanceOutcome:
+    """Check a governance report's integrity and binding, and summarise its checks.
+
+    `required` defaults to the checks the report's own policy requires; the operator may pass
+    its effective policy's list instead (a report run under a weaker policy then fails the
+    checks it lacks). A required check missing from the report counts as failed.
+    """
+    problems = []
+    if report.get("sha256") != report_digest(report):
+        problems.append("report sha256 does not match its content (edited or corrupted)")
+    if report.get("adapterDigest") != adapter_digest:
+        problems.append(f"report is bound to adapter {report.get('adapterDigest')!r}, not {adapter_digest}")
+    if required is None:
+        required = list((report.get("policy") or {}).get("required") or CHECK_NAMES)
+    checks: list[CheckResult] = []
+    for raw in report.get("checks") or []:
+        try:
+            checks.append(CheckResult.model_validate(raw))
+        except Exception as exc:  # a malformed entry is a failure of the report, not a crash
+            problems.append(f"malformed check entry: {exc}")
+    by_name = {c.name: c for c in checks}
+    for name in required:
+        if name not in by_name:
+            missing = CheckResult(name=name, passed=False, message="required check missing from the report")
+            checks.append(missing)
+            by_name[name] = missing
+    failing = [name for name in required if not by_name[name].passed]
+    report_ok = not problems
+    passed = report_ok and not failing
+    if not report_ok:
+        message = "; ".join(problems)
+    elif failing:
+        message = "failed: " + "; ".join(f"{n}: {by_name[n].message}" if by_name[n].message else n for n in failing)
+    else:
+        message = f"all required checks passed ({', '.join(required)})"
+    return GovernanceOutcome(checks=checks, passed=passed, failing=failing, message=message,
+                             report_ok=report_ok, required=list(required))
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion
+
+
+@dataclass
+class PromotionDecision:
+    state: str  # Promoted | AwaitingApproval | Blocked
+    reason: str  # CamelCase
+    message: str
+    approved_by: Optional[str] = None
+    promote: bool = False
+
+
+def promotion_decision(outcome: GovernanceOutcome, promotion_spec: Optional[dict], adapter_digest: str,
+                       manifest_ok: bool) -> PromotionDecision:
+    """Whether to promote. Nothing (not even an approval) overrides a failed required check."""
+    spec = promotion_spec or {}
+    approval = spec.get("approval") or {}
+    approved_digest = approval.get("digest")
+    if not manifest_ok:
+        return PromotionDecision("Blocked", "ManifestInvalid",
+                                 "the adapter's files do not match its manifest; it cannot be promoted")
+    if not outcome.report_ok:
+        return PromotionDecision("Blocked", "ReportInvalid", f"governance report not trusted: {outcome.message}")
+    if not outcome.passed:
+        message = f"required checks failed: {', '.join(outcome.failing)} ({outcome.message})"
+        if approved_digest:
+            message += "; an approval cannot override a failed check"
+        return PromotionDecision("Blocked", "GovernanceFailed", message)
+    if spec.get("mode", "auto") == "auto":
+        return PromotionDecision("Promoted", "GovernancePassed", outcome.message, promote=True)
+    if not approved_digest:
+        return PromotionDecision("AwaitingApproval", "AwaitingApproval",
+                                 f"checks passed; waiting for spec.promotion.approval.digest={adapter_digest}")
+    if approved_digest != adapter_digest:
+        return PromotionDecision("AwaitingApproval", "ApprovalDigestMismatch",
+                                 f"approval for {approved_digest} ignored: the adapter is {adapter_digest}")
+    who = approval.get("approvedBy")
+    return PromotionDecision("Promoted", "Approved",
+                             f"approved{' by ' + who if who else ''} for {adapter_digest}; {outcome.message}",
+                             approved_by=who, promote=True)
+
+
+def alias_uri(output_uri: str, alias: str) -> str:
+    return f"{output_uri.rstrip('/')}/aliases/{alias}.json"
+
+
+def alias_record(namespace: str, name: str, adapter_uri: str, adapter_digest: str,
+                 outcome: GovernanceOutcome, now: str) -> dict:
+    """What an alias file holds: the adapter it points at, who promoted it, and the check summary."""
+    return {
+        "adapterURI": adapter_uri,
+        "adapterDigest": adapter_digest,
+        "job": {"namespace": namespace, "name": name},
+        "promotedAt": now,
+        "governance": {
+            "passed": outcome.passed,
+            "checks": [{"name": c.name, "passed": c.passed, "value": c.value, "threshold": c.threshold}
+                       for c in outcome.checks],
+        },
+    }
