@@ -74,9 +74,18 @@ def test_jobs_counted_by_current_phase_and_transitions_counted(m):
 def test_first_sighting_after_restart_is_not_a_transition(m):
     m.job_phase("team-a", "old", "Succeeded")
     assert value(m, "finetune_operator_finetunejobs", phase="Succeeded") == 1
-    transitions = [s for f in m.registry.collect() for s in f.samples
-                   if s.name == "finetune_operator_phase_transitions_total"]
-    assert transitions == []
+    counted = [s for f in m.registry.collect() for s in f.samples
+               if s.name == "finetune_operator_phase_transitions_total" and s.value]
+    assert counted == []
+
+
+def test_transitions_into_bad_phases_exist_at_zero_for_alerts(m):
+    name = "finetune_operator_phase_transitions_total"
+    assert value(m, name, kind="FineTuneJob", from_phase="Training", to_phase="Failed") == 0
+    assert value(m, name, kind="Dataset", from_phase="Validating", to_phase="Invalid") == 0
+    m.job_phase("team-a", "j", "Training")
+    m.job_phase("team-a", "j", "Failed")
+    assert value(m, name, kind="FineTuneJob", from_phase="Training", to_phase="Failed") == 1
 
 
 def test_datasets_by_phase_and_examples(m):

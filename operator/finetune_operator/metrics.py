@@ -11,6 +11,7 @@ the operator calls ``forget``, they are removed. Prometheus keeps the history ei
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -115,6 +116,14 @@ class OperatorMetrics:
                 self.governance_checks.labels(check, outcome)
         for kind in ("FineTuneJob", "Dataset"):
             self.reconcile_duration.labels(kind)
+        # Transitions into bad phases exist from the start: alerts use increase() on them, and
+        # increase() cannot see the first sample of a series that appears already at 1.
+        for phase in JOB_PHASES:
+            if phase != "Failed":
+                self.transitions.labels("FineTuneJob", phase, "Failed")
+        for phase in ("Pending", "Validating"):
+            for bad in ("Invalid", "Failed"):
+                self.transitions.labels("Dataset", phase, bad)
 
     # --- reconcile latency -------------------------------------------------------------------
 
@@ -243,8 +252,10 @@ class OperatorMetrics:
             return len(self._phases)
 
 
-# The operator uses one process-wide instance through the module-level functions below.
-DEFAULT = OperatorMetrics()
+# The operator uses one process-wide instance through the module-level functions below; the Helm
+# chart sets the retention through the environment.
+DEFAULT = OperatorMetrics(retention_seconds=float(
+    os.environ.get("FINETUNE_METRICS_RETENTION_SECONDS", DEFAULT_RETENTION_SECONDS)))
 REGISTRY = DEFAULT.registry
 
 
