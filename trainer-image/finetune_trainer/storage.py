@@ -233,3 +233,25 @@ def folder_digest(path: Path, exclude: Optional[set[str]] = None) -> str:
             continue
         h.update(f"{rel}\0{sha256_file(p)}\n".encode())
     return "sha256:" + h.hexdigest()
+
+
+def delete(uri: str) -> None:
+    """Delete one object / file (no error when it is already gone)."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        Path(loc.key).unlink(missing_ok=True)
+        return
+    _s3_call(s3_client().delete_object, Bucket=loc.bucket, Key=loc.key)
+
+
+def copy(src_uri: str, dst_uri: str) -> None:
+    """Copy one object (server-side within S3; atomic rename for file://)."""
+    src, dst = parse(src_uri), parse(dst_uri)
+    if src.scheme == "s3" and dst.scheme == "s3":
+        _s3_call(s3_client().copy_object, Bucket=dst.bucket, Key=dst.key,
+                 CopySource={"Bucket": src.bucket, "Key": src.key})
+        return
+    if src.scheme == "file":
+        upload_file(Path(src.key), dst_uri)
+        return
+    write_bytes(dst_uri, read_bytes(src_uri))

@@ -1,0 +1,126 @@
+"""The trained adapter as a content-addressed, never-overwritten folder, and its verification.
+
+    {outputURI}/adapters/<digest-hex>/adapter_model.safetensors
+                                     /adapter_config.json     (PeftModel.from_pretrained loads the folder)
+                                     /manifest.json           (uploaded LAST; its sha256 is the digest)
+    {outputURI}/result.json          (what the operator reads: adapterURI, digest, sizeBytes, metrics)
+
+Files are first staged under adapters/.staging-<runid>/, then copied into the digest folder
+with manifest.json last and read back. A folder whose manifest is missing or does not match
+its files is not an adapter; `verify` is what governance and promotion call to check that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import __version__, storage
+from .logs import get_logger
+
+log = get_logger("adapter")
+
+MANIFEST = "manifest.json"
+RESULT = "result.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def adapters_uri(output_uri: str) -> str:
+    return storage.join(output_uri, "adapters")
+
+
+def build_manifest(folder: Path, *, base_model: dict, dataset: dict, training: dict, metrics: dict) -> bytes:
+    """manifest.json bytes: deterministic (sorted keys, no timestamps), so the same run gives the same digest."""
+    files = {name: {"sha256": storage.sha256_file(folder / name), "size": (folder / name).stat().st_size}
+             for name in ADAPTER_FILES}
+    manifest = {
+        "files": files,
+        "baseModel": base_model,
+        "dataset": dataset,
+        "training": training,
+        "metrics": metrics,
+        "trainerVersion": __version__,
+    }
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def save_peft_files(model, folder: Path, base_model_uri: str) -> None:
+    """Only the two files PeftModel.from_pretrained needs (peft's README model card is dropped)."""
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_model_uri  # the URI, not this pod's cache path
+    model.save_pretrained(str(folder), save_embedding_layers=False)  # embeddings are frozen: nothing to save
+    for extra in folder.iterdir():
+        if extra.name not in ADAPTER_FILES:
+            extra.unlink()
+
+
+def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics: dict) -> dict[str, Any]:
+    """Stage, then copy into adapters/<digest-hex>/ (manifest last, read back), then write result.json."""
+    hexdigest = hashlib.sha256(manifest).hexdigest()
+    digest = "sha256:" + hexdigest
+    staging = storage.join(adapters_uri(output_uri), f".staging-{run_id}")
+    final = storage.join(adapters_uri(output_uri), hexdigest)
+    for name in ADAPTER_FILES:
+        storage.upload_file(folder / name, storage.join(staging, name))
+    storage.write_bytes(storage.join(staging, MANIFEST), manifest)
+
+    ok, why = verify(final)
+    if ok:
+        log.info("adapter already published", extra={"event": "adapter_exists", "digest": digest})
+    else:
+        if storage.exists(storage.join(final, MANIFEST)):
+            # A complete-looking folder that fails verification is someone else's broken write: never overwrite.
+            raise RuntimeError(f"{final}: exists but does not verify ({why}); refusing to overwrite")
+        for name in ADAPTER_FILES:
+            storage.copy(storage.join(staging, name), storage.join(final, name))
+        storage.write_bytes(storage.join(final, MANIFEST), manifest)
+        if storage.read_bytes(storage.join(final, MANIFEST)) != manifest:
+            raise RuntimeError(f"{final}/{MANIFEST}: read-back differs from what was written")
+    storage.delete_prefix(staging)
+    size = sum(json.loads(manifest)["files"][n]["size"] for n in ADAPTER_FILES) + len(manifest)
+    result = {"adapterURI": final, "digest": digest, "sizeBytes": size, "metrics": metrics}
+    storage.write_text(storage.join(output_uri, RESULT), json.dumps(result, indent=1, sort_keys=True))
+    log.info("adapter published", extra={"event": "adapter_published", "digest": digest, "uri": final})
+    return result
+
+
+def verify(adapter_uri: str) -> tuple[bool, str]:
+    """Check every file of an adapter folder against its manifest (and the folder name, when it
+    is a digest). Returns (ok, message); never raises for a missing or broken adapter."""
+    try:
+        manifest_bytes = storage.read_bytes(storage.join(adapter_uri, MANIFEST))
+    except FileNotFoundError:
+        return False, f"{adapter_uri}: no {MANIFEST} (not a complete adapter)"
+    hexdigest = hashlib.sha256(manifest_bytes).hexdigest()
+    name = storage.parse(adapter_uri).key.rstrip("/").rsplit("/", 1)[-1]
+    if _HEX.match(name) and name != hexdigest:
+        return False, f"{adapter_uri}: {MANIFEST} digest sha256:{hexdigest} does not match the folder name"
+    try:
+        files = json.loads(manifest_bytes)["files"]
+    except (ValueError, KeyError, TypeError):
+        return False, f"{adapter_uri}/{MANIFEST}: not a valid manifest"
+    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+        for fname, meta in sorted(files.items()):
+            local = Path(tmp) / "f"
+            try:
+                local.write_bytes(storage.read_bytes(storage.join(adapter_uri, fname)))
+            except FileNotFoundError:
+                return False, f"{adapter_uri}/{fname}: listed in the manifest but missing"
+            size = local.stat().st_size
+            if size != meta.get("size"):
+                return False, f"{adapter_uri}/{fname}: size {size} != manifest {meta.get('size')}"
+            if storage.sha256_file(local) != meta.get("sha256"):
+                return False, f"{adapter_uri}/{fname}: sha256 does not match the manifest"
+    return True, f"{adapter_uri}: {len(files)} files match manifest sha256:{hexdigest}"
+
+
+def list_adapters(output_uri: str) -> list[str]:
+    """URIs of the complete (verified) adapters under {output_uri}/adapters/ -- never a staging folder."""
+    folders = {n.split("/", 1)[0] for n in storage.list_keys(adapters_uri(output_uri)) if "/" in n}
+    return [uri for uri in (storage.join(adapters_uri(output_uri), f) for f in sorted(folders) if _HEX.match(f))
+            if verify(uri)[0]]

@@ -1,0 +1,61 @@
+"""The training objective: summed cross-entropy over response tokens, and eval loss.
+
+Logits are computed only at positions that have a target (response tokens): prompt and
+padding positions never go through the output head, which for a large vocabulary is a
+big share of the work and of the activation memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .data import IGNORE, TokenizedExample, collate, epoch_batches
+
+
+def causal_lm(model):
+    """The *ForCausalLM module (inside a PeftModel, with the adapter layers injected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_sum(model, batch: dict, device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Sum of token cross-entropies over the batch's targets (divide by batch['n_targets'] for the mean)."""
+    lm = causal_lm(model)
+    with autocast(device, amp_dtype):
+        hidden = lm.get_decoder()(
+            input_ids=batch["input_ids"].to(device),
+            position_ids=batch["position_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).last_hidden_state
+        labels = batch["labels"].to(device)
+        keep = labels != IGNORE
+        logits = lm.get_output_embeddings()(hidden[keep])
+    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, examples: Sequence[TokenizedExample], *, batch_size: int, max_len: int, packing: bool,
+             pad_id: int, device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> float:
+    """Mean loss per response token over `examples` (deterministic order, dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    lengths = [len(e) for e in examples]
+    for batch_rows in epoch_batches(lengths, epoch=0, seed=0, batch_size=batch_size, max_len=max_len,
+                                    packing=packing, shuffle=False):
+        batch = collate(batch_rows, examples, pad_id)
+        if batch["n_targets"]:
+            total += float(loss_sum(model, batch, device, amp_dtype))
+            count += batch["n_targets"]
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,274 @@
+"""`finetune-trainer train`: LoRA / QLoRA / DoRA fine-tuning, read top to bottom.
+
+    config -> base model (cached, digest-checked) -> tokenized, packed data -> peft model
+    -> resume from the newest verified checkpoint -> optimizer steps (eval, checkpoints,
+    progress, SIGTERM) -> adapter (content-addressed, manifest last) -> result.json
+
+A plain loop instead of HF Trainer: packed rows without padding waste, logits only where
+there is a target, and a data order that is a pure function of (seed, epoch) so that a
+resumed run replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import adapter, checkpoint, data, model_io, storage
+from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
+from .logs import get_logger
+from .objective import evaluate, loss_sum
+from .progress import ProgressReporter
+
+log = get_logger("train")
+
+
+def load_config(config_path: str):
+    from pydantic import ValidationError
+
+    from finetune_operator.api.trainer_config import TrainerConfig
+
+    try:
+        text = storage.read_text(config_path) if "://" in config_path else Path(config_path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{config_path}: config file not found") from None
+    try:
+        return TrainerConfig.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(f"{config_path}: invalid trainer config: {exc}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class StopFlag:
+    """Set by SIGTERM: finish the current step, checkpoint, exit EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        log.info("SIGTERM received: stopping after this step", extra={"event": "sigterm"})
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class DataStream:
+    """Micro-batches in (epoch, batch index) order; the position is all a checkpoint needs."""
+
+    def __init__(self, examples, *, seed: int, batch_size: int, max_len: int, packing: bool, pad_id: int):
+        self.examples, self.seed, self.batch_size = examples, seed, batch_size
+        self.max_len, self.packing, self.pad_id = max_len, packing, pad_id
+        self.lengths = [len(e) for e in examples]
+        self._cache: dict[int, list] = {}
+        self.batches_per_epoch = len(self.epoch(0))
+
+    def epoch(self, epoch: int) -> list:
+        if epoch not in self._cache:
+            self._cache = {epoch: data.epoch_batches(
+                self.lengths, epoch=epoch, seed=self.seed, batch_size=self.batch_size,
+                max_len=self.max_len, packing=self.packing)}
+        return self._cache[epoch]
+
+    def next_step(self, state: checkpoint.TrainState, accumulation: int) -> list[dict]:
+        """Up to `accumulation` micro-batches for one optimizer step; a step never spans two epochs."""
+        if state.batch_index >= self.batches_per_epoch:
+            state.epoch, state.batch_index = state.epoch + 1, 0
+        batches = self.epoch(state.epoch)[state.batch_index:state.batch_index + accumulation]
+        state.batch_index += len(batches)
+        return [data.collate(b, self.examples, self.pad_id) for b in batches]
+
+
+def total_steps(settings, steps_per_epoch: int) -> int:
+    if settings.maxSteps:
+        return settings.maxSteps
+    return max(1, math.ceil((settings.epochs or 1.0) * steps_per_epoch))
+
+
+def quantization_of(cfg):
+    """The 4-bit settings to load the base with: qlora always (defaults if unset), dora when given (QDoRA)."""
+    from finetune_operator.api.finetunejob import Quantization
+
+    if cfg.method == "qlora":
+        return cfg.quantization or Quantization()
+    if cfg.method == "dora":
+        return cfg.quantization
+    if cfg.quantization is not None:
+        log.warning("quantization is ignored for method lora", extra={"event": "quantization_ignored"})
+    return None
+
+
+def run(config_path: str) -> int:
+    # Everything comes from the config's URIs; never reach for the Hugging Face Hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cfg = load_config(config_path)
+    t = cfg.training
+    log.info("training run starting", extra={"event": "start", "job": cfg.job.name, "namespace": cfg.job.namespace,
+                                              "method": cfg.method, "output": cfg.outputURI})
+    seed_everything(t.seed)
+    device = model_io.pick_device()
+    precision = model_io.effective_precision(t.precision, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    # ---- 1. inputs: base model (cached, digest-checked) and the validated data
+    model_dir = model_io.fetch_model(cfg.baseModel.uri, cfg.baseModel.digest)
+    tokenizer = model_io.load_tokenizer(model_dir)
+    data.ensure_chat_template(tokenizer, log)
+    train_set = data.tokenize_all(data.read_examples(cfg.data.uri, "train.jsonl", cfg.data.format),
+                                  tokenizer, t.maxSeqLength)
+    eval_set = data.tokenize_all(data.read_examples(cfg.data.uri, "eval.jsonl", cfg.data.format),
+                                 tokenizer, t.maxSeqLength)
+    if not train_set:
+        raise ConfigError(f"{cfg.data.uri}/train.jsonl: no example has a response token within maxSeqLength")
+    pad_id = tokenizer.pad_token_id
+    stream = DataStream(
+        train_set, seed=t.seed, batch_size=t.batchSize, max_len=t.maxSeqLength, packing=t.packing, pad_id=pad_id)
+    steps_per_epoch = math.ceil(stream.batches_per_epoch / t.gradientAccumulationSteps)
+    n_steps = total_steps(t, steps_per_epoch)
+
+    # ---- 2. model: frozen base (+4-bit) with LoRA / DoRA adapters; only adapters train
+    base = model_io.load_base_model(model_dir, precision=precision, device=device,
+                                    quantization=quantization_of(cfg),
+                                    gradient_checkpointing=t.gradientCheckpointing)
+    model = model_io.build_peft_model(base, cfg.method, cfg.lora, cfg.baseModel.uri)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learningRate, weight_decay=t.weightDecay,
+                                  fused=device.type == "cuda")
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(t.lrScheduler, optimizer, num_warmup_steps=int(t.warmupRatio * n_steps),
+                              num_training_steps=n_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # ---- 3. resume from the newest checkpoint that verifies
+    state = checkpoint.TrainState()
+    loaded = checkpoint.load_latest(cfg.outputURI)
+    if loaded is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, {k: v.to(device) for k, v in loaded.adapter_state.items()})
+        optimizer.load_state_dict(loaded.optimizer)
+        scheduler.load_state_dict(loaded.scheduler)
+        checkpoint.set_rng_state(loaded.rng)
+        state = loaded.state
+        log.info("resumed from checkpoint", extra={"event": "resume", "step": state.step, "uri": loaded.uri})
+    log.info("plan", extra={"event": "plan", "total_steps": n_steps, "steps_per_epoch": steps_per_epoch,
+                            "train_examples": len(train_set), "eval_examples": len(eval_set),
+                            "trainable_params": sum(p.numel() for p in params), "device": device.type,
+                            "precision": precision})
+
+    progress = ProgressReporter(output_uri=cfg.outputURI, namespace=cfg.job.namespace, job=cfg.job.name,
+                                total_steps=n_steps, interval_seconds=cfg.progressIntervalSeconds,
+                                metrics_port=cfg.metricsPort)
+    stop = StopFlag()
+    stop.install()
+
+    def run_eval() -> float:
+        return evaluate(model, eval_set or train_set, batch_size=t.batchSize, max_len=t.maxSeqLength,
+                        packing=t.packing, pad_id=pad_id, device=device, amp_dtype=amp_dtype)
+
+    def save_checkpoint() -> None:
+        from peft import get_peft_model_state_dict
+
+        checkpoint.save(cfg.outputURI, state, adapter_state=get_peft_model_state_dict(model),
+                        optimizer=optimizer, scheduler=scheduler, extra={"totalSteps": n_steps})
+        checkpoint.prune(cfg.outputURI, t.keepCheckpoints)
+
+    def epoch_done() -> float:
+        return state.epoch + state.batch_index / stream.batches_per_epoch
+
+    # ---- 4. the loop: one iteration = one optimizer step
+    try:
+        model.train()
+        started, started_step = time.monotonic(), state.step
+        window_tokens, window_start = 0, time.monotonic()
+        while state.step < n_steps:
+            micro_batches = stream.next_step(state, t.gradientAccumulationSteps)
+            n_targets = sum(b["n_targets"] for b in micro_batches)
+            step_loss = 0.0
+            for batch in micro_batches:
+                # Normalize by the step's target count so accumulation equals one big batch.
+                loss = loss_sum(model, batch, device, amp_dtype) / n_targets
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_tokens = sum(b["n_tokens"] for b in micro_batches)
+            state.step += 1
+            state.tokens_seen += step_tokens
+            state.last_loss = step_loss
+            window_tokens += step_tokens
+            elapsed = time.monotonic() - window_start
+            per_step = (time.monotonic() - started) / max(state.step - started_step, 1)
+            is_last = state.step == n_steps
+            eval_loss = None
+            if state.step % t.evalEverySteps == 0 or is_last:
+                eval_loss = state.last_eval_loss = run_eval()
+                log.info("eval", extra={"event": "eval", "step": state.step, "eval_loss": eval_loss})
+            written = progress.update(step=state.step, epoch=epoch_done(), loss=step_loss, lr=scheduler.get_last_lr()[0],
+                            tokens=step_tokens, tokens_per_second=window_tokens / max(elapsed, 1e-9),
+                            eta_seconds=int(per_step * (n_steps - state.step)), eval_loss=eval_loss,
+                            force=eval_loss is not None)
+            if written:  # a record was just written: log it and start a new rate window
+                log.info("step", extra={"event": "step", "step": state.step, "loss": step_loss,
+                                        "tokens_per_second": progress.record.get("tokensPerSecond")})
+                window_tokens, window_start = 0, time.monotonic()
+            if state.step % t.checkpointEverySteps == 0 or is_last or stop.requested:
+                save_checkpoint()
+            if stop.requested and not is_last:
+                progress.write()
+                log.info("preempted: checkpoint written", extra={"event": "preempted", "step": state.step})
+                return EXIT_PREEMPTED
+
+        # ---- 5. the adapter: content-addressed, manifest last; then result.json for the operator
+        if state.last_eval_loss is None:  # resumed from a final checkpoint written before its eval
+            state.last_eval_loss = run_eval()
+        metrics = {"trainLoss": state.last_loss, "evalLoss": state.last_eval_loss,
+                   "tokens": state.tokens_seen, "steps": state.step}
+        result = export_adapter(model, cfg, precision, metrics)
+        progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
+        log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics})
+        return EXIT_OK
+    finally:
+        stop.uninstall()
+        progress.close()
+
+
+def export_adapter(model, cfg, precision: str, metrics: dict) -> dict:
+    import tempfile
+
+    training = cfg.model_dump(mode="json", include={"method", "lora", "quantization", "training"})
+    training["effectivePrecision"] = precision
+    with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+        folder = Path(tmp)
+        adapter.save_peft_files(model, folder, cfg.baseModel.uri)
+        manifest = adapter.build_manifest(
+            folder,
+            base_model={"uri": cfg.baseModel.uri, "digest": cfg.baseModel.digest},
+            dataset={"uri": cfg.data.uri, "digest": cfg.data.digest, "format": cfg.data.format},
+            training=training, metrics=metrics)
+        return adapter.publish(folder, manifest, cfg.outputURI, run_id=uuid.uuid4().hex[:12], metrics=metrics)
