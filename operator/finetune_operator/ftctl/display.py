@@ -71,7 +71,7 @@ def status_yaml(kind: str, name: str, status: BaseModel | dict) -> str:
     """The status exactly as `kubectl get -o yaml` would show it (only set fields)."""
     body = status.model_dump(mode="json", exclude_none=True) if isinstance(status, BaseModel) else status
     return yaml.safe_dump({"kind": kind, "metadata": {"name": name}, "status": body},
-                          sort_keys=False, default_flow_style=False, allow_unicode=True)
+                          sort_keys=False, default_flow_style=False, allow_unicode=True, width=10_000)
 
 
 def governance_table(checks: Iterable[Any], passed: Optional[bool], required: Iterable[str] = ()) -> Table:

@@ -65,6 +65,10 @@ def ensure_quickstart_model(path: Path, log_path: Path) -> None:
         raise FtctlError(f"converting SmolLM2-135M-Instruct to {path} failed (exit {code}); see {log_path}")
 
 
+def local_path(uri: str) -> Optional[Path]:
+    return Path(uri[len("file://"):]) if uri.startswith("file://") else None
+
+
 def _local_folder(uri: str, scratch: Path) -> Path:
     from finetune_trainer import storage
 
@@ -87,10 +91,15 @@ def before_after(base_uri: str, adapter_uri: str, eval_uri: str, fmt: str,
                  count: int = 3, max_new_tokens: int = 40) -> list[dict]:
     """Greedy answers of the base model and of base + adapter for the first eval prompts."""
     import torch
+    import transformers
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune_trainer import storage
+
+    # The table is the output here: no loading bars or deprecation chatter around it.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from finetune_trainer.formats import iter_examples
 
     examples = [ex for _, ex in iter_examples(storage.read_text(eval_uri), fmt) if not isinstance(ex, Exception)]

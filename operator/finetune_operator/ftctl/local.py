@@ -1,0 +1,302 @@
+"""`ftctl run`: the operator's pipeline on one machine.
+
+The operator's planners (`decisions.plan_dataset`, `decisions.plan_finetunejob`) decide
+everything: the child Jobs and their rendered configs, phases, conditions, governance and
+promotion. This module plays the cluster: it runs each child Job's `finetune-trainer`
+command as a subprocess (executor.py) and reports back what a Job controller would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from rich.console import Console
+from rich.live import Live
+
+from .. import children, decisions
+from ..api import DatasetStatus, FineTuneJobStatus
+from ..conditions import now_iso
+from . import display, logic, models
+from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_INTERRUPTED, FtctlError
+from .executor import CommandResult, run_command
+from .manifests import ManifestSet
+
+#: Local state folder (relative to the working directory), like the operator's artifact store.
+STATE_DIR = Path(".finetune")
+#: What `--tiny` shrinks a job to: a run of seconds on the tiny model.
+TINY_TRAINING = {"maxSteps": 8, "maxSeqLength": 128, "batchSize": 4, "evalEverySteps": 4,
+                 "checkpointEverySteps": 4, "gradientAccumulationSteps": 1}
+TINY_FIXED = {"gradientCheckpointing": False, "precision": "fp32"}
+
+
+@dataclass
+class RunOptions:
+    tiny: bool = False
+    samples: int = 3
+    cwd: Path = field(default_factory=Path.cwd)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cwd / STATE_DIR
+
+
+@dataclass
+class JobOutcome:
+    name: str
+    status: FineTuneJobStatus
+    exit_code: int
+    #: Before/after answers ({prompt, before, after}) when the run produced an adapter.
+    samples: list[dict] = field(default_factory=list)
+
+
+def shrink_for_tiny(spec: dict, tiny_model: Path) -> dict:
+    """--tiny: the cached tiny model instead of the base model, and a handful of short steps."""
+    spec = json.loads(json.dumps(spec))
+    spec["baseModel"] = {"uri": f"file://{tiny_model.resolve()}"}
+    training = {k: v for k, v in (spec.get("training") or {}).items() if k != "epochs"}
+    for key, limit in TINY_TRAINING.items():
+        training[key] = min(training.get(key) or limit, limit)
+    training.update(TINY_FIXED)
+    spec["training"] = training
+    if spec.get("quantization"):
+        spec["quantization"]["computeDtype"] = "float32"
+    return spec
+
+
+class LocalRun:
+    """One `ftctl run`: validates the Datasets, then runs each FineTuneJob to the end."""
+
+    def __init__(self, manifests: ManifestSet, options: RunOptions, console: Console):
+        self.manifests = manifests
+        self.options = options
+        self.console = console
+        self.config = logic.operator_config(options.state_dir)
+        self.datasets: dict[str, dict] = {}  # name -> the Dataset object with its status
+
+    # --- the cluster's part: run a child Job -----------------------------------------------------
+    def run_child(self, plan: decisions.Plan, retries: int = 0,
+                  on_poll: Optional[Callable[[str, dict], None]] = None) -> tuple[dict, CommandResult, str, str]:
+        """Run the Job in `plan.create` (with its ConfigMap) like the Job controller: retry transient
+        failures up to `retries` times, never a configuration error."""
+        config_map = next(o for o in plan.create if o["kind"] == "ConfigMap")
+        job = next(o for o in plan.create if o["kind"] == "Job")
+        command, filename = logic.job_command(job)
+        name = job["metadata"]["name"]
+        config_path = self.options.state_dir / "configs" / f"{name}.json"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(logic.job_config(config_map, filename), indent=2), encoding="utf-8")
+        log_path = self.options.state_dir / "logs" / f"{name}.log"
+        started = now_iso()
+        poll = (lambda: on_poll(started, job)) if on_poll else None
+        interrupt = (lambda: on_poll(started, job, interrupted=True)) if on_poll else None
+        result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt)
+        while logic.should_retry(result.exit_code) and retries > 0 and not result.interrupted:
+            retries -= 1
+            self.console.print(f"[yellow]{name}: exit {result.exit_code} ({result.error_message()}); retrying[/]")
+            result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt)
+        return job, result, started, now_iso()
+
+    def _events(self, kind: str, name: str, plan: decisions.Plan) -> None:
+        for type_, reason, message in plan.events:
+            style = "yellow" if type_ == "Warning" else "dim"
+            self.console.print(f"[{style}]{kind}/{name} {type_} {reason}: {message}[/]", soft_wrap=True)
+
+    # --- datasets ---------------------------------------------------------------------------------
+    def validate_dataset(self, manifest: dict) -> DatasetStatus:
+        dataset = logic.local_object(manifest, self.options.cwd)
+        name = dataset["metadata"]["name"]
+        plan = decisions.plan_dataset(dataset, None, [], None, self.config, now_iso())
+        self._events("Dataset", name, plan)
+        dataset["status"] = plan.status or {}
+        if plan.create:
+            with self.console.status(f"Validating Dataset {name} ..."):
+                job, result, started, finished = self.run_child(plan, retries=0)
+            if result.interrupted:
+                raise FtctlError(f"interrupted while validating Dataset {name}", EXIT_INTERRUPTED)
+            summary, pods = logic.observed_job(job, result.exit_code, started, finished, result.error_message())
+            output = children.dataset_output_uri(dataset, self.config)
+            report = models.read_json(f"{output}/report.json") if result.exit_code == 0 else None
+            plan = decisions.plan_dataset(dataset, summary, pods, report, self.config, now_iso())
+            self._events("Dataset", name, plan)
+            if plan.status:
+                dataset["status"] = plan.status
+            if dataset["status"].get("phase") == "Failed" and result.exit_code:
+                dataset["status"]["message"] += f": {result.error_message()}"
+        self.datasets[name] = dataset
+        return DatasetStatus.model_validate(dataset["status"])
+
+    # --- jobs -------------------------------------------------------------------------------------
+    def prepare_job(self, manifest: dict) -> dict:
+        """The job as it will run: absolute URIs, and for --tiny the tiny model and few steps."""
+        ftj = logic.local_object(manifest, self.options.cwd)
+        if self.options.tiny:
+            with self.console.status("Building the tiny model (cached after the first run) ..."):
+                tiny = models.tiny_model(self.options.state_dir)
+            ftj["spec"] = shrink_for_tiny(ftj["spec"], tiny)
+            return ftj
+        base = models.local_path(ftj["spec"]["baseModel"]["uri"])
+        if base is not None and not base.exists():
+            if models.is_quickstart_model(base):
+                with self.console.status("Converting SmolLM2-135M-Instruct for the quickstart (once) ..."):
+                    models.ensure_quickstart_model(base, self.options.state_dir / "logs" / "convert-smollm2.log")
+            else:
+                raise FtctlError(f"FineTuneJob {ftj['metadata']['name']}: spec.baseModel.uri: "
+                                 f"folder {base} does not exist")
+        return ftj
+
+    def _plan(self, ftj: dict, inputs: decisions.JobInputs) -> decisions.Plan:
+        plan = decisions.plan_finetunejob(ftj, inputs, self.config, now_iso())
+        self._events("FineTuneJob", ftj["metadata"]["name"], plan)
+        if plan.status:
+            ftj["status"] = plan.status
+        return plan
+
+    def run_job(self, manifest: dict) -> JobOutcome:
+        ftj = self.prepare_job(manifest)
+        name = ftj["metadata"]["name"]
+        dataset = self.datasets.get(ftj["spec"]["datasetRef"]["name"])
+        inputs = decisions.JobInputs(dataset=dataset, policies=self.manifests.policies)
+        plan = self._plan(ftj, inputs)  # -> Queued: the trainer Job and its config
+        if not plan.create:
+            return self._outcome(ftj)
+        output_uri = ftj["spec"]["output"]["uri"].rstrip("/")
+        job, result, started, finished = self._train(ftj, plan, inputs, output_uri)
+        if result.interrupted:
+            step = (ftj.get("status") or {}).get("progress", {}).get("step")
+            at = f" at step {step}" if step is not None else ""
+            raise FtctlError(f"interrupted: the trainer wrote a checkpoint{at} in {output_uri}/checkpoints; "
+                             "run the same command again to resume from it", EXIT_INTERRUPTED)
+        inputs.trainer_job, inputs.trainer_pods = logic.observed_job(job, result.exit_code, started, finished,
+                                                                     result.error_message())
+        inputs.progress = models.read_json(f"{output_uri}/progress.json")
+        inputs.result = models.read_json(f"{output_uri}/result.json") if result.exit_code == 0 else None
+        plan = self._plan(ftj, inputs)  # -> Evaluating (governance Job) or Failed
+        if ftj["status"].get("phase") == "Failed" and result.exit_code:
+            ftj["status"]["message"] = f"{ftj['status']['message']}: {result.error_message()}"
+        if not plan.create:
+            return self._outcome(ftj)
+
+        digest = ftj["status"]["adapter"]["digest"]
+        with self.console.status(f"Running governance checks on adapter {digest[:19]}... "):
+            job, gov, started, finished = self.run_child(plan, retries=1)
+        if gov.interrupted:
+            raise FtctlError("interrupted during the governance checks; run again to redo them", EXIT_INTERRUPTED)
+        inputs.governance_job, inputs.governance_pods = logic.observed_job(job, gov.exit_code, started, finished,
+                                                                           gov.error_message())
+        adapter_uri = ftj["status"]["adapter"]["uri"]
+        inputs.report = models.read_json(f"{adapter_uri}/governance.json") if gov.exit_code == 0 else None
+        inputs.manifest_ok = logic.verify_adapter(adapter_uri)
+        plan = self._plan(ftj, inputs)  # -> Succeeded | AwaitingApproval | Failed
+        if ftj["status"].get("phase") == "Failed" and gov.exit_code:
+            ftj["status"]["message"] = f"{ftj['status']['message']}: {gov.error_message()}"
+        if plan.alias is not None:
+            from finetune_trainer import storage
+
+            alias_uri, record = plan.alias
+            storage.write_text(alias_uri, json.dumps(record, indent=2, sort_keys=True))  # one atomic write
+        outcome = self._outcome(ftj)
+        if outcome.status.phase != "Failed":
+            outcome.samples = self._samples(ftj, dataset)
+        return outcome
+
+    def _train(self, ftj: dict, plan: decisions.Plan, inputs: decisions.JobInputs, output_uri: str):
+        """Run the trainer Job with the live view; status comes from the planner, like on a cluster."""
+        name = ftj["metadata"]["name"]
+        state = {"last_step": -1, "note": ""}
+        live: Optional[Live] = None
+
+        def poll(started: str, job: dict, interrupted: bool = False) -> None:
+            if interrupted:
+                state["note"] = "Ctrl-C: stopping the trainer after a checkpoint (Ctrl-C again to kill it)"
+            inputs.trainer_job, inputs.trainer_pods = logic.observed_job(job, None, started, None)
+            inputs.progress = models.read_json(f"{output_uri}/progress.json")
+            self._plan(ftj, inputs)
+            status = ftj.get("status") or {}
+            progress = status.get("progress")
+            if live is not None:
+                live.update(display.progress_view(name, status.get("phase"), progress,
+                                                  state["note"] or status.get("message", "")))
+            elif progress and progress.get("step") != state["last_step"]:
+                # Not a terminal (CI, a pipe): one line per new step instead of a redrawn panel.
+                state["last_step"] = progress.get("step")
+                self.console.print(
+                    f"{name}: step {progress.get('step')}/{progress.get('totalSteps')} "
+                    f"loss {display.format_number(progress.get('loss'))} "
+                    f"eval loss {display.format_number(progress.get('evalLoss'))} "
+                    f"tokens/s {display.format_number(progress.get('tokensPerSecond'))} "
+                    f"ETA {display.format_eta(progress.get('etaSeconds'))}", markup=False)
+
+        if self.console.is_terminal:
+            live = Live(display.progress_view(name, "Queued", None, "starting the trainer ..."),
+                        console=self.console, refresh_per_second=4)
+            live.start()
+        try:
+            return self.run_child(plan, retries=int(ftj["spec"].get("backoffLimit", 0)), on_poll=poll)
+        finally:
+            if live is not None:
+                live.stop()
+
+    def _outcome(self, ftj: dict) -> JobOutcome:
+        status = FineTuneJobStatus.model_validate(ftj.get("status") or {})
+        code = 0
+        if status.phase == "Failed":
+            code = EXIT_BLOCKED if (status.promotion and status.promotion.state == "Blocked") else EXIT_FAILED
+        elif status.phase not in ("Succeeded", "AwaitingApproval", "Suspended"):
+            code = EXIT_FAILED  # e.g. still WaitingForDataset: nothing more will happen locally
+        return JobOutcome(ftj["metadata"]["name"], status, code)
+
+    def _samples(self, ftj: dict, dataset: dict) -> list[dict]:
+        if self.options.samples <= 0:
+            return []
+        try:
+            with self.console.status("Generating answers before and after the adapter ..."):
+                return models.before_after(ftj["spec"]["baseModel"]["uri"], ftj["status"]["adapter"]["uri"],
+                                           f"{dataset['status']['validatedURI']}/eval.jsonl",
+                                           dataset["spec"]["format"], count=self.options.samples)
+        except Exception as exc:  # a sample is a nicety: never turn a good run into a failure
+            self.console.print(f"[yellow]warning:[/] could not generate before/after samples: {exc}")
+            return []
+
+
+class Reporter:
+    """What the command line shows as each object finishes (main.py prints; tests may collect)."""
+
+    def dataset_done(self, name: str, status: DatasetStatus) -> None: ...
+
+    def job_done(self, job: dict, outcome: JobOutcome) -> None: ...
+
+
+def run_all(manifests: ManifestSet, options: RunOptions, console: Console, reporter: Reporter) -> int:
+    """Validate the Datasets, then run every FineTuneJob; returns the exit code of the worst outcome.
+
+    A Dataset that is not Ready stops the run before any training, with its reasons.
+    """
+    run = LocalRun(manifests, options, console)
+    for dataset in manifests.datasets:
+        status = run.validate_dataset(dataset)
+        reporter.dataset_done(dataset["metadata"]["name"], status)
+    problems = []
+    for job in manifests.jobs:
+        ds_name = job["spec"]["datasetRef"]["name"]
+        ds = run.datasets.get(ds_name)
+        if ds is None:
+            problems.append(f"FineTuneJob {job['metadata']['name']}: spec.datasetRef.name: Dataset {ds_name} "
+                            "is not among the manifests given to ftctl run")
+        elif ds["status"].get("phase") != "Ready":
+            problems.append(f"Dataset {ds_name} is {ds['status'].get('phase')}: {ds['status'].get('message')}")
+    if not manifests.jobs:
+        problems += [f"Dataset {n} is {d['status'].get('phase')}: {d['status'].get('message')}"
+                     for n, d in run.datasets.items() if d["status"].get("phase") != "Ready"]
+    if problems:
+        raise FtctlError("; ".join(dict.fromkeys(problems)))
+    worst = 0
+    for job in manifests.jobs:
+        for message in logic.ignored_policy_settings(job, manifests.policies, run.config):
+            console.print(f"[yellow]warning:[/] FineTuneJob {job['metadata']['name']}: {message}", soft_wrap=True)
+        outcome = run.run_job(job)
+        reporter.job_done(job, outcome)
+        worst = max(worst, outcome.exit_code)
+    return worst

@@ -1,0 +1,271 @@
+"""The `ftctl` command line.
+
+    ftctl run DIR_OR_FILES... [--tiny]      # the whole pipeline on this machine, no cluster
+    ftctl submit -f FILES                   # validate locally, then create or update on the cluster
+    ftctl status [NAME] | watch NAME | logs NAME [-f] | report NAME | approve NAME --digest D
+
+Every failure is one line on stderr (FTCTL_DEBUG=1 shows the traceback) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from . import display
+from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_USAGE, FtctlError
+
+app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart"
+#: Phases after which `watch` stops.
+FINAL_PHASES = {"Succeeded", "Failed", "AwaitingApproval", "Suspended"}
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Turn any failure into one clear line and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except FtctlError as exc:
+            err_console.print(f"[red]error:[/] {exc}", soft_wrap=True, markup=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[red]error:[/] interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the promise is: no traceback for users
+            if os.environ.get("FTCTL_DEBUG"):
+                raise
+            err_console.print(f"[red]error:[/] {type(exc).__name__}: {exc} (FTCTL_DEBUG=1 shows the traceback)",
+                              soft_wrap=True)
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper
+
+
+# --- local runs -----------------------------------------------------------------------------------
+class ConsoleReporter:
+    """Prints each object's final status as YAML, the governance table, and the samples."""
+
+    def dataset_done(self, name, status) -> None:
+        console.print(display.status_yaml("Dataset", name, status), markup=False, soft_wrap=True)
+
+    def job_done(self, job, outcome) -> None:
+        status = outcome.status
+        console.print(display.status_yaml("FineTuneJob", outcome.name, status), markup=False, soft_wrap=True)
+        if status.governance is not None:
+            required = (status.governance.effectivePolicy or {}).get("required") or ()
+            console.print(display.governance_table(status.governance.checks, status.governance.passed, required))
+        if outcome.samples:
+            console.print(display.samples_table(outcome.samples))
+        if status.phase == "Succeeded":
+            console.print(f"[green]FineTuneJob {outcome.name} succeeded:[/] {status.message}", soft_wrap=True)
+        elif status.phase == "AwaitingApproval":
+            console.print(f"[yellow]FineTuneJob {outcome.name} awaits approval:[/] {status.message}. "
+                          f"Add spec.promotion.approval.digest: {status.adapter.digest} to the manifest and run again.")
+        else:
+            failing = display.failing_checks(status.governance) if status.governance else []
+            detail = f" (failing checks: {', '.join(failing)})" if failing else ""
+            err_console.print(f"[red]FineTuneJob {outcome.name} {status.phase}:[/] {status.message}{detail}",
+                              soft_wrap=True)
+
+
+def _run(paths: List[Path], tiny: bool, samples: int) -> None:
+    from .local import RunOptions, run_all
+    from .manifests import load
+
+    manifests = load(paths)  # an invalid manifest stops here, before any work
+    code = run_all(manifests, RunOptions(tiny=tiny, samples=samples), console, ConsoleReporter())
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@one_line_errors
+def run(
+    paths: List[Path] = typer.Argument(..., help="Manifest files or folders (Dataset, FineTuneJob, GovernancePolicy)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Use a tiny model built from a config and a few steps (seconds)."),
+    samples: int = typer.Option(3, "--samples", help="Eval prompts to answer before/after the adapter (0: none)."),
+) -> None:
+    """Run the pipeline locally: validate data, train, run governance checks, promote.
+
+    Storage is file:// (relative paths resolve against the working directory; state goes to
+    .finetune/) or s3:// with the AWS_* environment. Ctrl-C checkpoints; run again to resume.
+    Exit codes: 0 done (promoted or awaiting approval), 1 failed, 2 invalid manifest,
+    3 promotion blocked by governance, 130 interrupted.
+    """
+    _run(paths, tiny, samples)
+
+
+@app.command()
+@one_line_errors
+def quickstart(
+    tiny: bool = typer.Option(False, "--tiny", help="A tiny model and a few steps instead of SmolLM2-135M."),
+    samples: int = typer.Option(3, "--samples", help="Eval prompts to answer before/after the adapter."),
+) -> None:
+    """Run examples/quickstart/ (converts SmolLM2-135M-Instruct on first use)."""
+    if not QUICKSTART.is_dir():
+        raise FtctlError(f"{QUICKSTART}: the quickstart folder is missing", EXIT_USAGE)
+    _run([QUICKSTART], tiny, samples)
+
+
+# --- cluster commands -------------------------------------------------------------------------------
+def _cluster(ctx: typer.Context):
+    from .cluster import Cluster
+
+    opts = ctx.find_root().obj or {}
+    return Cluster(opts.get("kubeconfig"), opts.get("context"), opts.get("namespace"))
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", envvar="KUBECONFIG", help="Kubeconfig file."),
+    context: Optional[str] = typer.Option(None, "--context", help="Kubeconfig context."),
+    namespace: Optional[str] = typer.Option(None, "-n", "--namespace", help="Namespace (default: the context's)."),
+) -> None:
+    """ftctl: governed LLM fine-tuning, locally or on a cluster."""
+    ctx.obj = {"kubeconfig": kubeconfig, "context": context, "namespace": namespace}
+
+
+@app.command()
+@one_line_errors
+def submit(
+    ctx: typer.Context,
+    files: List[Path] = typer.Option(..., "-f", "--filename", help="Manifest files or folders."),
+) -> None:
+    """Validate manifests locally, then create or update them on the cluster."""
+    from .manifests import load
+
+    manifests = load(files)
+    cluster = _cluster(ctx)
+    for manifest in manifests.all():
+        result = cluster.apply(manifest, "cluster")
+        console.print(f"{manifest['kind'].lower()}.finetune.dev/{manifest['metadata']['name']} {result}")
+
+
+@app.command()
+@one_line_errors
+def status(ctx: typer.Context, name: Optional[str] = typer.Argument(None, help="A FineTuneJob (default: all).")) -> None:
+    """A table of FineTuneJobs: phase, progress, loss, ETA, governance, promotion."""
+    cluster = _cluster(ctx)
+    jobs = [cluster.get("FineTuneJob", name)] if name else cluster.list("FineTuneJob")
+    if not jobs:
+        console.print(f"No FineTuneJobs in namespace {cluster.namespace}.")
+        return
+    console.print(display.jobs_table(jobs))
+    if name:
+        message = (jobs[0].get("status") or {}).get("message")
+        if message:
+            console.print(message, markup=False)
+
+
+@app.command()
+@one_line_errors
+def logs(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJob."),
+         follow: bool = typer.Option(False, "-f", "--follow", help="Stream new log lines.")) -> None:
+    """Logs of the FineTuneJob's trainer pod."""
+    cluster = _cluster(ctx)
+    pod = cluster.trainer_pod(name)
+    for chunk in cluster.logs(pod, follow=follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+@app.command()
+@one_line_errors
+def report(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJob.")) -> None:
+    """The governance report of a FineTuneJob (from its status)."""
+    job = _cluster(ctx).get("FineTuneJob", name)
+    st = job.get("status") or {}
+    governance = st.get("governance")
+    if not governance or not governance.get("checks"):
+        raise FtctlError(f"FineTuneJob {name} has no governance report yet (phase {st.get('phase', 'Pending')})")
+    required = (governance.get("effectivePolicy") or {}).get("required") or ()
+    console.print(display.governance_table(governance["checks"], governance.get("passed"), required))
+    console.print(f"adapter: {governance.get('adapterDigest')}  report: {governance.get('reportURI') or '-'}",
+                  markup=False)
+    promotion = st.get("promotion") or {}
+    if promotion:
+        console.print(f"promotion: {promotion.get('state')}"
+                      + (f" - {promotion.get('reason')}" if promotion.get("reason") else ""), markup=False)
+
+
+@app.command()
+@one_line_errors
+def approve(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJob."),
+            digest: str = typer.Option(..., "--digest", help="The adapter digest being approved (sha256:...)."),
+            by: Optional[str] = typer.Option(None, "--by", help="Approver (default: the kubeconfig user).")) -> None:
+    """Approve the promotion of an adapter (manual promotion mode)."""
+    cluster = _cluster(ctx)
+    who = by or cluster.user
+    cluster.approve(name, digest, who)
+    console.print(f"finetunejob.finetune.dev/{name} approved {digest}" + (f" by {who}" if who else ""))
+
+
+def watch_exit_code(job: dict) -> int:
+    st = job.get("status") or {}
+    if st.get("phase") != "Failed":
+        return 0
+    return EXIT_BLOCKED if (st.get("promotion") or {}).get("state") == "Blocked" else EXIT_FAILED
+
+
+@app.command()
+@one_line_errors
+def watch(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJob."),
+          interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes."),
+          timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds.")) -> None:
+    """The live progress view of a FineTuneJob on the cluster, until it finishes."""
+    cluster = _cluster(ctx)
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def view(job: dict):
+        st = job.get("status") or {}
+        return display.progress_view(name, st.get("phase", "Pending"), st.get("progress"), st.get("message", ""))
+
+    job = cluster.get("FineTuneJob", name)
+    last_line = None
+    with Live(view(job), console=console, refresh_per_second=4, transient=False,
+              auto_refresh=console.is_terminal) as live:
+        while True:
+            phase = (job.get("status") or {}).get("phase", "Pending")
+            if console.is_terminal:
+                live.update(view(job))
+            else:
+                progress = (job.get("status") or {}).get("progress") or {}
+                line = f"{name}: {phase} step {progress.get('step', 0)}/{progress.get('totalSteps', 0)}"
+                if line != last_line:
+                    console.print(line, markup=False)
+                    last_line = line
+            if phase in FINAL_PHASES:
+                break
+            if deadline and time.monotonic() > deadline:
+                raise FtctlError(f"FineTuneJob {name} is still {phase} after {timeout:g}s")
+            time.sleep(interval)
+            job = cluster.get("FineTuneJob", name)
+    st = job.get("status") or {}
+    if st.get("governance", {}).get("checks"):
+        console.print(display.governance_table(st["governance"]["checks"], st["governance"].get("passed")))
+    console.print(f"{name}: {st.get('phase')} {st.get('message', '')}", markup=False)
+    code = watch_exit_code(job)
+    if code:
+        raise typer.Exit(code)
+
+
+if __name__ == "__main__":
+    app()
