@@ -1,0 +1,291 @@
+"""Manifests of the objects the operator owns: batch/v1 Jobs and their ConfigMaps.
+
+Pure functions from (object, configuration) to dicts; nothing here talks to a cluster.
+Names are deterministic so a restarted operator finds (adopts) what it created before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+from finetune_trainer import storage
+
+from .api.meta import API_VERSION
+from .config import OperatorConfig
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+OPERATOR = "finetune-operator"
+ROLE = "finetune.dev/role"  # validation | trainer | governance
+DATASET_LABEL = "finetune.dev/dataset"
+JOB_LABEL = "finetune.dev/finetunejob"
+ATTEMPT_LABEL = "finetune.dev/attempt"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+CONFIG_DIR = "/etc/finetune"
+CONTAINER = "main"
+#: Exit codes of finetune_trainer.errors (the trainer image is not imported here on purpose:
+#: these numbers are the contract, repeated in the trainer's errors module).
+EXIT_CONFIG_ERROR = 3
+EXIT_PREEMPTED = 5
+#: Taints GPU node pools usually carry (GKE, EKS, AKS and the NVIDIA GPU operator).
+GPU_TOLERATIONS = [
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"},
+]
+
+
+def child_name(base: str, suffix: str, limit: int = 63) -> str:
+    """`base-suffix`, shortened with a hash when too long (Job names end up in pod labels: 63 chars)."""
+    name = f"{base}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(base.encode()).hexdigest()[:8]
+    keep = limit - len(suffix) - len(digest) - 2
+    return f"{base[:keep].rstrip('-.')}-{digest}-{suffix}"
+
+
+def trainer_job_name(name: str, attempt: int) -> str:
+    return child_name(name, f"train-{attempt}")
+
+
+def attempt_of(job_name: Optional[str]) -> int:
+    """The attempt number in a trainer Job name (0 when there is none yet)."""
+    if not job_name:
+        return 0
+    tail = job_name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def validation_job_name(name: str, generation: int) -> str:
+    return child_name(name, f"validate-{generation}")
+
+
+def governance_job_name(name: str, adapter_digest: str) -> str:
+    return child_name(name, f"gov-{adapter_digest.split(':')[-1][:10]}")
+
+
+def owner_reference(obj: dict) -> dict:
+    meta = obj["metadata"]
+    return {"apiVersion": obj.get("apiVersion", API_VERSION), "kind": obj["kind"], "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def dataset_output_uri(dataset: dict, config: OperatorConfig) -> str:
+    """spec.output.uri, or {artifact store}/datasets/<ns>/<name>/<generation>."""
+    meta = dataset["metadata"]
+    output = (dataset.get("spec") or {}).get("output") or {}
+    if output.get("uri"):
+        return output["uri"].rstrip("/")
+    if not config.artifact_store:
+        raise ValueError("the Dataset has no spec.output.uri and the operator has no default artifact store")
+    return storage.join(config.artifact_store, "datasets", meta.get("namespace", "default"), meta["name"],
+                        str(meta.get("generation") or 1))
+
+
+# --- rendered configs -----------------------------------------------------------------------
+
+def validation_config(dataset: dict, output_uri: str) -> dict:
+    meta = dataset["metadata"]
+    return {"job": {"namespace": meta.get("namespace", "default"), "name": meta["name"], "uid": meta.get("uid")},
+            "dataset": dataset["spec"], "outputURI": output_uri}
+
+
+def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Optional[str],
+                   progress_interval: float) -> dict:
+    meta, spec = ftj["metadata"], ftj["spec"]
+    cfg: dict[str, Any] = {
+        "job": {"namespace": meta.get("namespace", "default"), "name": meta["name"], "uid": meta.get("uid")},
+        "baseModel": spec["baseModel"],
+        "data": {"uri": data_uri, "format": data_format, "digest": data_digest},
+        "method": spec.get("method", "lora"),
+        "outputURI": spec["output"]["uri"].rstrip("/"),
+        "progressIntervalSeconds": min(progress_interval, 30.0),
+        # The trainer pod's metrics endpoint; Prometheus scrapes it through the pod annotations.
+        "metricsPort": 9400,
+    }
+    for key in ("lora", "quantization", "training"):
+        if spec.get(key) is not None:
+            cfg[key] = spec[key]
+    return cfg
+
+
+def governance_config(train_cfg: dict, policy: dict, dataset_spec: dict, pii_findings: dict,
+                      adapter_uri: str) -> dict:
+    return {**train_cfg, "metricsPort": 0, "governance": policy, "governanceInputs": {
+        "adapterURI": adapter_uri, "dataset": dataset_spec, "datasetPIIFindings": pii_findings or {},
+        "baseModelDigest": train_cfg["baseModel"].get("digest")}}
+
+
+# --- Kubernetes objects ---------------------------------------------------------------------
+
+def config_map(name: str, namespace: str, owner: dict, labels: dict, filename: str, content: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                         "ownerReferences": [owner_reference(owner)]},
+            "data": {filename: json.dumps(content, indent=1, sort_keys=True)}}
+
+
+def credentials_env(secret_name: Optional[str]) -> list[dict]:
+    """AWS credentials only through secretKeyRef: values never pass through the operator."""
+    if not secret_name:
+        return []
+
+    def ref(key: str, optional: bool = False) -> dict:
+        return {"name": key, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key, "optional": optional}}}
+
+    return [ref("AWS_ACCESS_KEY_ID"), ref("AWS_SECRET_ACCESS_KEY"), ref("AWS_SESSION_TOKEN", optional=True)]
+
+
+def _resources(cpu: Optional[str], memory: Optional[str], gpus: int, gpu_resource: str) -> dict:
+    amounts: dict[str, Any] = {}
+    if cpu:
+        amounts["cpu"] = cpu
+    if memory:
+        amounts["memory"] = memory
+    if gpus:
+        amounts[gpu_resource] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: list[str], image: str,
+              config: OperatorConfig, secret: Optional[str], cpu: Optional[str] = None,
+              memory: Optional[str] = None, gpus: int = 0, scheduling: Optional[dict] = None,
+              backoff_limit: int = 0, deadline: Optional[int] = None) -> dict:
+    """A batch/v1 Job running one finetune-trainer command with the restricted security profile.
+
+    The root filesystem is read-only; /tmp, the model cache and /dev/shm are emptyDirs
+    (PyTorch data loaders need a real /dev/shm).
+    """
+    scheduling = scheduling or {}
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/cache/huggingface"},
+           {"name": "TMPDIR", "value": "/tmp"}, {"name": "AWS_DEFAULT_REGION", "value": config.s3_region}]
+    if config.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": config.s3_endpoint})
+    env += [{"name": k, "value": v} for k, v in sorted(config.job_env.items())]
+    env += credentials_env(secret)
+    container = {
+        "name": CONTAINER, "image": image, "imagePullPolicy": config.image_pull_policy,
+        "command": command, "env": env,
+        "resources": _resources(cpu, memory, gpus, scheduling.get("gpuResourceName", "nvidia.com/gpu")),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [
+            {"name": "config", "configMap": {"name": name}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if config.job_service_account:
+        pod_spec["serviceAccountName"] = config.job_service_account
+    if gpus:
+        selector = {**config.gpu_node_selector, **(scheduling.get("gpuNodeSelector") or {})}
+        if selector:
+            pod_spec["nodeSelector"] = selector
+    tolerations = scheduling.get("tolerations")
+    if tolerations is None and gpus:
+        tolerations = GPU_TOLERATIONS
+    if tolerations:
+        pod_spec["tolerations"] = [{k: v for k, v in t.items() if v is not None} for t in tolerations]
+    if scheduling.get("affinity"):
+        pod_spec["affinity"] = scheduling["affinity"]
+    if scheduling.get("priorityClassName"):
+        pod_spec["priorityClassName"] = scheduling["priorityClassName"]
+
+    job_labels = dict(labels)
+    if scheduling.get("queueName"):
+        job_labels[KUEUE_QUEUE] = scheduling["queueName"]
+    spec: dict[str, Any] = {
+        "backoffLimit": backoff_limit,
+        "podFailurePolicy": {"rules": [
+            # A configuration error will fail the same way on every retry.
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [EXIT_CONFIG_ERROR]}},
+            # Evictions, preemptions and node drains are not the trainer's fault.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if deadline:
+        spec["activeDeadlineSeconds"] = deadline
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "namespace": namespace, "labels": job_labels,
+                         "ownerReferences": [owner_reference(owner)]},
+            "spec": spec}
+
+
+def validation_children(dataset: dict, config: OperatorConfig) -> tuple[dict, dict]:
+    """The validation Job and its ConfigMap for the Dataset's current generation."""
+    meta = dataset["metadata"]
+    ns, generation = meta.get("namespace", "default"), meta.get("generation") or 1
+    name = validation_job_name(meta["name"], generation)
+    labels = {MANAGED_BY: OPERATOR, ROLE: "validation", DATASET_LABEL: meta["name"]}
+    spec = dataset["spec"]
+    secret = (((spec.get("output") or {}).get("credentials") or {}).get("name")
+              or ((spec.get("source") or {}).get("credentials") or {}).get("name")
+              or config.s3_credentials_secret)
+    cfg = validation_config(dataset, dataset_output_uri(dataset, config))
+    cm = config_map(name, ns, dataset, labels, "validation.json", cfg)
+    job = batch_job(name=name, namespace=ns, owner=dataset, labels=labels, image=config.trainer_image,
+                    command=["finetune-trainer", "validate", "--config", f"{CONFIG_DIR}/validation.json"],
+                    config=config, secret=secret, cpu=config.validation_cpu, memory=config.validation_memory,
+                    backoff_limit=2)
+    return cm, job
+
+
+def _job_secret(spec: dict, config: OperatorConfig) -> Optional[str]:
+    # One set of AWS_* variables per container: the output's Secret, else the model's, else the default.
+    return (((spec.get("output") or {}).get("credentials") or {}).get("name")
+            or ((spec.get("baseModel") or {}).get("credentials") or {}).get("name")
+            or config.s3_credentials_secret)
+
+
+def trainer_children(ftj: dict, attempt: int, train_cfg: dict, config: OperatorConfig) -> tuple[dict, dict]:
+    """The trainer Job (with its scheduling fields) and its ConfigMap for one attempt."""
+    meta, spec = ftj["metadata"], ftj["spec"]
+    ns = meta.get("namespace", "default")
+    name = trainer_job_name(meta["name"], attempt)
+    labels = {MANAGED_BY: OPERATOR, ROLE: "trainer", JOB_LABEL: meta["name"], ATTEMPT_LABEL: str(attempt)}
+    res = spec.get("resources") or {}
+    cm = config_map(name, ns, ftj, labels, "job.json", train_cfg)
+    job = batch_job(name=name, namespace=ns, owner=ftj, labels=labels,
+                    image=spec.get("image") or config.trainer_image,
+                    command=["finetune-trainer", "train", "--config", f"{CONFIG_DIR}/job.json"],
+                    config=config, secret=_job_secret(spec, config),
+                    cpu=res.get("cpu") or config.default_cpu, memory=res.get("memory") or config.default_memory,
+                    gpus=int(res.get("gpusPerNode", 1)), scheduling=res,
+                    backoff_limit=int(spec.get("backoffLimit", 3)), deadline=spec.get("activeDeadlineSeconds"))
+    return cm, job
+
+
+def governance_children(ftj: dict, adapter_digest: str, gov_cfg: dict, config: OperatorConfig) -> tuple[dict, dict]:
+    """The governance Job (same pod template; GPU only if the trainer had one) and its ConfigMap."""
+    meta, spec = ftj["metadata"], ftj["spec"]
+    ns = meta.get("namespace", "default")
+    name = governance_job_name(meta["name"], adapter_digest)
+    labels = {MANAGED_BY: OPERATOR, ROLE: "governance", JOB_LABEL: meta["name"]}
+    res = spec.get("resources") or {}
+    gpus = min(int(res.get("gpusPerNode", 1)), 1)
+    cm = config_map(name, ns, ftj, labels, "job.json", gov_cfg)
+    job = batch_job(name=name, namespace=ns, owner=ftj, labels=labels,
+                    image=spec.get("image") or config.trainer_image,
+                    command=["finetune-trainer", "governance", "--config", f"{CONFIG_DIR}/job.json"],
+                    config=config, secret=_job_secret(spec, config),
+                    cpu=res.get("cpu") or config.default_cpu, memory=res.get("memory") or config.default_memory,
+                    gpus=gpus, scheduling=res, backoff_limit=1)
+    return cm, job

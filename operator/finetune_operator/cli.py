@@ -1,0 +1,56 @@
+"""`finetune-operator run`: start the operator (a thin wrapper over `kopf run`).
+
+Peering is on by default (two replicas: one acts, the other waits), the liveness endpoint
+is served for the kubelet's probe, and namespaces and ports come from the configuration
+(FINETUNE_* variables / FINETUNE_CONFIG), so the Helm chart sets everything in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from . import config as config_mod
+
+
+def kopf_args(cfg: config_mod.OperatorConfig, standalone: Optional[bool] = None, verbose: bool = False) -> list[str]:
+    """The `kopf run` arguments for a configuration (a plain function, so it is testable)."""
+    args = ["run", "--module", "finetune_operator.handlers", "--log-format", "json"]
+    if cfg.namespaces:
+        for ns in cfg.namespaces:
+            args += ["--namespace", ns]
+    else:
+        args.append("--all-namespaces")
+    if standalone if standalone is not None else cfg.standalone:
+        args.append("--standalone")
+    else:
+        args += ["--peering", cfg.peering_name]
+    if cfg.health_port:
+        args += ["--liveness", f"http://0.0.0.0:{cfg.health_port}/healthz"]
+    if verbose:
+        args.append("--verbose")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator")
+    run.add_argument("--standalone", action="store_true", default=None,
+                     help="no peering (a single replica; e.g. for local development)")
+    run.add_argument("--verbose", action="store_true")
+    run.add_argument("--print-args", action="store_true", help="print the kopf arguments and exit")
+    ns = parser.parse_args(argv)
+    cfg = config_mod.load()
+    args = kopf_args(cfg, standalone=ns.standalone, verbose=ns.verbose)
+    if ns.print_args:
+        print(" ".join(args))
+        return
+    from kopf.cli import main as kopf_main
+
+    sys.exit(kopf_main(args=args, prog_name="finetune-operator"))
+
+
+if __name__ == "__main__":
+    main()

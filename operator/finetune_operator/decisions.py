@@ -1,0 +1,460 @@
+"""What to do next: pure functions from observed state to a Plan.
+
+Handlers gather the observations (the object, its Dataset, its Jobs and their pods, the
+records the trainer wrote to storage) and apply the Plan; every rule lives here and is
+tested without a cluster. A Plan is idempotent: applying it twice creates nothing twice
+(deterministic names, create-or-adopt) and a status that is already right is not patched.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from . import children, governance
+from .conditions import get_condition, set_condition
+from .config import OperatorConfig
+
+# --- observations of Jobs and pods --------------------------------------------------------
+
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+OOM_ADVICE = ("the trainer ran out of memory (OOMKilled); use method qlora (4-bit base model), a smaller "
+              "training.batchSize (with more gradientAccumulationSteps), a shorter maxSeqLength, or "
+              "enable training.gradientCheckpointing")
+GPU_HOURS_BEFORE = "finetune.dev/gpu-hours-before"
+
+
+def summarize_pod(pod: dict) -> dict:
+    """The few facts about a pod that decisions need (kept in the operator's in-memory index)."""
+    status = pod.get("status") or {}
+    scheduled = get_condition(status.get("conditions") or [], "PodScheduled") or {}
+    summary: dict[str, Any] = {"name": pod["metadata"]["name"], "phase": status.get("phase", "Pending"),
+                               "unschedulable": None, "waiting": None, "terminated": None,
+                               "disrupted": bool(get_condition(status.get("conditions") or [], "DisruptionTarget"))}
+    if scheduled.get("status") == "False":
+        summary["unschedulable"] = scheduled.get("message") or scheduled.get("reason") or "unschedulable"
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        last = cs.get("lastState") or {}
+        if "waiting" in state and state["waiting"].get("reason") in IMAGE_PULL_REASONS:
+            summary["waiting"] = {"reason": state["waiting"]["reason"], "message": state["waiting"].get("message", "")}
+        term = state.get("terminated") or last.get("terminated")
+        if term:
+            summary["terminated"] = {"reason": term.get("reason", ""), "exitCode": term.get("exitCode")}
+    return summary
+
+
+def summarize_job(job: dict) -> dict:
+    status = job.get("status") or {}
+    meta = job["metadata"]
+    conds = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    return {"name": meta["name"], "active": status.get("active", 0) or 0, "ready": status.get("ready", 0) or 0,
+            "succeeded": status.get("succeeded", 0) or 0, "failed": status.get("failed", 0) or 0,
+            "complete": "Complete" in conds or "SuccessCriteriaMet" in conds,
+            "failedCondition": conds.get("Failed") or conds.get("FailureTarget"),
+            "startTime": status.get("startTime"), "completionTime": status.get("completionTime"),
+            "suspended": bool((job.get("spec") or {}).get("suspend")),
+            "gpuHoursBefore": float((meta.get("annotations") or {}).get(GPU_HOURS_BEFORE, 0) or 0)}
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Missing | Pending | Unschedulable | ImagePull | Running | Succeeded | Failed."""
+
+    state: str
+    reason: str = ""
+    message: str = ""
+    oom: bool = False
+
+
+def job_state(job: Optional[dict], pods: list[dict]) -> JobState:
+    """Read a Job (summary) and its pods (summaries) into one state with the reason a person needs."""
+    if job is None:
+        return JobState("Missing")
+    oom = any((p.get("terminated") or {}).get("reason") == "OOMKilled" for p in pods)
+    if job["complete"]:
+        return JobState("Succeeded", "Completed", f"Job {job['name']} completed")
+    config_error = any((p.get("terminated") or {}).get("exitCode") == children.EXIT_CONFIG_ERROR for p in pods)
+    if oom:
+        return JobState("Failed", "OOMKilled", OOM_ADVICE, oom=True)
+    if job["failedCondition"]:
+        cond = job["failedCondition"]
+        if config_error or cond.get("reason") == "PodFailurePolicy":
+            return JobState("Failed", "ConfigurationError",
+                            f"the trainer exited with the configuration-error code {children.EXIT_CONFIG_ERROR}; "
+                            "retrying will not help (see the pod log for the field or line at fault)")
+        return JobState("Failed", cond.get("reason") or "JobFailed", cond.get("message") or f"Job {job['name']} failed")
+    for p in pods:
+        if p.get("waiting"):
+            w = p["waiting"]
+            return JobState("ImagePull", w["reason"], f"the image cannot be pulled ({w['reason']}): {w['message']}".rstrip(": "))
+    if job["active"] and any(p.get("phase") == "Running" for p in pods):
+        return JobState("Running", "Running", f"Job {job['name']} is running")
+    for p in pods:
+        if p.get("unschedulable") and p.get("phase") == "Pending":
+            return JobState("Unschedulable", "Unschedulable", f"pod cannot be scheduled: {p['unschedulable']}")
+    if job["active"] and job.get("ready"):
+        return JobState("Running", "Running", f"Job {job['name']} is running")
+    if job["suspended"]:
+        return JobState("Pending", "JobSuspended", f"Job {job['name']} is suspended (waiting for admission)")
+    return JobState("Pending", "Pending", f"Job {job['name']} is waiting for its pod to start")
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    status: Optional[dict] = None  # the full new status, or None when nothing changes
+    create: list[dict] = field(default_factory=list)  # manifests, created in order (ConfigMap before Job)
+    delete_jobs: list[str] = field(default_factory=list)  # deleted with background propagation
+    suspend_jobs: list[str] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    alias: Optional[tuple[str, dict]] = None  # (uri, record) to write before the status patch
+
+
+def _finish(old: dict, new: dict, plan: Plan) -> Plan:
+    if new != old:
+        plan.status = new
+    return plan
+
+
+def _parse_time(value: Optional[str]) -> Optional[datetime.datetime]:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+# --- Dataset -------------------------------------------------------------------------------
+
+MAX_LINE_NUMBERS = 20
+
+
+def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict], report: Optional[dict],
+                 config: OperatorConfig, now: str) -> Plan:
+    """Validate each generation of a Dataset once: Validating -> Ready | Invalid | Failed."""
+    meta = dataset["metadata"]
+    generation = meta.get("generation") or 1
+    old = dataset.get("status") or {}
+    status = copy.deepcopy(old)
+    plan = Plan()
+    conds = status.get("conditions") or []
+    if old.get("observedGeneration") == generation and old.get("phase") in ("Ready", "Invalid", "Failed"):
+        return plan
+    name = children.validation_job_name(meta["name"], generation)
+    try:
+        output = children.dataset_output_uri(dataset, config)
+    except ValueError as exc:
+        status.update(phase="Failed", observedGeneration=generation, message=str(exc))
+        status["conditions"] = set_condition(conds, "Ready", False, "NoOutputLocation", str(exc), generation, now)
+        plan.events.append(("Warning", "NoOutputLocation", str(exc)))
+        return _finish(old, status, plan)
+    state = job_state(validation_job, pods)
+
+    def to_phase(phase: str, ready: bool, reason: str, message: str) -> None:
+        status.update(phase=phase, message=message, validationJob=name)
+        if phase != "Validating":
+            status["observedGeneration"] = generation
+        status["conditions"] = set_condition(status.get("conditions") or [], "Ready", ready, reason, message,
+                                             generation, now)
+        if old.get("phase") != phase or old.get("validationJob") != name:
+            plan.events.append(("Normal" if phase in ("Validating", "Ready") else "Warning", reason, message))
+
+    if state.state == "Missing":
+        plan.create.extend(children.validation_children(dataset, config))
+        to_phase("Validating", False, "Validating", f"validation Job {name} created")
+    elif state.state in ("Pending", "Running", "Unschedulable", "ImagePull"):
+        msg = state.message if state.state in ("Unschedulable", "ImagePull") else f"validation Job {name} is running"
+        to_phase("Validating", False, "Validating" if state.state in ("Pending", "Running") else state.reason, msg)
+    elif report is not None:
+        stats = report.get("stats") or {}
+        status["stats"] = {k: int(stats.get(k) or 0) for k in
+                           ("examples", "evalExamples", "tokens", "duplicatesRemoved", "invalidLines")}
+        status["piiFindings"] = dict(report.get("piiFindings") or {})
+        status["invalidLineNumbers"] = list(report.get("invalidLineNumbers") or [])[:MAX_LINE_NUMBERS]
+        status["reportURI"] = f"{output}/report.json"
+        minimum = ((dataset["spec"].get("curation") or {}).get("minExamples") or 10)
+        if report.get("valid") and status["stats"]["examples"] < minimum:
+            report = {**report, "valid": False, "reason": "TooFewExamples",
+                      "message": f"{status['stats']['examples']} valid examples; minExamples is {minimum}"}
+        if report.get("valid"):
+            if report.get("digest"):
+                status["digest"] = report["digest"]
+            status["validatedURI"] = report.get("validatedURI") or output
+            to_phase("Ready", True, "Validated",
+                     f"{status['stats']['examples']} examples ({status['stats']['evalExamples']} for evaluation)")
+        else:
+            status.pop("digest", None)
+            lines = status["invalidLineNumbers"]
+            message = report.get("message") or "the data is invalid"
+            if lines and str(lines[0]) not in message:
+                message += f" (first offending lines: {', '.join(map(str, lines[:5]))})"
+            to_phase("Invalid", False, report.get("reason") or "Invalid", message)
+    elif state.state == "Succeeded":
+        to_phase("Failed", False, "NoReport", f"validation Job {name} succeeded but wrote no report.json at {output}")
+    else:
+        to_phase("Failed", False, state.reason, f"validation Job {name} failed: {state.message}")
+    return _finish(old, status, plan)
+
+
+# --- FineTuneJob ---------------------------------------------------------------------------
+
+ACTIVE_PHASES = ("Queued", "Training")
+
+
+@dataclass
+class JobInputs:
+    """What a FineTuneJob reconcile observed, besides the object itself."""
+
+    dataset: Optional[dict] = None  # the Dataset object (spec + status), or None if it does not exist
+    trainer_job: Optional[dict] = None  # summary of the current attempt's Job
+    trainer_pods: list[dict] = field(default_factory=list)
+    governance_job: Optional[dict] = None
+    governance_pods: list[dict] = field(default_factory=list)
+    progress: Optional[dict] = None  # progress.json
+    result: Optional[dict] = None  # result.json (read once the trainer Job succeeded)
+    report: Optional[dict] = None  # governance.json (read once the governance Job succeeded)
+    manifest_ok: Optional[tuple[bool, str]] = None  # adapter.verify(adapterURI)
+    policies: list[dict] = field(default_factory=list)  # GovernancePolicy objects
+
+
+def progress_fields(record: Optional[dict]) -> Optional[dict]:
+    if not record:
+        return None
+    keys = ("step", "totalSteps", "epoch", "percent", "loss", "evalLoss", "tokensPerSecond", "etaSeconds", "updatedAt")
+    out = {k: record[k] for k in keys if record.get(k) is not None}
+    if "percent" in out:
+        out["percent"] = max(0, min(100, int(out["percent"])))
+    return out
+
+
+def gpu_hours(ftj: dict, job: Optional[dict], now: str) -> Optional[float]:
+    """GPU-hours: earlier attempts (recorded on the Job) plus this attempt's running time."""
+    if job is None or not job.get("startTime"):
+        return None
+    res = ftj["spec"].get("resources") or {}
+    gpus = int(res.get("gpusPerNode", 1)) * int(res.get("nodes", 1))
+    end = _parse_time(job.get("completionTime")) or _parse_time(now)
+    hours = max(0.0, (end - _parse_time(job["startTime"])).total_seconds() / 3600.0) * gpus
+    return round(job.get("gpuHoursBefore", 0.0) + hours, 4)
+
+
+def effective_policy(ftj: dict, policies: list[dict], config: OperatorConfig) -> tuple[dict, list[str]]:
+    if not policies:
+        default = dict(governance.DEFAULT_POLICY)
+        if config.default_governance:
+            default = {**default, "spec": config.default_governance}
+        policies = [default]
+    spec, ignored = governance.effective_policy(policies, ftj["metadata"].get("namespace", "default"),
+                                                ftj["spec"].get("governance"))
+    return spec.model_dump(mode="json", exclude_none=True), ignored
+
+
+def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str) -> Plan:
+    meta, spec = ftj["metadata"], ftj["spec"]
+    generation = meta.get("generation") or 1
+    old = ftj.get("status") or {}
+    status = copy.deepcopy(old)
+    status.setdefault("phase", "Pending")
+    status["observedGeneration"] = generation
+    plan = Plan()
+    phase = old.get("phase", "Pending")
+
+    def cond(type_: str, value: bool | str, reason: str, message: str) -> None:
+        status["conditions"] = set_condition(status.get("conditions") or [], type_, value, reason, message,
+                                             generation, now)
+
+    def to_phase(new_phase: str, message: str, reason: str = "", warning: bool = False) -> None:
+        status["phase"] = new_phase
+        status["message"] = message
+        if new_phase in ("Succeeded", "Failed") and not status.get("completionTime"):
+            status["completionTime"] = now
+        if phase != new_phase:
+            plan.events.append(("Warning" if warning else "Normal", reason or new_phase, message))
+
+    def fail(reason: str, message: str) -> None:
+        cond("Failed", True, reason, message)
+        to_phase("Failed", message, reason, warning=True)
+
+    if phase in ("Succeeded", "Failed"):
+        return _finish(old, status, plan)
+    if phase == "AwaitingApproval" or phase == "Evaluating":
+        return _finish(old, _evaluate(ftj, inputs, config, now, status, plan, cond, to_phase, fail), plan)
+
+    trainer_name = old.get("trainerJob")
+    attempt = children.attempt_of(trainer_name)
+    state = job_state(inputs.trainer_job, inputs.trainer_pods)
+
+    # Suspend: stop a running trainer (deleting the Job sends SIGTERM; the trainer checkpoints).
+    if spec.get("suspend"):
+        if trainer_name and state.state not in ("Missing", "Succeeded", "Failed"):
+            plan.delete_jobs.append(trainer_name)
+        hours = gpu_hours(ftj, inputs.trainer_job, now)
+        if hours is not None:
+            status["gpuHours"] = hours
+        cond("Suspended", True, "Suspended", "spec.suspend is true")
+        to_phase("Suspended", "suspended by spec.suspend; set it to false to resume from the last checkpoint",
+                 "Suspended")
+        return _finish(old, status, plan)
+    if phase == "Suspended" or (trainer_name and state.state == "Missing" and phase == "Training"):
+        # Resume (or recover from a deleted Job): a new attempt resumes from the last checkpoint.
+        if phase == "Suspended":
+            cond("Suspended", False, "Resumed", "resumed; the trainer continues from its last checkpoint")
+        attempt += 1
+        trainer_name = None
+        state = JobState("Missing")
+
+    dataset = inputs.dataset
+    if not trainer_name:
+        ds_status = (dataset or {}).get("status") or {}
+        ds_name = spec["datasetRef"]["name"]
+        if dataset is None:
+            cond("DatasetReady", False, "DatasetNotFound", f"Dataset {ds_name} does not exist")
+            to_phase("WaitingForDataset", f"waiting for Dataset {ds_name} to exist", "WaitingForDataset")
+            return _finish(old, status, plan)
+        ds_generation = (dataset.get("metadata") or {}).get("generation") or 1
+        if ds_status.get("phase") != "Ready" or ds_status.get("observedGeneration", ds_generation) != ds_generation:
+            why = ds_status.get("phase") or "Pending"
+            detail = f": {ds_status['message']}" if ds_status.get("message") else ""
+            cond("DatasetReady", False, f"Dataset{why}", f"Dataset {ds_name} is {why}{detail}")
+            to_phase("WaitingForDataset", f"waiting for Dataset {ds_name} ({why}{detail})", "WaitingForDataset")
+            return _finish(old, status, plan)
+        cond("DatasetReady", True, "DatasetReady", f"Dataset {ds_name} is Ready ({ds_status.get('digest', '')})")
+        attempt = max(attempt, 1)
+        trainer_name = children.trainer_job_name(meta["name"], attempt)
+        train_cfg = children.trainer_config(ftj, ds_status.get("validatedURI"), dataset["spec"]["format"],
+                                            ds_status.get("digest"), config.progress_interval)
+        cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
+        job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
+        plan.create.extend([cm, job])
+        status["trainerJob"] = trainer_name
+        status["datasetDigest"] = ds_status.get("digest")
+        cond("Trained", False, "Queued", f"trainer Job {trainer_name} created")
+        to_phase("Queued", f"trainer Job {trainer_name} created (attempt {attempt})", "TrainerJobCreated")
+        return _finish(old, status, plan)
+
+    hours = gpu_hours(ftj, inputs.trainer_job, now)
+    if hours is not None:
+        status["gpuHours"] = hours
+    if inputs.progress:
+        status["progress"] = progress_fields(inputs.progress)
+
+    if state.state == "Missing":
+        # Just created (our cache has not seen it yet) or deleted behind our back: create-or-adopt.
+        train_cfg = children.trainer_config(ftj, ((dataset or {}).get("status") or {}).get("validatedURI") or "",
+                                            ((dataset or {}).get("spec") or {}).get("format", "chat"),
+                                            old.get("datasetDigest"), config.progress_interval)
+        if dataset is not None:
+            cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
+            job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
+            plan.create.extend([cm, job])
+    elif state.state == "Pending":
+        trained = get_condition(status.get("conditions") or [], "Trained") or {}
+        if trained.get("reason") != "Queued":  # e.g. it was Unschedulable and the pod is now scheduled
+            cond("Trained", False, "Queued", state.message)
+            to_phase("Queued", state.message, "Queued")
+    elif state.state in ("Unschedulable", "ImagePull"):
+        if state.message != old.get("message"):
+            plan.events.append(("Warning", state.reason, state.message))
+        cond("Trained", False, state.reason, state.message)
+        to_phase("Queued", state.message, "Queued", warning=True)
+    elif state.state == "Running":
+        status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
+        pct = (status.get("progress") or {}).get("percent")
+        message = f"training (attempt {attempt})" + (f", {pct}% done" if pct is not None else "")
+        cond("Trained", False, "Training", message)
+        to_phase("Training", message, "TrainingStarted")
+    elif state.state == "Failed":
+        if state.oom and not (inputs.trainer_job or {}).get("failedCondition"):
+            plan.suspend_jobs.append(trainer_name)  # stop retrying what will run out of memory again
+        cond("Trained", False, state.reason, state.message)
+        fail(state.reason, state.message)
+    elif state.state == "Succeeded":
+        result = inputs.result
+        if not result or not result.get("digest"):
+            fail("NoResult", f"trainer Job {trainer_name} succeeded but {spec['output']['uri']}/result.json is missing")
+        else:
+            status["adapter"] = {"uri": result["adapterURI"], "digest": result["digest"],
+                                 "sizeBytes": int(result.get("sizeBytes") or 0)}
+            status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
+            eval_loss = (result.get("metrics") or {}).get("evalLoss")
+            if status.get("progress") is not None or eval_loss is not None:
+                prog = dict(status.get("progress") or {})
+                if eval_loss is not None:
+                    prog["evalLoss"] = eval_loss
+                prog["percent"] = 100
+                status["progress"] = prog
+            cond("Trained", True, "Trained", f"adapter {result['digest']}")
+            to_phase("Evaluating", f"adapter {result['digest']} trained; running governance checks", "Trained")
+            return _finish(old, _evaluate(ftj, inputs, config, now, status, plan, cond, to_phase, fail), plan)
+    return _finish(old, status, plan)
+
+
+def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, status: dict, plan: Plan,
+              cond, to_phase, fail) -> dict:
+    """Evaluating / AwaitingApproval: the governance Job, its report, and promotion."""
+    meta, spec = ftj["metadata"], ftj["spec"]
+    adapter = status.get("adapter") or {}
+    digest = adapter.get("digest", "")
+    policy, ignored = effective_policy(ftj, inputs.policies, config)
+    gov = dict(status.get("governance") or {})
+    gov.update(adapterDigest=digest, effectivePolicy=policy)
+    name = children.governance_job_name(meta["name"], digest)
+    status["governanceJob"] = name
+    report_uri = f"{adapter.get('uri', '').rstrip('/')}/governance.json"
+    state = job_state(inputs.governance_job, inputs.governance_pods)
+    if state.state == "Missing" and inputs.report is None:
+        dataset = inputs.dataset or {}
+        train_cfg = children.trainer_config(ftj, ((dataset.get("status") or {}).get("validatedURI") or ""),
+                                            (dataset.get("spec") or {}).get("format", "chat"),
+                                            status.get("datasetDigest"), config.progress_interval)
+        gov_cfg = children.governance_config(train_cfg, policy, dataset.get("spec") or {},
+                                             (dataset.get("status") or {}).get("piiFindings") or {}, adapter["uri"])
+        plan.create.extend(children.governance_children(ftj, digest, gov_cfg, config))
+        if ignored and status.get("phase") != "AwaitingApproval":
+            plan.events.append(("Warning", "GovernanceLooseningIgnored", "; ".join(ignored)[:1000]))
+        status["governance"] = gov
+        return status
+    if state.state in ("Pending", "Running", "Unschedulable", "ImagePull"):
+        status["governance"] = gov
+        if state.state in ("Unschedulable", "ImagePull"):
+            status["message"] = f"governance Job: {state.message}"
+        return status
+    if inputs.report is None:
+        if state.state == "Failed":
+            cond("GovernancePassed", False, "GovernanceJobFailed", state.message)
+            fail("GovernanceJobFailed", f"governance Job {name} failed: {state.message}")
+        return status
+    outcome = governance.read_report(inputs.report, digest, required=list(policy.get("required") or []))
+    manifest_ok, manifest_msg = inputs.manifest_ok or (False, "adapter not verified")
+    gov.update(checks=[c.model_dump(mode="json", exclude_none=True) for c in outcome.checks],
+               passed=outcome.passed, reportURI=report_uri, reportDigest=inputs.report.get("sha256"),
+               evaluatedAt=gov.get("evaluatedAt") or now, runs=max(1, int(gov.get("runs") or 0)))
+    status["governance"] = gov
+    cond("GovernancePassed", outcome.passed, "ChecksPassed" if outcome.passed else "ChecksFailed", outcome.message)
+    decision = governance.promotion_decision(outcome, spec.get("promotion"), digest, manifest_ok)
+    alias = (spec.get("promotion") or {}).get("alias") or meta["name"]
+    promo = dict(status.get("promotion") or {})
+    promo.update(state=decision.state, reason=decision.reason, alias=alias)
+    if decision.approved_by:
+        promo["approvedBy"] = decision.approved_by
+    if decision.promote:
+        uri = governance.alias_uri(spec["output"]["uri"], alias)
+        if promo.get("aliasURI") != uri:
+            plan.alias = (uri, governance.alias_record(meta.get("namespace", "default"), meta["name"],
+                                                       adapter["uri"], digest, outcome, now))
+        promo.update(aliasURI=uri, promotedAt=promo.get("promotedAt") or now)
+        status["promotion"] = promo
+        cond("Promoted", True, decision.reason, f"alias {alias} -> {digest}")
+        to_phase("Succeeded", f"adapter {digest} promoted as {alias}", "Promoted")
+    elif decision.state == "AwaitingApproval":
+        status["promotion"] = promo
+        cond("Promoted", False, decision.reason, decision.message)
+        to_phase("AwaitingApproval", decision.message, "AwaitingApproval")
+    else:
+        status["promotion"] = promo
+        message = decision.message if manifest_ok else f"{decision.message} ({manifest_msg})"
+        cond("Promoted", False, decision.reason, message)
+        fail(decision.reason, message)
+    return status

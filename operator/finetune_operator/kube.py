@@ -1,0 +1,136 @@
+"""A small async Kubernetes API client: create-or-adopt, merge-patch status, delete.
+
+Kopf has no public write API besides events, so the operator keeps its own aiohttp
+session, authenticated with the same credentials Kopf logged in with (see handlers.login).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import aiohttp
+
+from .api.meta import GROUP, VERSION
+
+PLURALS = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePolicy": "governancepolicies"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any):
+        super().__init__(f"HTTP {status}: {body.get('message') if isinstance(body, dict) else body}")
+        self.status = status
+        self.body = body
+
+
+def path_of(api_version: str, kind: str, namespace: Optional[str], name: Optional[str] = None,
+            subresource: Optional[str] = None) -> str:
+    plural = PLURALS.get(kind) or {"ConfigMap": "configmaps", "Job": "jobs", "Event": "events",
+                                   "Secret": "secrets", "Pod": "pods"}[kind]
+    root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    parts = [root]
+    if namespace:
+        parts.append(f"namespaces/{namespace}")
+    parts.append(plural)
+    if name:
+        parts.append(name)
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+class Client:
+    """One aiohttp session per operator process (created lazily in the running loop)."""
+
+    def __init__(self, info: Any):
+        # kopf.ConnectionInfo knows how to turn itself into headers and an SSL context.
+        self.server = info.server.rstrip("/")
+        self.headers = {"Accept": "application/json", **info.as_http_headers()}
+        self._ssl: Any = info.as_ssl_context() if self.server.startswith("https") else None
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                      params: Optional[dict] = None) -> Any:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers, timeout=aiohttp.ClientTimeout(total=60),
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=50))
+        data = json.dumps(body) if body is not None else None
+        async with self._session.request(method, self.server + path, data=data, params=params,
+                                         headers={"Content-Type": content_type}) as resp:
+            text = await resp.text()
+            payload = json.loads(text) if text else {}
+            if resp.status >= 400:
+                raise ApiError(resp.status, payload)
+            return payload
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # --- the operations the operator needs ---------------------------------------------------
+
+    async def create_or_adopt(self, manifest: dict) -> str:
+        """Create an object; on 409 (it exists: we made it before a restart) adopt it.
+
+        Returns "created" or "adopted". An existing object owned by someone else is an error,
+        so a name clash never hijacks another object.
+        """
+        meta = manifest["metadata"]
+        path = path_of(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
+        try:
+            await self.request("POST", path, manifest)
+            return "created"
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        existing = await self.request("GET", f"{path}/{meta['name']}")
+        wanted = {o.get("uid") for o in meta.get("ownerReferences") or []}
+        owners = {o.get("uid") for o in (existing.get("metadata") or {}).get("ownerReferences") or []}
+        if wanted and not wanted & owners:
+            raise ApiError(409, {"message": f"{manifest['kind']} {meta['name']} exists and belongs to another owner"})
+        return "adopted"
+
+    async def patch_status(self, obj: dict, status: dict) -> dict:
+        meta = obj["metadata"]
+        path = path_of(obj.get("apiVersion", f"{GROUP}/{VERSION}"), obj["kind"], meta.get("namespace"),
+                       meta["name"], "status")
+        return await self.request("PATCH", path, {"status": status}, "application/merge-patch+json")
+
+    async def patch(self, api_version: str, kind: str, namespace: str, name: str, body: dict) -> dict:
+        return await self.request("PATCH", path_of(api_version, kind, namespace, name), body,
+                                  "application/merge-patch+json")
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str,
+                     propagation: str = "Background") -> bool:
+        """Delete; False if it was already gone."""
+        try:
+            await self.request("DELETE", path_of(api_version, kind, namespace, name),
+                               {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation})
+            return True
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    async def get(self, api_version: str, kind: str, namespace: Optional[str], name: str) -> Optional[dict]:
+        try:
+            return await self.request("GET", path_of(api_version, kind, namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+
+_client: Optional[Client] = None
+
+
+def set_connection(info: Any) -> None:
+    global _client
+    _client = Client(info)
+
+
+def client() -> Client:
+    if _client is None:
+        raise RuntimeError("not logged in to the Kubernetes API yet")
+    return _client
