@@ -57,6 +57,13 @@ def save_peft_files(model, folder: Path, base_model_uri: str) -> None:
     for extra in folder.iterdir():
         if extra.name not in ADAPTER_FILES:
             extra.unlink()
+    # peft writes target_modules from a set (order varies with the hash seed); a reproducible
+    # digest needs reproducible bytes.
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics: dict) -> dict[str, Any]:
@@ -81,7 +88,10 @@ def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics
         storage.write_bytes(storage.join(final, MANIFEST), manifest)
         if storage.read_bytes(storage.join(final, MANIFEST)) != manifest:
             raise RuntimeError(f"{final}/{MANIFEST}: read-back differs from what was written")
-    storage.delete_prefix(staging)
+    # Our staging folder, and any left by an attempt that was killed mid-upload (one trainer per output).
+    for leftover in {n.split("/", 1)[0] for n in storage.list_keys(adapters_uri(output_uri))
+                     if n.startswith(".staging-")}:
+        storage.delete_prefix(storage.join(adapters_uri(output_uri), leftover))
     size = sum(json.loads(manifest)["files"][n]["size"] for n in ADAPTER_FILES) + len(manifest)
     result = {"adapterURI": final, "digest": digest, "sizeBytes": size, "metrics": metrics}
     storage.write_text(storage.join(output_uri, RESULT), json.dumps(result, indent=1, sort_keys=True))

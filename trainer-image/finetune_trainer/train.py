@@ -197,6 +197,8 @@ def run(config_path: str) -> int:
         return state.epoch + state.batch_index / stream.batches_per_epoch
 
     # ---- 4. the loop: one iteration = one optimizer step
+    # Fault-injection tests slow steps down so they can signal a run mid-training; 0 in real runs.
+    debug_sleep = float(os.environ.get("FINETUNE_DEBUG_STEP_SLEEP", "0"))
     try:
         model.train()
         started, started_step = time.monotonic(), state.step
@@ -217,6 +219,8 @@ def run(config_path: str) -> int:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
+            if debug_sleep:
+                time.sleep(debug_sleep)
             step_tokens = sum(b["n_tokens"] for b in micro_batches)
             state.step += 1
             state.tokens_seen += step_tokens
