@@ -29,6 +29,19 @@ def api_error_message(exc: Exception) -> str:
     return f"{getattr(exc, 'status', '?')} {reason}: {message or body or exc}".strip()
 
 
+def merge_patch(old: dict, new: dict) -> dict:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: removed keys become null."""
+    patch: dict = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            sub = merge_patch(old[key], value)
+            if sub:
+                patch[key] = sub
+        elif old.get(key, object()) != value:
+            patch[key] = value
+    return patch
+
+
 class Cluster:
     """One kubeconfig context: its API client, namespace and user."""
 
@@ -95,7 +108,7 @@ class Cluster:
         return sorted(items, key=lambda i: i["metadata"]["name"])
 
     def apply(self, manifest: dict, source: str) -> str:
-        """Create, or update the spec of an existing object (checked against it first, like the
+        """Create, or merge-patch an existing object's spec (checked against it first, like the
         API server's transition rules). Returns "created", "configured" or "unchanged"."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         res = _BY_KIND[kind]
@@ -118,32 +131,33 @@ class Cluster:
         if existing.get("spec") == body.get("spec") and all(
                 (existing["metadata"].get(k) or {}) == (body["metadata"].get(k) or {}) for k in ("labels", "annotations")):
             return "unchanged"
-        updated = copy.deepcopy(existing)
-        updated["spec"] = body["spec"]
-        for key in ("labels", "annotations"):
-            if key in body["metadata"]:
-                updated["metadata"][key] = body["metadata"][key]
-        updated.pop("status", None)
-        # resourceVersion makes this an optimistic update: a concurrent change is a conflict, not lost.
+        patch: dict = {"spec": merge_patch(existing.get("spec") or {}, body["spec"])}
+        meta_patch = {k: merge_patch(existing["metadata"].get(k) or {}, body["metadata"][k])
+                      for k in ("labels", "annotations") if k in body["metadata"]}
+        if existing["metadata"].get("resourceVersion"):
+            # A precondition: a concurrent change makes this a conflict instead of being overwritten.
+            meta_patch["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        if meta_patch:
+            patch["metadata"] = meta_patch
         if namespaced:
-            self._call(self.custom.replace_namespaced_custom_object, GROUP, VERSION, namespace, res.PLURAL, name,
-                       updated, what=what)
+            self._call(self.custom.patch_namespaced_custom_object, GROUP, VERSION, namespace, res.PLURAL, name,
+                       patch, what=what)
         else:
-            self._call(self.custom.replace_cluster_custom_object, GROUP, VERSION, res.PLURAL, name, updated, what=what)
+            self._call(self.custom.patch_cluster_custom_object, GROUP, VERSION, res.PLURAL, name, patch, what=what)
         return "configured"
 
     def approve(self, name: str, digest: str, approved_by: Optional[str]) -> dict:
         """Record an approval of the adapter `digest` in spec.promotion.approval."""
         job = self.get("FineTuneJob", name)
-        adapter = ((job.get("status") or {}).get("adapter") or {}).get("digest")
-        if adapter and adapter != digest:
-            raise FtctlError(f"FineTuneJob {name}: --digest {digest} is not the trained adapter ({adapter}); "
-                             "the operator would ignore this approval")
         approval = {"digest": digest, **({"approvedBy": approved_by} if approved_by else {})}
         patch = {"spec": {"promotion": {"approval": approval}}}
         proposed = copy.deepcopy({k: v for k, v in job.items() if k != "status"})
         proposed["spec"].setdefault("promotion", {})["approval"] = approval
-        check(proposed, "--digest", old={k: v for k, v in job.items() if k != "status"})
+        check(proposed, "approve", old={k: v for k, v in job.items() if k != "status"})
+        adapter = ((job.get("status") or {}).get("adapter") or {}).get("digest")
+        if adapter and adapter != digest:
+            raise FtctlError(f"FineTuneJob {name}: --digest {digest} is not the trained adapter ({adapter}); "
+                             "the operator would ignore this approval")
         return self._call(self.custom.patch_namespaced_custom_object, GROUP, VERSION, self.namespace,
                           "finetunejobs", name, patch, what=f"FineTuneJob {name}")
 

@@ -111,7 +111,8 @@ def jobs_table(jobs: Iterable[dict]) -> Table:
     """`ftctl status`: one row per FineTuneJob from its status."""
     table = Table(title="FineTuneJobs", title_justify="left")
     for col in ("name", "phase", "progress", "loss", "eval loss", "ETA", "governance", "promotion"):
-        table.add_column(col)
+        # Keep cells on one line (grep-able); only the governance summary may wrap.
+        table.add_column(col, no_wrap=col != "governance", overflow="fold" if col == "governance" else "ellipsis")
     for job in jobs:
         status = job.get("status") or {}
         progress = status.get("progress") or {}

@@ -138,13 +138,13 @@ class LocalRun:
             ftj["spec"] = shrink_for_tiny(ftj["spec"], tiny)
             return ftj
         base = models.local_path(ftj["spec"]["baseModel"]["uri"])
-        if base is not None and not base.exists():
-            if models.is_quickstart_model(base):
+        if base is not None and models.is_quickstart_model(base, self.options.cwd):
+            if not models.quickstart_model_ready(base):
                 with self.console.status("Converting SmolLM2-135M-Instruct for the quickstart (once) ..."):
                     models.ensure_quickstart_model(base, self.options.state_dir / "logs" / "convert-smollm2.log")
-            else:
-                raise FtctlError(f"FineTuneJob {ftj['metadata']['name']}: spec.baseModel.uri: "
-                                 f"folder {base} does not exist")
+        elif base is not None and not base.exists():
+            raise FtctlError(f"FineTuneJob {ftj['metadata']['name']}: spec.baseModel.uri: "
+                             f"folder {base} does not exist")
         return ftj
 
     def _plan(self, ftj: dict, inputs: decisions.JobInputs) -> decisions.Plan:

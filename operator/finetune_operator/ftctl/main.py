@@ -25,8 +25,14 @@ from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_USAGE, FtctlError
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+def _width(stream) -> Optional[int]:
+    """Terminals: their own width. Pipes and CI logs: wide, so table cells are not cut to 80 columns."""
+    return None if stream.isatty() else int(os.environ.get("COLUMNS") or 200)
+
+
+console = Console(highlight=False, width=_width(sys.stdout))
+err_console = Console(stderr=True, highlight=False, width=_width(sys.stderr))
 
 QUICKSTART = Path(__file__).resolve().parents[3] / "examples" / "quickstart"
 #: Phases after which `watch` stops.

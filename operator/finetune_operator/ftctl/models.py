@@ -18,19 +18,22 @@ from typing import Optional
 
 from .errors import FtctlError
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-#: The quickstart's base model folder (examples/quickstart/finetunejob.yaml) and its converter.
+#: The quickstart's base model folder (examples/quickstart/finetunejob.yaml); made by
+#: finetune_trainer.convert (what hack/convert-smollm2.py runs) when missing.
 SMOLLM2_DIR = Path(".finetune/models/smollm2-135m-instruct")
-CONVERTER = REPO_ROOT / "hack" / "convert-smollm2.py"
 #: Shape of the `--tiny` model (see finetune_trainer.tiny); part of its cache key.
 TINY_SHAPE = {"hidden_size": 64, "layers": 2, "vocab_size": 512}
+
+
+def tiny_model_name() -> str:
+    return "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(TINY_SHAPE.items()))
 
 
 def tiny_model(state_dir: Path) -> Path:
     """Build the tiny model once into state_dir/models/ (temp folder + rename: never half-built)."""
     from finetune_trainer.tiny import build_tiny_model
 
-    name = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(TINY_SHAPE.items()))
+    name = tiny_model_name()
     target = state_dir / "models" / name
     if (target / "config.json").exists():
         return target
@@ -47,22 +50,31 @@ def tiny_model(state_dir: Path) -> Path:
     return target
 
 
-def is_quickstart_model(path: Path) -> bool:
-    return path.resolve() == SMOLLM2_DIR.resolve()
+def is_quickstart_model(path: Path, cwd: Path) -> bool:
+    return path.resolve() == (cwd / SMOLLM2_DIR).resolve()
+
+
+def quickstart_model_ready(path: Path) -> bool:
+    from finetune_trainer.convert import is_converted
+
+    return is_converted(path)
 
 
 def ensure_quickstart_model(path: Path, log_path: Path) -> None:
-    """Convert SmolLM2-135M-Instruct into `path` when the quickstart's model folder is missing."""
-    if path.exists() and any(path.iterdir()):
+    """Convert SmolLM2-135M-Instruct into `path` unless a complete conversion is there (B's converter)."""
+    if quickstart_model_ready(path):
         return
-    if not CONVERTER.exists():
-        raise FtctlError(f"{path}: base model folder missing and the converter {CONVERTER} is not available")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        code = subprocess.call([sys.executable, str(CONVERTER), "--out", str(path)],
+        # What hack/convert-smollm2.py runs, in a subprocess: torch's memory goes away with it.
+        code = subprocess.call([sys.executable, "-c", "import sys; from finetune_trainer.convert import main; "
+                                "sys.exit(main(sys.argv[1:]))", "--out", str(path)],
                                stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise FtctlError(f"converting SmolLM2-135M-Instruct to {path} failed (exit {code}); see {log_path}")
+    if code != 0 or not quickstart_model_ready(path):
+        from .executor import last_error
+
+        raise FtctlError(f"converting SmolLM2-135M-Instruct into {path} failed (exit {code}): "
+                         f"{last_error(log_path) or 'see ' + str(log_path)}")
 
 
 def local_path(uri: str) -> Optional[Path]:

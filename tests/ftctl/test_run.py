@@ -1,0 +1,191 @@
+"""`ftctl run`: the whole pipeline on this machine, through the real command line.
+
+The trainer, validation and governance commands run for real as subprocesses on the
+session's tiny model; nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator.ftctl.manifests import load
+from finetune_trainer import storage
+
+from .conftest import REPO, ftctl, write_manifests
+
+INVALID = sorted((REPO / "tests" / "manifests" / "invalid").glob("*.yaml"))
+
+
+def quickstart_docs() -> list[dict]:
+    return [yaml.safe_load((REPO / "examples" / "quickstart" / f).read_text()) for f in ("dataset.yaml",
+                                                                                        "finetunejob.yaml")]
+
+
+def fast_policy(*required: str, **thresholds) -> dict:
+    """A GovernancePolicy requiring only a fast subset of checks (declared, not hidden)."""
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy", "metadata": {"name": "fast"},
+            "spec": {"required": list(required), **thresholds}}
+
+
+def test_quickstart_runs_end_to_end_with_tiny(tiny_workdir):
+    """The quickstart manifests as shipped, every governance check, promotion and samples."""
+    proc = ftctl("run", "examples/quickstart/", "--tiny", "--samples", "2", cwd=tiny_workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "kind: Dataset" in out and "phase: Ready" in out
+    assert "kind: FineTuneJob" in out and "phase: Succeeded" in out
+    assert "Governance: passed" in out
+    for check in ("evaluation", "bias", "provenance", "pii", "explainability"):
+        assert check in out
+    assert "What the adapter changed" in out
+    # The alias the operator would write points at the adapter the trainer produced.
+    run = tiny_workdir / ".finetune" / "runs" / "support-assistant"
+    result = json.loads((run / "result.json").read_text())
+    alias = json.loads((run / "aliases" / "support-assistant.json").read_text())
+    assert alias["adapterDigest"] == result["digest"]
+    assert alias["adapterURI"] == result["adapterURI"]
+    assert f"promoted as support-assistant" in out
+    # Datasets are validated into the local artifact store.
+    report = json.loads(next((tiny_workdir / ".finetune" / "datasets").rglob("report.json")).read_text())
+    assert report["valid"] is True
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_manifest_is_rejected_with_the_schema_message(path, tmp_path):
+    """In-process (fast): the same load step `ftctl run` starts with; the message names the field."""
+    from finetune_operator.ftctl.errors import FtctlError
+
+    expected = path.read_text().splitlines()[0].removeprefix("# expect:").strip()
+    with pytest.raises(FtctlError) as err:
+        load([path])
+    assert expected in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_run_with_an_invalid_manifest_does_no_work(tmp_path):
+    bad = REPO / "tests" / "manifests" / "invalid" / "05-qlora-without-quantization.yaml"
+    proc = ftctl("run", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "spec.quantization" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / ".finetune").exists()
+
+
+def test_invalid_dataset_stops_with_the_reasons(tmp_path):
+    data = tmp_path / "data.jsonl"
+    good = [json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) for i in range(30)]
+    data.write_text("\n".join(good[:3] + ['{"instruction": "no output"}', "not json"] + good[3:]) + "\n")
+    dataset, job = quickstart_docs()
+    dataset["spec"]["source"]["uri"] = "file://data.jsonl"
+    job["spec"]["baseModel"]["uri"] = "file://models/never-used"
+    write_manifests(tmp_path / "run.yaml", dataset, job)
+    proc = ftctl("run", "run.yaml", "--tiny", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "Dataset support-answers is Invalid" in error
+    assert "4" in error and "5" in error  # the offending line numbers
+    assert "phase: Invalid" in proc.stdout
+    assert not (tmp_path / ".finetune" / "runs").exists()  # no training started
+
+
+def test_blocked_promotion_exits_non_zero_and_names_the_failing_check(tiny_workdir, tmp_path):
+    dataset, job = quickstart_docs()
+    job["metadata"]["name"] = "blocked"
+    job["spec"]["output"]["uri"] = "file://.finetune/runs/blocked"
+    # Impossible for 8 tiny steps: a 90% lower eval loss than the base model.
+    policy = fast_policy("evaluation", "provenance", evaluation={"minRelativeImprovement": 0.9})
+    write_manifests(tiny_workdir / "blocked.yaml", policy, dataset, job)
+    proc = ftctl("run", "blocked.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr
+    assert "Governance: BLOCKED" in proc.stdout
+    assert "failing checks: evaluation" in proc.stderr
+    assert "phase: Failed" in proc.stdout and "state: Blocked" in proc.stdout
+    assert not (tiny_workdir / ".finetune" / "runs" / "blocked" / "aliases").exists()
+
+
+def test_manual_promotion_awaits_approval_then_promotes_after_rerun(tiny_workdir):
+    dataset, job = quickstart_docs()
+    job["metadata"]["name"] = "manual"
+    job["spec"]["output"]["uri"] = "file://.finetune/runs/manual"
+    job["spec"]["promotion"] = {"mode": "manual"}
+    policy = fast_policy("provenance")
+    path = write_manifests(tiny_workdir / "manual.yaml", policy, dataset, job)
+    first = ftctl("run", "manual.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
+    assert first.returncode == 0, first.stderr
+    assert "phase: AwaitingApproval" in first.stdout
+    digest = json.loads((tiny_workdir / ".finetune" / "runs" / "manual" / "result.json").read_text())["digest"]
+    assert digest in first.stdout
+    job["spec"]["promotion"]["approval"] = {"digest": digest, "approvedBy": "reviewer"}
+    write_manifests(path, policy, dataset, job)
+    second = ftctl("run", "manual.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
+    assert second.returncode == 0, second.stderr
+    assert "phase: Succeeded" in second.stdout and "approvedBy: reviewer" in second.stdout
+    assert (tiny_workdir / ".finetune" / "runs" / "manual" / "aliases" / "manual.json").exists()
+
+
+def _progress_step(run_dir: Path) -> int:
+    try:
+        return json.loads((run_dir / "progress.json").read_text()).get("step", 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_ctrl_c_checkpoints_and_the_next_run_resumes(tmp_path, tiny_model_dir):
+    """SIGINT to ftctl -> SIGTERM to the trainer -> checkpoint, exit 130; the rerun resumes."""
+    dataset, job = quickstart_docs()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "d.jsonl").write_text((REPO / "examples/quickstart/data/support-answers.jsonl").read_text())
+    dataset["spec"]["source"]["uri"] = "file://data/d.jsonl"
+    job["spec"]["baseModel"]["uri"] = f"file://{tiny_model_dir}"
+    job["spec"]["training"].update(maxSteps=400, maxSeqLength=64, batchSize=2, evalEverySteps=1000,
+                                   checkpointEverySteps=1000)
+    write_manifests(tmp_path / "run.yaml", fast_policy("provenance"), dataset, job)
+    run_dir = tmp_path / ".finetune" / "runs" / "support-assistant"
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_operator.ftctl.main", "run", "run.yaml",
+                             "--samples", "0"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _progress_step(run_dir) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err
+    assert "interrupted: the trainer wrote a checkpoint" in err and "Traceback" not in err
+    checkpoints = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert checkpoints, "SIGTERM should have made the trainer write a checkpoint"
+    stopped_at = max(int(name.split("-")[1]) for name in checkpoints)
+    assert 0 < stopped_at < 400
+
+    second = ftctl("run", "run.yaml", "--samples", "0", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr
+    log = (tmp_path / ".finetune" / "logs" / "support-assistant-train-1.log").read_text()
+    resumed = [json.loads(line) for line in log.splitlines() if '"event": "resume"' in line]
+    assert resumed and resumed[-1]["step"] == stopped_at
+    assert json.loads((run_dir / "progress.json").read_text())["step"] == 400
+
+
+def test_run_on_s3_storage(tiny_workdir, bucket):
+    """s3:// data and outputs with an endpoint from the AWS_* environment (the moto server)."""
+    dataset, job = quickstart_docs()
+    storage.write_text(f"s3://{bucket}/raw/support.jsonl",
+                       (REPO / "examples/quickstart/data/support-answers.jsonl").read_text())
+    dataset["spec"]["source"]["uri"] = f"s3://{bucket}/raw/support.jsonl"
+    dataset["spec"]["output"] = {"uri": f"s3://{bucket}/validated/support"}
+    job["metadata"]["name"] = "on-s3"
+    job["spec"]["output"]["uri"] = f"s3://{bucket}/runs/on-s3"
+    write_manifests(tiny_workdir / "s3.yaml", fast_policy("provenance", "pii"), dataset, job)
+    proc = ftctl("run", "s3.yaml", "--tiny", "--samples", "1", cwd=tiny_workdir)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    result = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/result.json"))
+    alias = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/aliases/on-s3.json"))
+    assert alias["adapterDigest"] == result["digest"] and result["adapterURI"].startswith(f"s3://{bucket}/")
+    assert storage.exists(f"s3://{bucket}/validated/support/report.json")
