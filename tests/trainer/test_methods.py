@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from finetune_operator.api.finetunejob import Progress
 from finetune_trainer import adapter, storage, train
 from finetune_trainer.errors import EXIT_OK
 
@@ -54,5 +55,6 @@ def test_method_trains_and_eval_loss_falls(method, quantization, s3_inputs, tmp_
     assert manifest["baseModel"]["digest"] == s3_inputs["model_digest"]
     assert manifest["dataset"]["digest"] == s3_inputs["data_digest"]
     assert manifest["training"]["method"] == method
-    progress = read_json(storage.join(cfg.outputURI, "progress.json"))
-    assert progress["step"] == progress["totalSteps"] == 8 and progress["percent"] == 100
+    progress = Progress.model_validate(read_json(storage.join(cfg.outputURI, "progress.json")))
+    assert progress.step == progress.totalSteps == 8 and progress.percent == 100
+    assert progress.evalLoss == pytest.approx(result["metrics"]["evalLoss"], rel=1e-5)
