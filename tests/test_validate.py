@@ -260,6 +260,44 @@ def test_command_end_to_end_on_s3(tmp_path, bucket):
     assert "ann@example.org" not in proc.stderr  # logs carry counts, never the PII
 
 
+def test_command_reads_an_s3_folder_and_a_separate_eval_file(tmp_path, bucket):
+    storage.write_text(f"s3://{bucket}/raw/part-2.jsonl", jsonl(instruction_lines(5, start=5)))
+    storage.write_text(f"s3://{bucket}/raw/part-1.jsonl", jsonl(instruction_lines(5)))
+    storage.write_text(f"s3://{bucket}/raw/README.md", "not data")
+    storage.write_text(f"s3://{bucket}/eval/held-out.jsonl", jsonl(instruction_lines(3, start=50)))
+    out = f"s3://{bucket}/validated"
+    config = write_config(tmp_path, f"s3://{bucket}/raw", out,
+                          evaluation={"uri": f"s3://{bucket}/eval/held-out.jsonl"})
+    proc = run_validate(config)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(storage.read_text(f"{out}/report.json"))
+    assert report["valid"] is True
+    assert (report["stats"]["examples"], report["stats"]["evalExamples"]) == (10, 3)
+    train = storage.read_text(f"{out}/train.jsonl").splitlines()
+    assert json.loads(train[0])["instruction"] == "What is item 0?"  # part-1 before part-2
+    assert json.loads(train[-1])["instruction"] == "What is item 9?"
+
+
+def test_command_pii_reject_report_names_kinds_and_lines(tmp_path):
+    src = tmp_path / "data.jsonl"
+    src.write_text(jsonl(pii_lines()))
+    out = tmp_path / "out"
+    proc = run_validate(write_config(tmp_path, f"file://{src}", f"file://{out}"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["valid"] is False and report["reason"] == "PIIFound"
+    assert report["piiLines"] == {"card": [12], "email": [11], "phone": [11], "ssn": [12]}
+    assert "4111" not in (out / "report.json").read_text() and "4111" not in proc.stderr
+
+
+def test_command_non_utf8_source_exits_3(tmp_path):
+    src = tmp_path / "data.jsonl"
+    src.write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n')
+    proc = run_validate(write_config(tmp_path, f"file://{src}", f"file://{tmp_path}/out"))
+    assert proc.returncode == 3
+    assert "not UTF-8" in proc.stderr
+
+
 def test_command_reports_invalid_data_with_exit_0_and_no_data_files(tmp_path):
     src = tmp_path / "data.jsonl"
     lines = instruction_lines(12)

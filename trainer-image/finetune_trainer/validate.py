@@ -92,6 +92,7 @@ class ValidationResult:
             "stats": self.stats.model_dump(),
             "digest": self.digest,
             "piiFindings": dict(self.pii_findings),
+            "piiLines": {kind: lines for kind, lines in sorted(self.pii_lines.items())},
             "invalidLineNumbers": self.invalid_line_numbers[:MAX_LISTED],
             "errors": [e.to_dict() for e in self.errors[:MAX_LISTED]],
             "validatedURI": validated_uri,
