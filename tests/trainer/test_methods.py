@@ -58,3 +58,29 @@ def test_method_trains_and_eval_loss_falls(method, quantization, s3_inputs, tmp_
     progress = Progress.model_validate(read_json(storage.join(cfg.outputURI, "progress.json")))
     assert progress.step == progress.totalSteps == 8 and progress.percent == 100
     assert progress.evalLoss == pytest.approx(result["metrics"]["evalLoss"], rel=1e-5)
+
+
+def test_bf16_and_fp16_fallback_with_schedule_checkpointing_and_accumulation(s3_inputs, tmp_path, monkeypatch):
+    """bf16 autocast trains on CPU; fp16 falls back to fp32 there (with a warning), with warmup+cosine,
+    gradient checkpointing and accumulation on."""
+    import logging
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage()) if record.levelno == logging.WARNING else None
+    logging.getLogger("finetune_trainer").addHandler(handler)
+    try:
+        for precision in ("bf16", "fp16"):
+            cfg = trainer_config(training={
+                "precision": precision, "maxSteps": 4, "gradientAccumulationSteps": 2, "lrScheduler": "cosine",
+                "warmupRatio": 0.25, "gradientCheckpointing": True}, **{**s3_inputs,
+                "output_uri": s3_inputs["output_uri"] + "-" + precision})
+            assert train.run(str(write_config(cfg, tmp_path / f"{precision}.json"))) == EXIT_OK
+            result = read_json(storage.join(cfg.outputURI, "result.json"))
+            assert result["metrics"]["steps"] == 4 and 0 < result["metrics"]["evalLoss"] < 10
+            manifest = read_json(storage.join(result["adapterURI"], "manifest.json"))
+            assert manifest["training"]["effectivePrecision"] == ("bf16" if precision == "bf16" else "fp32")
+    finally:
+        logging.getLogger("finetune_trainer").removeHandler(handler)
+    assert any("fp16" in w and "fp32" in w for w in warnings)
