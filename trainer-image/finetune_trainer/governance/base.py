@@ -156,10 +156,10 @@ def greedy_continue(ctx: CheckContext, ids: list[int], max_new_tokens: int) -> s
     """Greedy continuation of `ids` with the adapted model, decoded without special tokens."""
     import torch
 
-    tok = ctx.tokenizer
+    tok, model = ctx.tokenizer, ctx.model  # load outside no_grad: the weights must stay ordinary tensors
     input_ids = torch.tensor([ids], device=ctx.device)
-    with torch.inference_mode():
-        out = ctx.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, len(ids):], skip_special_tokens=True)
@@ -171,13 +171,14 @@ def answer_logprob(ctx: CheckContext, example, max_len: Optional[int] = None) ->
 
     from ..data import IGNORE, tokenize_example
 
+    model = ctx.model  # load outside no_grad (see greedy_continue)
     tokenized = tokenize_example(example, ctx.tokenizer, max_len or ctx.config.training.maxSeqLength)
     ids = torch.tensor([tokenized.input_ids], device=ctx.device)
     labels = torch.tensor(tokenized.labels, device=ctx.device)
     keep = labels != IGNORE
     if not bool(keep.any()):
         raise ValueError("the answer has no tokens left after truncation")
-    with torch.inference_mode():
-        logits = ctx.model(input_ids=ids).logits[0].float()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
     logprobs = torch.log_softmax(logits[keep], dim=-1).gather(1, labels[keep][:, None])
     return float(logprobs.mean())
