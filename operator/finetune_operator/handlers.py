@@ -184,11 +184,12 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
 # --- Datasets --------------------------------------------------------------------------------
 
 async def reconcile_dataset(namespace: str, name: str, indices: dict, logger: Any,
-                            body: Optional[dict] = None) -> Optional[dict]:
+                            body: Optional[dict] = None) -> bool:
+    """Reconcile one Dataset; True when its status changed (jobs waiting for it should look again)."""
     async with STATE.lock(("Dataset", namespace, name)):
         body = body or _one(indices["datasets_idx"], (namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
+            return False
         body = _with_written_status(body)
         with metrics.reconcile_timer("Dataset"):
             generation = body["metadata"].get("generation") or 1
@@ -204,11 +205,11 @@ async def reconcile_dataset(namespace: str, name: str, indices: dict, logger: An
                     report = None
             plan = decisions.plan_dataset(body, job, pods, report, CONFIG, now_iso())
             await _apply(plan, body, logger)
-        status = plan.status or body.get("status") or {}
-        if plan.status is not None:
-            metrics.dataset_phase(namespace, name, status.get("phase", "Pending"),
-                                  (status.get("stats") or {}).get("examples"))
-        return {**body, "status": status}
+        if plan.status is None:
+            return False
+        metrics.dataset_phase(namespace, name, plan.status.get("phase", "Pending"),
+                              (plan.status.get("stats") or {}).get("examples"))
+        return True
 
 
 async def _wake_waiting_jobs(namespace: str, dataset: str, indices: dict, logger: Any) -> None:
@@ -229,8 +230,7 @@ async def dataset_event(type: str, body: kopf.Body, namespace: str, name: str, l
         STATE.written.pop(body["metadata"].get("uid"), None)
         metrics.forget("Dataset", namespace, name)
         return
-    updated = await reconcile_dataset(namespace, name, kwargs, logger, _plain(body))
-    if updated and (updated.get("status") or {}).get("phase") == "Ready":
+    if await reconcile_dataset(namespace, name, kwargs, logger, _plain(body)):
         await _wake_waiting_jobs(namespace, name, kwargs, logger)
 
 
@@ -339,8 +339,7 @@ async def delete_checkpoints(spec: kopf.Spec, logger: Any, **_: Any) -> None:
 async def _owner_event(namespace: str, labels: dict, indices: dict, logger: Any) -> None:
     if labels.get(children.ROLE) == "validation" and labels.get(children.DATASET_LABEL):
         dataset = labels[children.DATASET_LABEL]
-        updated = await reconcile_dataset(namespace, dataset, indices, logger)
-        if updated and (updated.get("status") or {}).get("phase") == "Ready":
+        if await reconcile_dataset(namespace, dataset, indices, logger):
             await _wake_waiting_jobs(namespace, dataset, indices, logger)
     elif labels.get(children.JOB_LABEL):
         await reconcile_finetunejob(namespace, labels[children.JOB_LABEL], indices, logger)
