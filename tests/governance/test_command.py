@@ -205,3 +205,26 @@ def test_missing_governance_inputs_is_a_config_error(clean_job, tmp_path):
     path = h.save_config(cfg.model_copy(update={"governanceInputs": None}), tmp_path / "bad.json")
     with pytest.raises(ConfigError):
         runner.run(path)
+
+
+def test_exact_match_on_a_labelled_set(clean_job, tmp_path):
+    cfg, result, _ = clean_job
+    eval_set = f"file://{tmp_path}/labelled.jsonl"
+    h.write_jsonl(eval_set, [{"prompt": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}."}
+                             for a, b in ((1, 1), (3, 5), (8, 1))])
+
+    def evaluation(**thresholds):
+        gov = cfg.governance.model_copy(update={"required": ["evaluation"], "evaluation": cfg.governance.evaluation
+                                                .model_copy(update=thresholds)})
+        report = h.governance(cfg.model_copy(update={"governance": gov}), tmp_path / "gov.json", result["adapterURI"])
+        check = h.checks(report)["evaluation"]
+        return check, json.loads(storage.read_text(check["reportURI"]))
+
+    check, detail = evaluation(minExactMatch=0.0, evalSetURI=eval_set)
+    assert check["passed"] and 0.0 <= detail["exactMatch"] <= 1.0 and detail["exactMatchExamples"] == 3
+    impossible = f"file://{tmp_path}/impossible.jsonl"
+    h.write_jsonl(impossible, [{"prompt": "What is 1 plus 1?", "answer": "A purple elephant."}])
+    check, detail = evaluation(minExactMatch=0.5, evalSetURI=impossible)
+    assert not check["passed"] and detail["exactMatch"] == 0.0 and "exact match" in check["message"]
+    check, _ = evaluation(minExactMatch=0.5, evalSetURI=None)
+    assert not check["passed"] and "evalSetURI" in check["message"]
