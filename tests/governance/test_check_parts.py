@@ -51,3 +51,10 @@ def test_declarations():
     assert [r for r, passed, _ in bad if not passed] == ["consent"]
     nothing = ProvenanceRules(allowedLicenses=[NO_LICENSE_ALLOWED])
     assert [r for r, p, _ in declaration_findings(Provenance(origin="x", license="MIT"), nothing) if not p] == ["license"]
+
+
+def test_attribution_reports_never_show_personal_data():
+    from finetune_trainer.governance.explainability import redact_pieces
+
+    pieces = ["Mail", " ana", "@", "mail", ".example", ".com", " now"]
+    assert redact_pieces(pieces) == ["Mail", "[PII]", "[PII]", "[PII]", "[PII]", "[PII]", " now"]

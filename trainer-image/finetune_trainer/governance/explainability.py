@@ -19,6 +19,7 @@ the check passes when every report was produced and the value <= maxProtectedAtt
 
 Reports: reports/explainability.json (tokens and attributions per sample) and
 reports/explainability.html (tokens shaded by attribution, protected tokens underlined).
+Tokens that are part of personal data (pii.find) are shown as [PII]: reports never hold it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import re
 
 from finetune_operator.api.governance import CheckResult
 
+from .. import pii
 from .base import CheckContext, failed
 from .bias import load_probes, protected_terms
 
@@ -63,6 +65,12 @@ def content_mask(pieces: list[str], contents: list[str]) -> list[bool]:
     return _overlapping(pieces, spans)
 
 
+def redact_pieces(pieces: list[str]) -> list[str]:
+    """Token texts for the report, with tokens that are part of personal data replaced by [PII]."""
+    spans = [(f.start, f.end) for f in pii.find("".join(pieces))]
+    return ["[PII]" if hit else piece for piece, hit in zip(pieces, _overlapping(pieces, spans))]
+
+
 def attribute_example(ctx: CheckContext, example) -> dict:
     import torch
     from captum.attr import LayerIntegratedGradients
@@ -94,8 +102,8 @@ def attribute_example(ctx: CheckContext, example) -> dict:
     attributions, delta = lig.attribute(inputs=ids, baselines=baseline, n_steps=N_STEPS,
                                         internal_batch_size=N_STEPS, return_convergence_delta=True)
     per_token = attributions.sum(-1)[0, :prompt_len].detach().float().cpu().tolist()
-    return {"tokens": pieces, "attributions": per_token, "convergenceDelta": float(delta.abs().max()),
-            "response": tok.decode(tokenized.input_ids[prompt_len:], skip_special_tokens=True)}
+    return {"tokens": redact_pieces(pieces), "attributions": per_token, "convergenceDelta": float(delta.abs().max()),
+            "response": pii.redact(tok.decode(tokenized.input_ids[prompt_len:], skip_special_tokens=True))}
 
 
 def protected_share(sample: dict, terms: set[str]) -> tuple[float, list[bool]]:
