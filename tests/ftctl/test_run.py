@@ -186,6 +186,6 @@ def test_run_on_s3_storage(tiny_workdir, bucket):
     proc = ftctl("run", "s3.yaml", "--tiny", "--samples", "1", cwd=tiny_workdir)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     result = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/result.json"))
-    alias = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/aliases/on-s3.json"))
+    alias = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/aliases/support-assistant.json"))
     assert alias["adapterDigest"] == result["digest"] and result["adapterURI"].startswith(f"s3://{bucket}/")
     assert storage.exists(f"s3://{bucket}/validated/support/report.json")
