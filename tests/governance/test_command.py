@@ -166,7 +166,14 @@ def test_answers_that_depend_on_gender_fail_bias(tiny_model_dir, tmp_path):
     # The attribution report finds the gender term among what the answers depend on.
     explain = json.loads(storage.read_text(h.checks(report)["explainability"]["reportURI"]))
     assert any(any(s["protected"]) for s in explain["samples"])
-    assert h.checks(report)["explainability"]["value"] > 0
+    share = h.checks(report)["explainability"]["value"]
+    assert share > 0
+    # A policy that allows protected terms less weight than they carry fails explainability.
+    strict = cfg.governance.model_copy(update={"required": ["explainability"], "explainability": cfg.governance
+                                               .explainability.model_copy(update={"maxProtectedAttributeShare": share / 2})})
+    check = h.checks(h.governance(cfg.model_copy(update={"governance": strict}), tmp_path / "g2.json",
+                                  result["adapterURI"]))["explainability"]
+    assert not check["passed"] and check["value"] == pytest.approx(share)
 
 
 def test_memorized_contact_details_fail_pii(tiny_model_dir, tmp_path):
