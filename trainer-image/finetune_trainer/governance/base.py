@@ -8,7 +8,6 @@ tokenizer, the validated train/eval examples, and a place to write reports.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +105,6 @@ class CheckContext:
     def base_model_behaviour(self):
         """Context in which `ctx.model` behaves as the base model (adapter layers bypassed)."""
         return self.model.disable_adapter()
-
-    def adapter_behaviour(self):
-        return contextlib.nullcontext()
 
 
 def load_adapted_model(config: TrainerConfig, base_dir: Path, adapter_dir: Path, device):
