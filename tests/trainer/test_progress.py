@@ -46,3 +46,20 @@ def test_metrics_endpoint_and_progress_record(bucket):
         assert record.updatedAt.endswith("Z") and "T" in record.updatedAt
     finally:
         reporter.close()
+
+
+def test_heartbeat_keeps_the_record_fresh_between_steps(bucket):
+    output = f"s3://{bucket}/runs/h"
+    reporter = ProgressReporter(output_uri=output, namespace="ns", job="j", total_steps=10, interval_seconds=0.3)
+    try:
+        reporter.update(step=3, epoch=0.3, loss=1.0, force=True)
+        storage.delete(storage.join(output, "progress.json"))
+        reporter.start_heartbeat()
+        import time
+
+        deadline = time.time() + 10
+        while not storage.exists(storage.join(output, "progress.json")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert Progress.model_validate(read_json(storage.join(output, "progress.json"))).step == 3
+    finally:
+        reporter.close()

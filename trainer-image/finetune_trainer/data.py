@@ -206,4 +206,6 @@ def collate(batch: Batch, examples: Sequence[TokenizedExample], pad_id: int) -> 
         "attention_mask": mask[:, None, :, :],
         "n_targets": int((labels != IGNORE).sum()),
         "n_tokens": int((segments > 0).sum()),
+        # sum of squared example lengths: the attention term of the FLOP count (benchmarks, MFU)
+        "sum_sq_lengths": sum(len(examples[i]) ** 2 for row in batch for i in row),
     }

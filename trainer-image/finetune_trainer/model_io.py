@@ -108,12 +108,13 @@ def load_base_model(path: Path, *, precision: str, quantization=None, device: to
             bnb_4bit_use_double_quant=quantization.doubleQuant,
             bnb_4bit_compute_dtype=COMPUTE_DTYPES[quantization.computeDtype],
         )
-        kwargs["device_map"] = {"": device}
+    if quantization is not None or device.type == "cuda":
+        kwargs["device_map"] = {"": device}  # straight onto the GPU, not via a full copy in host memory
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"baseModel: cannot load model from {path}: {exc}") from None
-    if quantization is None:
+    if "device_map" not in kwargs:
         model.to(device)
     model.config.use_cache = False
     for p in model.parameters():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Optional
@@ -69,6 +70,20 @@ class ProgressReporter:
             log.info("metrics endpoint up", extra={"event": "metrics", "port": metrics_port})
         self._last_write = 0.0
         self.record: dict = {"step": 0, "totalSteps": total_steps, "epoch": 0.0, "percent": 0}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._heartbeat: Optional[threading.Thread] = None
+
+    def start_heartbeat(self) -> None:
+        """Keep progress.json fresh while a single step, an eval or a checkpoint takes longer than the
+        interval (big models): the operator reads updatedAt to tell a slow trainer from a dead one."""
+        def beat() -> None:
+            while not self._closed.wait(self.interval / 2):
+                if time.monotonic() - self._last_write >= self.interval:
+                    self.write()
+
+        self._heartbeat = threading.Thread(target=beat, name="progress-heartbeat", daemon=True)
+        self._heartbeat.start()
 
     def update(self, *, step: int, epoch: float, loss: Optional[float] = None, lr: Optional[float] = None,
                tokens: int = 0, tokens_per_second: Optional[float] = None, eta_seconds: Optional[int] = None,
@@ -77,38 +92,45 @@ class ProgressReporter:
         whether it wrote)."""
         self.step.set(step)
         self.epoch.set(epoch)
+        changes = {"step": step, "epoch": round(epoch, 4),
+                   "percent": min(100, int(100 * step / self.total_steps)) if self.total_steps else 0}
         if loss is not None:
             self.loss.set(loss)
-            self.record["loss"] = round(loss, 6)
+            changes["loss"] = round(loss, 6)
         if eval_loss is not None:
             self.eval_loss.set(eval_loss)
-            self.record["evalLoss"] = round(eval_loss, 6)
+            changes["evalLoss"] = round(eval_loss, 6)
         if lr is not None:
             self.lr.set(lr)
         if tokens:
             self.tokens.inc(tokens)
         if tokens_per_second is not None:
             self.tps.set(tokens_per_second)
-            self.record["tokensPerSecond"] = round(tokens_per_second, 2)
+            changes["tokensPerSecond"] = round(tokens_per_second, 2)
         if eta_seconds is not None:
-            self.record["etaSeconds"] = int(eta_seconds)
+            changes["etaSeconds"] = int(eta_seconds)
         self.memory.set(accelerator_memory_bytes())
-        self.record.update(step=step, epoch=round(epoch, 4),
-                           percent=min(100, int(100 * step / self.total_steps)) if self.total_steps else 0)
+        with self._lock:  # the heartbeat thread may be serializing the record
+            self.record.update(changes)
         if force or time.monotonic() - self._last_write >= self.interval:
             self.write()
             return True
         return False
 
     def write(self) -> None:
-        self.record["updatedAt"] = now_rfc3339()
+        with self._lock:
+            self.record["updatedAt"] = now_rfc3339()
+            text = json.dumps(self.record, sort_keys=True)
         try:
-            storage.write_text(self.uri, json.dumps(self.record, sort_keys=True))
+            storage.write_text(self.uri, text)
         except Exception as exc:  # progress is best effort: a storage hiccup must not kill training
             log.warning(f"progress.json not written: {exc}", extra={"event": "progress_write_failed"})
         self._last_write = time.monotonic()
 
     def close(self) -> None:
+        self._closed.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
         if self._server is not None:
             server, thread = self._server if isinstance(self._server, tuple) else (None, None)
             if server is not None:

@@ -121,6 +121,16 @@ def run(config_path: str) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cfg = load_config(config_path)
+    # Catch SIGTERM from the start: one arriving while the model loads still ends in an orderly exit.
+    stop = StopFlag()
+    stop.install()
+    try:
+        return _run(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run(cfg, stop: StopFlag) -> int:
     t = cfg.training
     log.info("training run starting", extra={"event": "start", "job": cfg.job.name, "namespace": cfg.job.namespace,
                                               "method": cfg.method, "output": cfg.outputURI})
@@ -179,8 +189,9 @@ def run(config_path: str) -> int:
     progress = ProgressReporter(output_uri=cfg.outputURI, namespace=cfg.job.namespace, job=cfg.job.name,
                                 total_steps=n_steps, interval_seconds=cfg.progressIntervalSeconds,
                                 metrics_port=cfg.metricsPort)
-    stop = StopFlag()
-    stop.install()
+    progress.update(step=state.step, epoch=state.epoch + state.batch_index / stream.batches_per_epoch,
+                    loss=state.last_loss, eval_loss=state.last_eval_loss, force=True)
+    progress.start_heartbeat()
 
     def run_eval() -> float:
         return evaluate(model, eval_set or train_set, batch_size=t.batchSize, max_len=t.maxSeqLength,
@@ -203,7 +214,14 @@ def run(config_path: str) -> int:
         model.train()
         started, started_step = time.monotonic(), state.step
         window_tokens, window_start = 0, time.monotonic()
+        # Time in optimizer steps only (no eval, checkpoint, progress) and the attention FLOP term,
+        # for the benchmark's tokens/s and MFU.
+        train_seconds, sum_sq_lengths = 0.0, 0
         while state.step < n_steps:
+            if stop.requested and state.step == started_step:  # asked to stop before a step: nothing new to save
+                log.info("preempted before the first step", extra={"event": "preempted", "step": state.step})
+                return EXIT_PREEMPTED
+            step_start = time.perf_counter()
             micro_batches = stream.next_step(state, t.gradientAccumulationSteps)
             n_targets = sum(b["n_targets"] for b in micro_batches)
             step_loss = 0.0
@@ -219,6 +237,10 @@ def run(config_path: str) -> int:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_seconds += time.perf_counter() - step_start
+            sum_sq_lengths += sum(b["sum_sq_lengths"] for b in micro_batches)
             if debug_sleep:
                 time.sleep(debug_sleep)
             step_tokens = sum(b["n_tokens"] for b in micro_batches)
@@ -255,10 +277,10 @@ def run(config_path: str) -> int:
                    "tokens": state.tokens_seen, "steps": state.step}
         result = export_adapter(model, cfg, precision, metrics)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
-        log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics})
+        log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
+                                          "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths})
         return EXIT_OK
     finally:
-        stop.uninstall()
         progress.close()
 
 
