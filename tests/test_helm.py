@@ -354,6 +354,14 @@ def test_service_servicemonitor_and_networkpolicy_reach_the_pods(rendered):
     assert f'job="{service["metadata"]["name"]}"' in down["expr"]
 
 
+def test_networkpolicy_lets_the_operator_reach_an_s3_endpoint_on_its_own_port(rendered):
+    egress_ports = {p["port"] for rule in one(rendered["namespaced"], "NetworkPolicy")["spec"]["egress"]
+                    for p in rule["ports"]}
+    assert {53, 443, 6443, 9000} <= egress_ports  # s3.endpoint is http://minio.storage.svc:9000
+    default = {p["port"] for rule in one(rendered["default"], "NetworkPolicy")["spec"]["egress"] for p in rule["ports"]}
+    assert 9000 not in default
+
+
 def test_podmonitor_selects_the_trainer_pods_the_operator_creates(rendered):
     """The PodMonitor's selector must match the labels the operator's children.py puts on trainer pods."""
     from finetune_operator import children
