@@ -1,26 +1,22 @@
 """Fixtures of the ftctl tests: a working folder with the quickstart, the CLI, the API emulator.
 
-`k8s` runs kmock's KubernetesEmulator on a real HTTP port (in a background thread with its
-own event loop) with our CRDs registered, and writes a kubeconfig pointing at it, so the
-`kubernetes` client in ftctl talks to it over real connections.
+`k8s` is the operator tests' emulated API server (tests/operator/kube_emulator.py: kmock's
+KubernetesEmulator over HTTP with our CRDs registered) plus a kubeconfig pointing at it, so
+the `kubernetes` client in ftctl talks to it over real connections.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import yaml
-
-from finetune_operator.api import KINDS
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
@@ -52,51 +48,45 @@ def write_manifests(path: Path, *docs: dict) -> Path:
 
 
 # --- the Kubernetes API emulator ---------------------------------------------------------------
+# The operator tests' emulator (tests/operator/kube_emulator.py): one emulator for the project.
+sys.path.insert(0, str(REPO / "tests" / "operator"))
+sys.path.insert(0, str(REPO / "tests"))
+from kube_emulator import Cluster  # noqa: E402
+
+#: The namespace of the kubeconfig context ftctl uses in these tests (not "default", on purpose).
+NS = "team-a"
+
+
 @dataclass
 class Emulator:
-    kmock: object
-    url: str
+    cluster: Cluster
     kubeconfig: Path
-    loop: asyncio.AbstractEventLoop
 
-    def env(self) -> dict:
-        return {"KUBECONFIG": str(self.kubeconfig)}
+    @property
+    def kmock(self):
+        return self.cluster.emulator
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
 
 
-def _kubeconfig(path: Path, url: str, user: str = "alice") -> Path:
+def write_kubeconfig(path: Path, url: str, user: str = "alice", namespace: str = NS) -> Path:
     path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
         "users": [{"name": user, "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": user, "namespace": "team-a"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": user, "namespace": namespace}}],
     }))
     return path
 
 
 @pytest.fixture()
 def k8s(tmp_path):
-    """kmock's KubernetesEmulator on 127.0.0.1 with the finetune.dev CRDs and the built-in resources."""
-    import kmock
-
-    started = threading.Event()
-    holder: dict = {}
-
-    async def serve() -> None:
-        async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
-            emulator.resources.load_bundled()
-            for res in KINDS:
-                emulator.resources[f"finetune.dev/v1alpha1/{res.PLURAL}"] = kmock.ResourceInfo(
-                    namespaced=res.SCOPE == "Namespaced", kind=res.KIND, singular=res.KIND.lower(),
-                    shortnames=set(res.SHORT_NAMES), subresources={"status"},
-                    verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
-            holder.update(emulator=emulator, url=str(server.url).rstrip("/"), stop=asyncio.Event())
-            started.set()
-            await holder["stop"].wait()
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(30), "the Kubernetes emulator did not start"
-    yield Emulator(holder["emulator"], holder["url"], _kubeconfig(tmp_path / "kubeconfig", holder["url"]), loop)
-    loop.call_soon_threadsafe(holder["stop"].set)
-    thread.join(10)
+    """The emulated API server (kmock's KubernetesEmulator over HTTP, our CRDs registered) and a
+    kubeconfig for it whose context names user `alice` and namespace `team-a`."""
+    cluster = Cluster()
+    try:
+        yield Emulator(cluster, write_kubeconfig(tmp_path / "kubeconfig", cluster.url))
+    finally:
+        cluster.close()

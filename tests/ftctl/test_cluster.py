@@ -18,10 +18,9 @@ from typer.testing import CliRunner
 
 from finetune_operator.ftctl.main import app
 
-from .conftest import REPO, write_manifests
+from .conftest import NS, REPO, write_manifests
 
 DIGEST = "sha256:" + "ab" * 32
-NS = "team-a"  # the kubeconfig context's namespace
 
 
 def cli(k8s, *args: str):

@@ -170,16 +170,18 @@ class Cluster:
         if not trainer_job:
             raise FtctlError(f"FineTuneJob {name} has no trainer Job yet (phase {status.get('phase', 'Pending')})")
         selector = f"job-name={trainer_job}"
-        pods = self._call(self.core.list_namespaced_pod, self.namespace, label_selector=selector,
-                          what=f"pods of Job {trainer_job}").items
+        # Raw JSON, not the client's models: a pod in an odd state must not break `ftctl logs`.
+        resp = self._call(self.core.list_namespaced_pod, self.namespace, label_selector=selector,
+                          _preload_content=False, what=f"pods of Job {trainer_job}")
+        pods = json.loads(resp.data).get("items") or []
         # Filter here too: a selector the server ignores must not show another job's logs.
-        pods = [p for p in pods if (p.metadata.labels or {}).get("job-name") == trainer_job
-                or (p.metadata.labels or {}).get("batch.kubernetes.io/job-name") == trainer_job]
+        pods = [p for p in pods if trainer_job in (((p.get("metadata") or {}).get("labels") or {}).get("job-name"),
+                                                   ((p.get("metadata") or {}).get("labels") or {})
+                                                   .get("batch.kubernetes.io/job-name"))]
         if not pods:
             raise FtctlError(f"FineTuneJob {name}: trainer Job {trainer_job} has no pod yet")
-        pods.sort(key=lambda p: (p.metadata.creation_timestamp is not None, p.metadata.creation_timestamp or 0,
-                                 p.metadata.name))
-        return pods[-1].metadata.name
+        pods.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+        return pods[-1]["metadata"]["name"]
 
     def logs(self, pod: str, follow: bool = False) -> Iterator[str]:
         resp = self._call(self.core.read_namespaced_pod_log, pod, self.namespace, follow=follow,

@@ -231,6 +231,24 @@ def watch_exit_code(job: dict) -> int:
     return EXIT_BLOCKED if (st.get("promotion") or {}).get("state") == "Blocked" else EXIT_FAILED
 
 
+def watch_done(job: dict) -> bool:
+    """Whether the operator has nothing more to do until someone acts.
+
+    A status older than the spec (observedGeneration behind), or AwaitingApproval while the
+    spec already approves this adapter, means the operator is about to move on.
+    """
+    st = job.get("status") or {}
+    if st.get("phase") not in FINAL_PHASES:
+        return False
+    generation = (job.get("metadata") or {}).get("generation")
+    if generation and st.get("observedGeneration") and st["observedGeneration"] < generation:
+        return False
+    if st.get("phase") == "AwaitingApproval":
+        approved = (((job.get("spec") or {}).get("promotion") or {}).get("approval") or {}).get("digest")
+        return not approved or approved != (st.get("adapter") or {}).get("digest")
+    return True
+
+
 @app.command()
 @one_line_errors
 def watch(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJob."),
@@ -245,29 +263,35 @@ def watch(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJo
         return display.progress_view(name, st.get("phase", "Pending"), st.get("progress"), st.get("message", ""))
 
     job = cluster.get("FineTuneJob", name)
+    live = Live(view(job), console=console, refresh_per_second=4) if console.is_terminal else None
     last_line = None
-    with Live(view(job), console=console, refresh_per_second=4, transient=False,
-              auto_refresh=console.is_terminal) as live:
+    if live is not None:
+        live.start()
+    try:
         while True:
-            phase = (job.get("status") or {}).get("phase", "Pending")
-            if console.is_terminal:
+            st = job.get("status") or {}
+            if live is not None:
                 live.update(view(job))
-            else:
-                progress = (job.get("status") or {}).get("progress") or {}
-                line = f"{name}: {phase} step {progress.get('step', 0)}/{progress.get('totalSteps', 0)}"
+            else:  # a pipe or CI log: one line per change instead of a redrawn panel
+                progress = st.get("progress") or {}
+                line = f"{name}: {st.get('phase', 'Pending')} step {progress.get('step', 0)}/{progress.get('totalSteps', 0)}"
                 if line != last_line:
                     console.print(line, markup=False)
                     last_line = line
-            if phase in FINAL_PHASES:
+            if watch_done(job):
                 break
             if deadline and time.monotonic() > deadline:
-                raise FtctlError(f"FineTuneJob {name} is still {phase} after {timeout:g}s")
+                raise FtctlError(f"FineTuneJob {name} is still {st.get('phase', 'Pending')} after {timeout:g}s")
             time.sleep(interval)
             job = cluster.get("FineTuneJob", name)
+    finally:
+        if live is not None:
+            live.stop()
     st = job.get("status") or {}
-    if st.get("governance", {}).get("checks"):
-        console.print(display.governance_table(st["governance"]["checks"], st["governance"].get("passed")))
-    console.print(f"{name}: {st.get('phase')} {st.get('message', '')}", markup=False)
+    if (st.get("governance") or {}).get("checks"):
+        required = (st["governance"].get("effectivePolicy") or {}).get("required") or ()
+        console.print(display.governance_table(st["governance"]["checks"], st["governance"].get("passed"), required))
+    console.print(f"{name}: {st.get('phase')} {st.get('message', '')}", markup=False, soft_wrap=True)
     code = watch_exit_code(job)
     if code:
         raise typer.Exit(code)
