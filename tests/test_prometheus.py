@@ -1,15 +1,20 @@
-"""Dashboard queries and alert rules against a real Prometheus that scrapes real endpoints.
+"""Dashboard queries and alert rules against a real Prometheus that scrapes the real operator.
 
 Prometheus (Debian's package, installed by hack/install-prometheus.sh when missing) runs on a free
-port and scrapes, every second, the operator's metrics endpoint and a real `finetune-trainer train`
-subprocess' metrics endpoint. The operator's side is the metrics module driven through the sequence
-of calls its handlers make for a successful, a failed, a governance-blocked and a queued job.
-Then every query of the Grafana dashboard and every alert rule of the chart runs against it.
+port and scrapes, every second, the metrics endpoint of the real operator (run in-process against
+the emulated API server with the fake kubelet, as in tests/operator/) and the metrics endpoint of
+the real `finetune-trainer train` pod the operator starts. The operator handles a FineTuneJob
+that trains and is promoted, one whose trainer fails, one that stays Queued (unschedulable) and an
+Invalid Dataset. Then every query of the Grafana dashboard and every alert rule of the chart runs
+against what Prometheus collected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -25,14 +30,23 @@ import yaml
 
 from conftest import REPO, free_port, wait_for_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/trainer/helpers.py
-
 CHART = REPO / "helm" / "finetune-operator"
 DASHBOARD = REPO / "dashboards" / "finetune-operator.json"
 OPERATOR_JOB = "finetune-operator-metrics"  # the job label the chart's ServiceMonitor gives (release name
 TRAINER_JOB = "finetune-trainer"            # finetune-operator): the operator-down alert names it
-NS = "team-a"
+NS = "default"
 RATE_INTERVAL = "5s"  # what Grafana's $__rate_interval is for a 1 s scrape interval
+# In a cluster every trainer pod has its own IP and serves on port 9400. Here all pods share
+# 127.0.0.1, so the trainer pod's command is wrapped to serve on a free port instead: the wrapper
+# rewrites metricsPort in the pod's job.json and execs the real trainer.
+PORT_WRAPPER = """
+import json, os, sys
+source, port = sys.argv[1], int(sys.argv[2])
+config = json.load(open(source))
+config["metricsPort"] = port
+json.dump(config, open("job-local.json", "w"))
+os.execv(sys.executable, [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", "job-local.json"])
+"""
 
 
 # --- Prometheus ------------------------------------------------------------------------------
@@ -99,38 +113,38 @@ def chart_rules() -> dict:
 # --- the observed run ------------------------------------------------------------------------
 
 
-def drive_job(m, name: str, phases: list[str]) -> None:
-    """The calls the operator's FineTuneJob reconcile makes for each phase it writes."""
-    for phase in phases:
-        with m.reconcile_timer("FineTuneJob"):
-            m.job_phase(NS, name, phase)
+def operator_harness():
+    """tests/operator/conftest.py (emulator, fake kubelet, manifests), loaded under its own name."""
+    spec = importlib.util.spec_from_file_location("operator_e2e_harness", REPO / "tests" / "operator" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def start_trainer(tmp: Path, bucket: str, tiny_model_dir: Path, port: int) -> tuple[subprocess.Popen, str]:
-    from trainer.helpers import trainer_command, trainer_config, upload_folder, write_config, write_dataset
-
-    model_uri = f"s3://{bucket}/models/tiny"
-    upload_folder(tiny_model_dir, model_uri)
-    data_uri = write_dataset(f"s3://{bucket}/data/support", n_train=32, n_eval=8)
-    output_uri = f"s3://{bucket}/out/support-bot"
-    cfg = trainer_config(model_uri=model_uri, data_uri=data_uri, output_uri=output_uri, job="support-bot",
-                         namespace=NS, metricsPort=port, training={"maxSteps": 10, "evalEverySteps": 3})
-    config_path = write_config(cfg, tmp / "job.json")
-    # Slow steps a little so that 1 s scrapes see the run progress.
-    env = {**__import__("os").environ, "FINETUNE_DEBUG_STEP_SLEEP": "0.5"}
-    proc = subprocess.Popen(trainer_command(config_path), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    return proc, output_uri
+@contextlib.contextmanager
+def environment(values: dict):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory, s3_server, tiny_model_dir):
-    from prometheus_client import start_http_server
-
-    from finetune_operator.metrics import OperatorMetrics
     from finetune_trainer import storage
 
     prometheus, promtool = prometheus_binaries()
+    harness = operator_harness()
+    from kube_emulator import Cluster, wait_for  # on sys.path through the harness
+    from kubelet import FakeKubelet
+    from trainer.helpers import upload_folder
+
     tmp = tmp_path_factory.mktemp("prometheus")
     rules = chart_rules()
     rules_file = tmp / "rules.yml"
@@ -149,74 +163,84 @@ def observed(tmp_path_factory, s3_server, tiny_model_dir):
              "static_configs": [{"targets": [f"127.0.0.1:{trainer_port}"]}]},
         ],
     }))
-    m = OperatorMetrics()
-    server, _ = start_http_server(op_port, addr="127.0.0.1", registry=m.registry)
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
-                             "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    trainer = None
-    try:
+    bucket = f"prom-{uuid.uuid4().hex[:10]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    model_uri = f"s3://{bucket}/models/tiny"
+    upload_folder(tiny_model_dir, model_uri)
+
+    with contextlib.ExitStack() as stack:
+        proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(proc.wait, 20)
+        stack.callback(proc.terminate)
+        cluster = Cluster()
+        stack.callback(cluster.close)
+        stack.enter_context(environment({
+            "KUBECONFIG": str(cluster.write_kubeconfig(tmp / "kubeconfig")),
+            "FINETUNE_METRICS_PORT": str(op_port),  # the operator serves its own metrics
+            "FINETUNE_ARTIFACT_STORE": f"s3://{bucket}/store",
+            "FINETUNE_S3_ENDPOINT": s3_server,
+            "FINETUNE_S3_CREDENTIALS_SECRET": harness.SECRET,
+            "FINETUNE_TRAINER_IMAGE": "finetune-trainer:test",
+            "FINETUNE_DEFAULT_GOVERNANCE": json.dumps({"required": []}),
+            # Slow steps a little so that 1 s scrapes see the run progress.
+            "FINETUNE_JOB_ENV": json.dumps({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                            "FINETUNE_DEBUG_STEP_SLEEP": "0.4"}),
+        }))
+        cluster.secret(harness.SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+        kubelet = FakeKubelet(cluster.url, tmp / "pods").start()
+        stack.callback(kubelet.stop)
+        kubelet.declare("support-bot-train", command=[sys.executable, "-c", PORT_WRAPPER,
+                                                      "/etc/finetune/job.json", str(trainer_port)])
+        kubelet.declare("broken-train", command=[sys.executable, "-c", "raise SystemExit(3)"])  # config error
+        kubelet.declare("waiting-train", unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu")
+
         wait_for_port(prom_port, timeout=60)
         prom = Prometheus(f"http://127.0.0.1:{prom_port}")
         prom.wait_ready()
         start = time.time()
+        stack.enter_context(harness.running_operator())
         prom.wait_for(f'up{{job="{OPERATOR_JOB}"}} == 1', timeout=60, what="the first operator scrape")
 
-        bucket = f"prom-{uuid.uuid4().hex[:10]}"
-        storage.s3_client().create_bucket(Bucket=bucket)
-        # A Dataset validates; a bad one is Invalid; the job waits for its dataset, is queued, trains.
-        with m.reconcile_timer("Dataset"):
-            m.dataset_phase(NS, "support", "Pending")
-        with m.reconcile_timer("Dataset"):
-            m.dataset_phase(NS, "support", "Validating")
-        with m.reconcile_timer("Dataset"):
-            m.dataset_phase(NS, "support", "Ready", examples=40)
-        for phase in ("Pending", "Validating", "Invalid"):
-            with m.reconcile_timer("Dataset"):
-                m.dataset_phase(NS, "bad-data", phase)
-        drive_job(m, "support-bot", ["Pending", "WaitingForDataset", "Queued", "Training"])
-        drive_job(m, "waiting", ["Pending", "Queued"])
+        source = harness.write_raw_dataset(bucket, n=40)
+        output = f"s3://{bucket}/runs/support-bot"
+        cluster.create(harness.dataset_manifest("support", source))
+        cluster.create(harness.dataset_manifest("too-small", harness.write_raw_dataset(bucket, 3, "raw/small.jsonl"),
+                                                min_examples=10))
+        cluster.create(harness.finetunejob_manifest("support-bot", "support", model_uri, output,
+                                                    training={"maxSteps": 10, "evalEverySteps": 3},
+                                                    # A GPU job (the fake kubelet runs it on CPU) so that
+                                                    # the operator accounts GPU-hours.
+                                                    resources={"gpusPerNode": 1, "cpu": "1", "memory": "2Gi"}))
+        cluster.create(harness.finetunejob_manifest("broken", "support", model_uri, f"s3://{bucket}/runs/broken"))
+        cluster.create(harness.finetunejob_manifest("waiting", "support", model_uri, f"s3://{bucket}/runs/waiting"))
 
-        trainer, output_uri = start_trainer(tmp, bucket, tiny_model_dir, trainer_port)
-        started = time.time()
-        prom.wait_for('finetune_trainer_eval_loss{job="support-bot"}', timeout=240, what="trainer metrics")
-        output, _ = trainer.communicate(timeout=240)
-        assert trainer.returncode == 0, output[-3000:]
-        result = json.loads(storage.read_text(f"{output_uri}/result.json"))
+        def phase(name, kind="finetunejobs"):
+            return harness.phase(cluster, name, kind)
 
-        # After training: evaluation, governance, promotion (as the handlers record them).
-        drive_job(m, "support-bot", ["Evaluating"])
-        m.final_eval_loss(NS, "support-bot", result["metrics"]["evalLoss"])
-        m.gpu_hours(NS, "support-bot", (time.time() - started) / 3600)
-        for check in ("evaluation", "bias", "provenance", "pii", "explainability"):
-            m.governance_check(check, True)
-        m.promotion("promoted")
-        drive_job(m, "support-bot", ["Succeeded"])
-        # A job whose trainer crashed, and one that governance blocked.
-        drive_job(m, "broken", ["Pending", "Queued", "Training", "Failed"])
-        drive_job(m, "risky", ["Pending", "Queued", "Training", "Evaluating"])
-        m.governance_check("evaluation", True)
-        m.governance_check("bias", False)
-        m.promotion("blocked")
-        drive_job(m, "risky", ["Failed"])
+        wanted = {("datasets", "too-small"): {"Invalid"}, ("finetunejobs", "broken"): {"Failed"},
+                  ("finetunejobs", "waiting"): {"Queued"}, ("finetunejobs", "support-bot"): {"Succeeded", "Failed"}}
+        seen: dict = {}
+
+        def all_there() -> bool:
+            seen.update({key: phase(key[1], key[0]) for key in wanted})
+            return all(seen[key] in phases for key, phases in wanted.items())
+
+        deadline = time.time() + 200
+        while not all_there():
+            assert time.time() < deadline, f"phases after 300 s: {seen}\n{kubelet.log('support')[-3000:]}\n{kubelet.log('too-small')[-2000:]}"
+            time.sleep(0.5)
+        done = cluster.ftj("support-bot")
+        assert done["status"]["phase"] == "Succeeded", (done["status"], kubelet.log("support-bot-"))
+        result = json.loads(storage.read_text(f"{output}/result.json"))
 
         prom.wait_for('ALERTS{alertname="FineTuneJobFailed", alertstate="firing"}', timeout=60)
-        prom.wait_for('ALERTS{alertname="FineTuneGovernanceBlocked", alertstate="firing"}', timeout=60)
         prom.wait_for('finetune_operator_final_eval_loss{name="support-bot"}', timeout=30)
         time.sleep(3)  # a few more scrapes, so that 1 s range steps also see the last changes
         yield {"prom": prom, "start": start, "end": time.time(), "rules": rules, "promtool": checked,
-               "result": result}
-    finally:
-        if trainer is not None and trainer.poll() is None:
-            trainer.kill()
-            trainer.wait(10)
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        server.shutdown()
-        server.server_close()
+               "result": result, "status": done["status"]}
 
 
 # --- the queries ------------------------------------------------------------------------------
@@ -300,22 +324,30 @@ def test_every_alert_rule_evaluates_over_existing_series(observed, rule):
 
 def test_bad_states_fire_their_alerts_and_good_ones_stay_quiet(observed):
     prom = observed["prom"]
-    states = {a["labels"]["alertname"]: a["state"] for a in prom.api("alerts")["alerts"]}
+    alerts = prom.api("alerts")["alerts"]
+    states = {a["labels"]["alertname"]: a["state"] for a in alerts}
     assert states.get("FineTuneJobFailed") == "firing"
-    assert states.get("FineTuneGovernanceBlocked") == "firing"
     # These have a `for:` longer than the test: they are pending, with the right labels.
     assert states.get("FineTuneDatasetInvalid") == "pending"
-    queued = [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == "FineTuneJobQueuedTooLong"]
+    queued = [a for a in alerts if a["labels"]["alertname"] == "FineTuneJobQueuedTooLong"]
     assert [(a["labels"]["namespace"], a["labels"]["name"], a["state"]) for a in queued] == \
         [(NS, "waiting", "pending")]
+    # The one adapter that reached governance was promoted; the operator is up.
+    assert "FineTuneGovernanceBlocked" not in states
     assert "FineTuneOperatorDown" not in states
 
 
-def test_final_eval_loss_is_the_trainers(observed):
-    prom = observed["prom"]
-    (series,) = prom.query('finetune_operator_final_eval_loss{name="support-bot"}')
-    assert float(series["value"][1]) == pytest.approx(observed["result"]["metrics"]["evalLoss"])
+def test_operator_metrics_match_the_cluster(observed):
+    prom, status = observed["prom"], observed["status"]
+    (loss,) = prom.query('finetune_operator_final_eval_loss{name="support-bot"}')
+    assert float(loss["value"][1]) == pytest.approx(observed["result"]["metrics"]["evalLoss"], rel=1e-4)
+    phases = {r["metric"]["phase"]: float(r["value"][1]) for r in prom.query("finetune_operator_finetunejobs")}
+    assert phases["Succeeded"] == 1 and phases["Failed"] == 1 and phases["Queued"] == 1
+    datasets = {r["metric"]["phase"]: float(r["value"][1]) for r in prom.query("finetune_operator_datasets")}
+    assert datasets["Ready"] == 1 and datasets["Invalid"] == 1
+    (promoted,) = prom.query('finetune_operator_promotions_total{outcome="promoted"}')
+    assert float(promoted["value"][1]) == 1
+    assert status["promotion"]["state"] == "Promoted"
     # The trainer's own eval loss was scraped during the run (its last value may fall between scrapes).
     (seen,) = prom.query_range('finetune_trainer_eval_loss{job="support-bot"}', observed["start"], observed["end"])
     assert 0 < float(seen["values"][-1][1]) < 20
-
