@@ -60,7 +60,7 @@ class FakeKubelet:
         self.started_jobs: list[str] = []  # every Job the kubelet started a pod for (in order)
         self.exit_codes: dict[str, int] = {}  # pod name -> exit code
         self._runs: dict[tuple[str, str], asyncio.Task] = {}
-        self._procs: dict[tuple[str, str], asyncio.subprocess.Process] = {}
+        self._procs: dict[tuple[str, str], tuple[asyncio.subprocess.Process, str]] = {}
         self._loop = asyncio.new_event_loop()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),),
@@ -145,13 +145,14 @@ class FakeKubelet:
                     await self._api("DELETE", f"{base}/namespaces/{ns}/{path.rsplit('/', 1)[1]}/{name}")
 
     async def _stop_pod(self, key: tuple[str, str]) -> None:
-        proc = self._procs.get(key)
+        proc, pod_name = self._procs.get(key) or (None, "")
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), 120)
             except asyncio.TimeoutError:
                 proc.kill()
+            self.exit_codes[pod_name] = await proc.wait()
         task = self._runs.pop(key, None)
         if task is not None:
             task.cancel()
@@ -287,7 +288,7 @@ class FakeKubelet:
             argv[0] = str(exe)
         with open(root / "pod.log", "wb") as log:
             proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=root, stdout=log, stderr=log)
-            self._procs[key] = proc
+            self._procs[key] = (proc, pod_name)
             try:
                 return await proc.wait()
             except asyncio.CancelledError:

@@ -125,3 +125,18 @@ def model_uri(env, tiny_model_dir) -> str:
 def phase(cluster: Cluster, name: str, kind: str = "finetunejobs") -> str:
     obj = cluster.get(API, kind, "default", name)
     return ((obj or {}).get("status") or {}).get("phase", "")
+
+
+def ready_dataset(cluster, bucket: str, name: str = "ready") -> None:
+    """A Dataset that was already validated (as after an operator restart): no validation Job runs."""
+    from trainer.helpers import write_dataset
+
+    uri = write_dataset(f"s3://{bucket}/validated/{name}")
+    manifest = dataset_manifest(name, f"s3://{bucket}/raw/unused.jsonl")
+    manifest["status"] = {"phase": "Ready", "observedGeneration": 1, "validatedURI": uri,
+                          "digest": "sha256:" + "0" * 64, "stats": {"examples": 48}}
+    cluster.create(manifest)
+
+
+def status_of(cluster, name: str) -> dict:
+    return (cluster.ftj(name) or {}).get("status") or {}

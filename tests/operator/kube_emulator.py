@@ -36,8 +36,8 @@ def _path(api_version: str, plural: str, namespace: Optional[str], name: Optiona
 @attrs.define(kw_only=True)
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """The emulator plus the bits of API-server behaviour operators rely on: metadata.generateName
-    (Kopf names its Events that way), uid, creationTimestamp, and metadata.generation that
-    starts at 1 and grows on every spec change."""
+    (Kopf names its Events that way), uid, creationTimestamp, resourceVersion, and
+    metadata.generation that starts at 1 and grows on every spec change."""
 
     async def _handle(self, request):  # type: ignore[override]
         data = request.data if isinstance(request.data, dict) else None
@@ -48,6 +48,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                     meta["name"] = meta["generateName"] + uuid.uuid4().hex[:10]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("generation", 1)
+                # Constant: enough for Kopf's JSON-patch "test" op; the emulator has no optimistic locking.
+                meta.setdefault("resourceVersion", "1")
                 meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             elif request.action == kmock.action.UPDATE and not request.subresource and "spec" in data:
                 try:

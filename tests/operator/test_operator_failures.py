@@ -8,25 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from conftest import API, dataset_manifest, finetunejob_manifest, phase, write_raw_dataset
+from conftest import dataset_manifest, finetunejob_manifest, phase, ready_dataset, status_of, write_raw_dataset
 from kube_emulator import wait_for
 
 from finetune_operator.conditions import get_condition
-
-
-def ready_dataset(cluster, bucket: str, name: str = "ready") -> None:
-    """A Dataset that was already validated (as after an operator restart): no validation Job runs."""
-    from trainer.helpers import write_dataset
-
-    uri = write_dataset(f"s3://{bucket}/validated/{name}")
-    manifest = dataset_manifest(name, f"s3://{bucket}/raw/unused.jsonl")
-    manifest["status"] = {"phase": "Ready", "observedGeneration": 1, "validatedURI": uri,
-                          "digest": "sha256:" + "0" * 64, "stats": {"examples": 48}}
-    cluster.create(manifest)
-
-
-def status_of(cluster, name: str) -> dict:
-    return (cluster.ftj(name) or {}).get("status") or {}
 
 
 def test_invalid_and_too_small_datasets(cluster, env, kubelet, operator):
