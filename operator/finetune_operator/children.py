@@ -270,6 +270,10 @@ def trainer_children(ftj: dict, attempt: int, train_cfg: dict, config: OperatorC
                     cpu=res.get("cpu") or config.default_cpu, memory=res.get("memory") or config.default_memory,
                     gpus=int(res.get("gpusPerNode", 1)), scheduling=res,
                     backoff_limit=int(spec.get("backoffLimit", 3)), deadline=spec.get("activeDeadlineSeconds"))
+    if train_cfg.get("metricsPort"):
+        # The Helm chart's PodMonitor scrapes trainer pods through this named port.
+        job["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+            {"name": "metrics", "containerPort": train_cfg["metricsPort"], "protocol": "TCP"}]
     return cm, job
 
 
