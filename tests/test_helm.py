@@ -370,7 +370,8 @@ def test_podmonitor_selects_the_trainer_pods_the_operator_creates(rendered):
     ftj = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": "support-bot", "namespace": "team-a", "uid": "u-1"},
            "spec": {"baseModel": {"uri": "s3://models/base"}, "output": {"uri": "s3://out/support-bot"}}}
-    _, job = children.trainer_children(ftj, 1, {"job": {}}, OperatorConfig())
+    train_cfg = children.trainer_config(ftj, "s3://data/train", "chat", "sha256:" + "0" * 64, 15)
+    _, job = children.trainer_children(ftj, 1, train_cfg, OperatorConfig())
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     monitor = one(rendered["default"], "PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -379,9 +380,7 @@ def test_podmonitor_selects_the_trainer_pods_the_operator_creates(rendered):
     assert endpoint["honorLabels"] is True  # keep the trainer's namespace/job labels
     (container,) = job["spec"]["template"]["spec"]["containers"]
     named = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
-    if endpoint["port"] not in named:
-        pytest.xfail("the trainer container declares no port named 'metrics' yet (children.py)")
-    assert named[endpoint["port"]] == 9400
+    assert named[endpoint["port"]] == train_cfg["metricsPort"] == 9400
 
 
 def test_monitoring_can_be_switched_off(rendered):
