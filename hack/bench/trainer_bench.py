@@ -31,6 +31,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,7 @@ def run_ours(spec: dict) -> dict:
     logging.getLogger("finetune_trainer").addHandler(handler)
     assert train.run(spec["config_path"]) == 0
     done = next(r for r in records if getattr(r, "event", None) == "done")
-    return {"train_seconds": done.train_seconds, "real_tokens": done.metrics["tokens"],
+    return {"train_seconds": done.train_seconds, "real_tokens": done.tokens_this_run,
             "eval_loss": done.metrics["evalLoss"], "example_lengths_sq": done.sum_sq_lengths,
             "peak_memory": peak_memory_bytes(spec["device"])}
 
@@ -275,6 +276,7 @@ def main() -> None:
     row_len = max(args.max_len, math.ceil(tokens_per_step / (0.93 * rows) / 8) * 8)
     results = {}
     for side in args.sides.split(","):
+        shutil.rmtree(work / f"out-{side}", ignore_errors=True)  # never resume an earlier run's checkpoints
         cfg = trainer_config(args, model_dir, data_dir, work / f"out-{side}", rows, row_len)
         config_path = work / f"{side}.json"
         config_path.write_text(cfg.model_dump_json(exclude_none=True))

@@ -93,3 +93,16 @@ def test_invalid_config_is_a_config_error(tmp_path):
     path.write_text(json.dumps({"job": {"name": "x"}, "outputURI": "s3://bucket-x/out"}))
     code, message = run_cli(path)
     assert code == EXIT_CONFIG_ERROR and "baseModel" in message
+
+
+def test_a_changed_spec_does_not_resume_another_runs_checkpoint(s3_job):
+    from finetune_trainer import checkpoint, train
+
+    config = s3_job()
+    cfg = train.load_config(str(config))
+    assert train.run(str(config)) == 0 and checkpoint.list_steps(cfg.outputURI)
+    changed = cfg.model_copy(update={"training": cfg.training.model_copy(update={"learningRate": 1e-4})})
+    config.write_text(changed.model_dump_json(exclude_none=True))
+    code, message = run_cli(config)
+    assert code == EXIT_CONFIG_ERROR
+    assert "different configuration" in message and "checkpoints/step-" in message

@@ -37,6 +37,9 @@ class TrainState:
     tokens_seen: int = 0  # real (non-padding) tokens trained on
     last_loss: Optional[float] = None
     last_eval_loss: Optional[float] = None
+    #: Hash of everything that shapes the math (model, data, method, schedule): a checkpoint is only
+    #: resumed by the run that wrote it, never by a changed spec pointed at the same output.
+    fingerprint: str = ""
 
 
 def checkpoints_uri(output_uri: str) -> str:

@@ -116,6 +116,18 @@ def quantization_of(cfg):
     return None
 
 
+def run_fingerprint(cfg) -> str:
+    """What a checkpoint must match to be resumed: everything but the reporting cadence."""
+    import hashlib
+    import json
+
+    relevant = cfg.model_dump(mode="json", include={"baseModel", "data", "method", "lora", "quantization", "training"})
+    for cadence in ("evalEverySteps", "checkpointEverySteps", "keepCheckpoints"):
+        relevant["training"].pop(cadence, None)
+    relevant["baseModel"].pop("credentials", None)  # which Secret holds the keys does not change the model
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run(config_path: str) -> int:
     # Everything comes from the config's URIs; never reach for the Hugging Face Hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,8 +182,11 @@ def _run(cfg, stop: StopFlag) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- 3. resume from the newest checkpoint that verifies
-    state = checkpoint.TrainState()
+    state = checkpoint.TrainState(fingerprint=run_fingerprint(cfg))
     loaded = checkpoint.load_latest(cfg.outputURI)
+    if loaded is not None and loaded.state.fingerprint != state.fingerprint:
+        raise ConfigError(f"{loaded.uri} was written by a run with a different configuration (base model, data, "
+                          "method, lora, quantization or training settings); use a new outputURI")
     if loaded is not None:
         from peft import set_peft_model_state_dict
 
@@ -216,7 +231,7 @@ def _run(cfg, stop: StopFlag) -> int:
         window_tokens, window_start = 0, time.monotonic()
         # Time in optimizer steps only (no eval, checkpoint, progress) and the attention FLOP term,
         # for the benchmark's tokens/s and MFU.
-        train_seconds, sum_sq_lengths = 0.0, 0
+        train_seconds, sum_sq_lengths, tokens_this_run = 0.0, 0, 0
         while state.step < n_steps:
             if stop.requested and state.step == started_step:  # asked to stop before a step: nothing new to save
                 log.info("preempted before the first step", extra={"event": "preempted", "step": state.step})
@@ -241,6 +256,7 @@ def _run(cfg, stop: StopFlag) -> int:
                 torch.cuda.synchronize()
             train_seconds += time.perf_counter() - step_start
             sum_sq_lengths += sum(b["sum_sq_lengths"] for b in micro_batches)
+            tokens_this_run += sum(b["n_tokens"] for b in micro_batches)
             if debug_sleep:
                 time.sleep(debug_sleep)
             step_tokens = sum(b["n_tokens"] for b in micro_batches)
@@ -278,7 +294,8 @@ def _run(cfg, stop: StopFlag) -> int:
         result = export_adapter(model, cfg, precision, metrics)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
         log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
-                                          "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths})
+                                          "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths,
+                                          "tokens_this_run": tokens_this_run})
         return EXIT_OK
     finally:
         progress.close()
