@@ -402,3 +402,22 @@ def test_every_object_is_labelled_and_namespaced_in_the_release(rendered, value_
             assert "namespace" not in meta
         elif obj["kind"] not in ("Role", "RoleBinding", "KopfPeering") and not meta["name"].endswith("-dashboard"):
             assert meta["namespace"] == NAMESPACE, (obj["kind"], meta["name"])
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+@pytest.mark.parametrize("kube_version", ["1.29", "1.33"])
+def test_builtin_objects_match_the_kubernetes_schemas(rendered, value_set, kube_version):
+    """Offline validation of every built-in kind against Kubernetes' published OpenAPI schemas."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")  # dev extra; see pyproject.toml
+
+    validated = set()
+    for obj in rendered[value_set]:
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            # Custom resources (ours, Kopf's, the Prometheus Operator's) have no published schema.
+            assert "." in obj["apiVersion"].split("/")[0] and not obj["apiVersion"].startswith(
+                ("apps/", "rbac.authorization.k8s.io/", "networking.k8s.io/", "policy/")), obj["kind"]
+            continue
+        validated.add(obj["kind"])
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service"} <= validated
