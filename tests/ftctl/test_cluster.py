@@ -7,7 +7,6 @@ records approvals.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 

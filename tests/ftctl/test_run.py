@@ -52,7 +52,7 @@ def test_quickstart_runs_end_to_end_with_tiny(tiny_workdir):
     alias = json.loads((run / "aliases" / "support-assistant.json").read_text())
     assert alias["adapterDigest"] == result["digest"]
     assert alias["adapterURI"] == result["adapterURI"]
-    assert f"promoted as support-assistant" in out
+    assert "promoted as support-assistant" in out
     # Datasets are validated into the local artifact store.
     report = json.loads(next((tiny_workdir / ".finetune" / "datasets").rglob("report.json")).read_text())
     assert report["valid"] is True

@@ -156,7 +156,6 @@ class LocalRun:
 
     def run_job(self, manifest: dict) -> JobOutcome:
         ftj = self.prepare_job(manifest)
-        name = ftj["metadata"]["name"]
         dataset = self.datasets.get(ftj["spec"]["datasetRef"]["name"])
         inputs = decisions.JobInputs(dataset=dataset, policies=self.manifests.policies)
         plan = self._plan(ftj, inputs)  # -> Queued: the trainer Job and its config
