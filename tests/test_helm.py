@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -421,3 +422,18 @@ def test_builtin_objects_match_the_kubernetes_schemas(rendered, value_set, kube_
             continue
         validated.add(obj["kind"])
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service"} <= validated
+
+
+def test_defaults_agree_with_the_operator_and_its_image(rendered):
+    """Chart defaults, the operator's own defaults and operator/Dockerfile tell the same story."""
+    from finetune_operator import config
+
+    objects = rendered["default"]
+    assert operator_config(objects)["trainerImage"] == config.DEFAULT_IMAGE
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    dockerfile = (REPO / "operator" / "Dockerfile").read_text()
+    uid, gid = re.search(r"^USER (\d+):(\d+)", dockerfile, re.M).groups()
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (int(uid), int(gid))
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()}
+    assert {p["containerPort"] for p in pod["containers"][0]["ports"]} == exposed
+    assert re.search(r'^ENTRYPOINT \["finetune-operator"\]', dockerfile, re.M)  # so args: [run] runs it
