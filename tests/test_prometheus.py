@@ -175,6 +175,15 @@ def observed(tmp_path_factory, s3_server, tiny_model_dir):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stack.callback(proc.wait, 20)
         stack.callback(proc.terminate)
+        # A fresh metrics registry for this operator run: earlier tests in the same process (the
+        # operator e2e tests) have fed the module's default one.
+        from finetune_operator import metrics
+
+        fresh = metrics.OperatorMetrics()
+        patch = pytest.MonkeyPatch()
+        stack.callback(patch.undo)
+        patch.setattr(metrics, "DEFAULT", fresh)
+        patch.setattr(metrics, "REGISTRY", fresh.registry)
         cluster = Cluster()
         stack.callback(cluster.close)
         stack.enter_context(environment({
