@@ -93,7 +93,7 @@ app.kubernetes.io/component: operator
   resources: [pods/log]
   verbs: [get]
 {{- if .Values.rbac.readSecrets }}
-# Only to report a missing credentials Secret; values reach pods through secretKeyRef.
+# Optional (rbac.readSecrets): the operator itself never needs Secret values; pods use secretKeyRef.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
