@@ -38,6 +38,7 @@ def initial_eval_loss(cfg) -> float:
     ("lora", None),
     ("qlora", {"quantType": "nf4", "doubleQuant": True, "computeDtype": "float32"}),
     ("dora", None),
+    ("dora", {"quantType": "fp4", "doubleQuant": False, "computeDtype": "float32"}),  # QDoRA, fp4
 ])
 def test_method_trains_and_eval_loss_falls(method, quantization, s3_inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
@@ -62,7 +63,7 @@ def test_method_trains_and_eval_loss_falls(method, quantization, s3_inputs, tmp_
 
 def test_bf16_and_fp16_fallback_with_schedule_checkpointing_and_accumulation(s3_inputs, tmp_path, monkeypatch):
     """bf16 autocast trains on CPU; fp16 falls back to fp32 there (with a warning), with warmup+cosine,
-    gradient checkpointing and accumulation on."""
+    gradient checkpointing and accumulation on; the fp16 run also trains without packing."""
     import logging
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
@@ -74,7 +75,7 @@ def test_bf16_and_fp16_fallback_with_schedule_checkpointing_and_accumulation(s3_
         for precision in ("bf16", "fp16"):
             cfg = trainer_config(training={
                 "precision": precision, "maxSteps": 4, "gradientAccumulationSteps": 2, "lrScheduler": "cosine",
-                "warmupRatio": 0.25, "gradientCheckpointing": True}, **{**s3_inputs,
+                "warmupRatio": 0.25, "gradientCheckpointing": True, "packing": precision == "bf16"}, **{**s3_inputs,
                 "output_uri": s3_inputs["output_uri"] + "-" + precision})
             assert train.run(str(write_config(cfg, tmp_path / f"{precision}.json"))) == EXIT_OK
             result = read_json(storage.join(cfg.outputURI, "result.json"))

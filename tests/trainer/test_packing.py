@@ -98,3 +98,13 @@ def test_packing_wastes_little_and_keeps_every_example(tokenizer):
     again = data.epoch_batches(lengths, epoch=0, seed=3, batch_size=4, max_len=128, packing=True)
     other = data.epoch_batches(lengths, epoch=1, seed=3, batch_size=4, max_len=128, packing=True)
     assert again == batches and other != batches
+
+
+def test_unpacked_batches_are_length_grouped(tokenizer):
+    exs = examples(tokenizer, 64)
+    lengths = [len(e) for e in exs]
+    batches = data.epoch_batches(lengths, epoch=0, seed=3, batch_size=4, max_len=128, packing=False)
+    assert sorted(i for b in batches for row in b for i in row) == list(range(len(exs)))
+    assert all(len(row) == 1 for b in batches for row in b)
+    padded = sum(len(b) * max(lengths[r[0]] for r in b) for b in batches)
+    assert padded / sum(lengths) < 1.15  # sorting inside mega-batches keeps padding small
