@@ -41,6 +41,7 @@ def test_tiny_shrinks_steps_and_swaps_the_model():
     spec = load([QUICKSTART]).jobs[0]["spec"]
     tiny = shrink_for_tiny(spec, Path("/cache/tiny"))
     assert tiny["baseModel"] == {"uri": "file:///cache/tiny"}
+    assert tiny["output"]["uri"] == spec["output"]["uri"] + "-tiny"  # never mixed with a real run
     assert tiny["training"]["maxSteps"] == TINY_TRAINING["maxSteps"] < spec["training"]["maxSteps"]
     assert tiny["training"]["maxSeqLength"] <= 128 and tiny["training"]["precision"] == "fp32"
     assert spec["baseModel"]["uri"].endswith("smollm2-135m-instruct")  # the input is not modified

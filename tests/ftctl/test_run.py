@@ -47,7 +47,7 @@ def test_quickstart_runs_end_to_end_with_tiny(tiny_workdir):
         assert check in out
     assert "What the adapter changed" in out
     # The alias the operator would write points at the adapter the trainer produced.
-    run = tiny_workdir / ".finetune" / "runs" / "support-assistant"
+    run = tiny_workdir / ".finetune" / "runs" / "support-assistant-tiny"  # --tiny keeps its own outputs
     result = json.loads((run / "result.json").read_text())
     alias = json.loads((run / "aliases" / "support-assistant.json").read_text())
     assert alias["adapterDigest"] == result["digest"]
@@ -108,7 +108,7 @@ def test_blocked_promotion_exits_non_zero_and_names_the_failing_check(tiny_workd
     assert "Governance: BLOCKED" in proc.stdout
     assert "failing checks: evaluation" in proc.stderr
     assert "phase: Failed" in proc.stdout and "state: Blocked" in proc.stdout
-    assert not (tiny_workdir / ".finetune" / "runs" / "blocked" / "aliases").exists()
+    assert not (tiny_workdir / ".finetune" / "runs" / "blocked-tiny" / "aliases").exists()
 
 
 def test_manual_promotion_awaits_approval_then_promotes_after_rerun(tiny_workdir):
@@ -121,14 +121,14 @@ def test_manual_promotion_awaits_approval_then_promotes_after_rerun(tiny_workdir
     first = ftctl("run", "manual.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
     assert first.returncode == 0, first.stderr
     assert "phase: AwaitingApproval" in first.stdout
-    digest = json.loads((tiny_workdir / ".finetune" / "runs" / "manual" / "result.json").read_text())["digest"]
+    digest = json.loads((tiny_workdir / ".finetune" / "runs" / "manual-tiny" / "result.json").read_text())["digest"]
     assert digest in first.stdout
     job["spec"]["promotion"]["approval"] = {"digest": digest, "approvedBy": "reviewer"}
     write_manifests(path, policy, dataset, job)
     second = ftctl("run", "manual.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
     assert second.returncode == 0, second.stderr
     assert "phase: Succeeded" in second.stdout and "approvedBy: reviewer" in second.stdout
-    assert (tiny_workdir / ".finetune" / "runs" / "manual" / "aliases" / "manual.json").exists()
+    assert (tiny_workdir / ".finetune" / "runs" / "manual-tiny" / "aliases" / "manual.json").exists()
 
 
 def _progress_step(run_dir: Path) -> int:
@@ -185,7 +185,7 @@ def test_run_on_s3_storage(tiny_workdir, bucket):
     write_manifests(tiny_workdir / "s3.yaml", fast_policy("provenance", "pii"), dataset, job)
     proc = ftctl("run", "s3.yaml", "--tiny", "--samples", "1", cwd=tiny_workdir)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
-    result = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/result.json"))
-    alias = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3/aliases/support-assistant.json"))
+    result = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3-tiny/result.json"))
+    alias = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3-tiny/aliases/support-assistant.json"))
     assert alias["adapterDigest"] == result["digest"] and result["adapterURI"].startswith(f"s3://{bucket}/")
     assert storage.exists(f"s3://{bucket}/validated/support/report.json")

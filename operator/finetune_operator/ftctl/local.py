@@ -30,6 +30,7 @@ STATE_DIR = Path(".finetune")
 TINY_TRAINING = {"maxSteps": 8, "maxSeqLength": 128, "batchSize": 4, "evalEverySteps": 4,
                  "checkpointEverySteps": 4, "gradientAccumulationSteps": 1}
 TINY_FIXED = {"gradientCheckpointing": False, "precision": "fp32"}
+TINY_SUFFIX = "-tiny"
 
 
 @dataclass
@@ -53,9 +54,12 @@ class JobOutcome:
 
 
 def shrink_for_tiny(spec: dict, tiny_model: Path) -> dict:
-    """--tiny: the cached tiny model instead of the base model, and a handful of short steps."""
+    """--tiny: the cached tiny model instead of the base model, a handful of short steps, and its
+    own output folder (`<output>-tiny`): tiny checkpoints must never be resumed by a real run, nor
+    a tiny adapter take over the real run's alias."""
     spec = json.loads(json.dumps(spec))
     spec["baseModel"] = {"uri": f"file://{tiny_model.resolve()}"}
+    spec["output"]["uri"] = spec["output"]["uri"].rstrip("/") + TINY_SUFFIX
     training = {k: v for k, v in (spec.get("training") or {}).items() if k != "epochs"}
     for key, limit in TINY_TRAINING.items():
         training[key] = min(training.get(key) or limit, limit)

@@ -91,12 +91,13 @@ class ConsoleReporter:
                               soft_wrap=True)
 
 
-def _run(paths: List[Path], tiny: bool, samples: int) -> None:
+def _run(paths: List[Path], tiny: bool, samples: int, cwd: Optional[Path] = None) -> None:
     from .local import RunOptions, run_all
     from .manifests import load
 
     manifests = load(paths)  # an invalid manifest stops here, before any work
-    code = run_all(manifests, RunOptions(tiny=tiny, samples=samples), console, ConsoleReporter())
+    options = RunOptions(tiny=tiny, samples=samples, **({"cwd": cwd} if cwd else {}))
+    code = run_all(manifests, options, console, ConsoleReporter())
     if code:
         raise typer.Exit(code)
 
@@ -124,10 +125,11 @@ def quickstart(
     tiny: bool = typer.Option(False, "--tiny", help="A tiny model and a few steps instead of SmolLM2-135M."),
     samples: int = typer.Option(3, "--samples", help="Eval prompts to answer before/after the adapter."),
 ) -> None:
-    """Run examples/quickstart/ (converts SmolLM2-135M-Instruct on first use)."""
+    """Run examples/quickstart/ from the repository root (converts SmolLM2-135M-Instruct on first use)."""
     if not QUICKSTART.is_dir():
         raise FtctlError(f"{QUICKSTART}: the quickstart folder is missing", EXIT_USAGE)
-    _run([QUICKSTART], tiny, samples)
+    # The quickstart's file:// paths are relative to the repository root, wherever ftctl runs.
+    _run([QUICKSTART], tiny, samples, cwd=QUICKSTART.parents[1])
 
 
 # --- cluster commands -------------------------------------------------------------------------------
