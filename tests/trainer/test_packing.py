@@ -61,13 +61,25 @@ def test_a_leaky_mask_would_be_caught(adapted_model, tokenizer):
     cpu = torch.device("cpu")
     rows = data.pack_rows(range(len(exs)), [len(e) for e in exs], 128)
     packed = data.collate(rows, exs, tokenizer.pad_token_id)
-    leaky = dict(packed, attention_mask=torch.ones_like(packed["attention_mask"]).tril(),
+    # One segment per row and running positions: plain causal attention across the packed examples.
+    leaky = dict(packed, segment_ids=torch.ones_like(packed["segment_ids"]),
                  position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     with torch.no_grad():
         good = float(objective.loss_sum(adapted_model, packed, cpu))
         bad = float(objective.loss_sum(adapted_model, leaky, cpu))
     # The leak is visible at the tolerance the equality test above uses, so that test has teeth.
     assert bad != pytest.approx(good, rel=1e-5)
+
+
+def test_block_causal_mask():
+    segments = torch.tensor([[1, 1, 2, 2, 2, 0]])
+    mask = data.block_causal_mask(segments)[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0],
+                    [0, 0, 1, 0, 0, 0],
+                    [0, 0, 1, 1, 0, 0],
+                    [0, 0, 1, 1, 1, 0],
+                    [0, 0, 0, 0, 0, 1]]
 
 
 def test_only_response_tokens_are_targets(tokenizer):

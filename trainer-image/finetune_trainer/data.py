@@ -117,7 +117,14 @@ def tokenize_example(example: formats.Example, tokenizer, max_len: int) -> Token
 def tokenize_all(examples: Sequence[formats.Example], tokenizer, max_len: int) -> list[TokenizedExample]:
     """Tokenize; examples left without any response token after truncation are dropped."""
     out = [tokenize_example(e, tokenizer, max_len) for e in examples]
-    return [t for t in out if t.trainable_tokens > 0]
+    kept = [t for t in out if t.trainable_tokens > 0]
+    if len(kept) < len(out):
+        from .logs import get_logger
+
+        get_logger("data").warning(
+            f"{len(out) - len(kept)} of {len(out)} examples have no response token within {max_len} tokens "
+            "and are skipped", extra={"event": "examples_skipped", "skipped": len(out) - len(kept)})
+    return kept
 
 
 # ---------------------------------------------------------------- batching
@@ -168,9 +175,22 @@ def epoch_batches(lengths: Sequence[int], *, epoch: int, seed: int, batch_size: 
     return batches
 
 
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, L, L] boolean mask (True = may attend): causal inside each example, nothing across
+    examples. Built on the segment ids' device, so the L x L tensor never crosses the bus."""
+    width = segment_ids.shape[1]
+    same_example = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
+    mask = same_example & causal & (segment_ids[:, :, None] > 0)
+    # A padding query attending to nothing would make softmax NaN; let it see itself (its loss is ignored).
+    mask |= torch.eye(width, dtype=torch.bool, device=segment_ids.device)
+    return mask[:, None, :, :]
+
+
 def collate(batch: Batch, examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch: input_ids, labels, position_ids, a block-diagonal causal
-    boolean 4D attention mask (True = may attend), and the number of target tokens."""
+    """Tensors for one micro-batch: input_ids, labels, position_ids (restarting per example),
+    segment_ids (which example of the row each token belongs to; 0 = padding; see
+    block_causal_mask), and token counts."""
     rows_ids, rows_labels, rows_pos, rows_seg = [], [], [], []
     for row in batch:
         ids, labels, pos, seg = [], [], [], []
@@ -194,16 +214,11 @@ def collate(batch: Batch, examples: Sequence[TokenizedExample], pad_id: int) -> 
         labels[r, :k] = torch.tensor(rows_labels[r])
         position_ids[r, :k] = torch.tensor(rows_pos[r])
         segments[r, :k] = torch.tensor(rows_seg[r])
-    same_example = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = same_example & causal & (segments[:, :, None] > 0)
-    # A padding query attending to nothing would make softmax NaN; let it see itself (its loss is ignored).
-    mask |= torch.eye(width, dtype=torch.bool)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "attention_mask": mask[:, None, :, :],
+        "segment_ids": segments,
         "n_targets": int((labels != IGNORE).sum()),
         "n_tokens": int((segments > 0).sum()),
         # sum of squared example lengths: the attention term of the FLOP count (benchmarks, MFU)

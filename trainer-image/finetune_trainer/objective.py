@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, TokenizedExample, collate, epoch_batches
+from .data import IGNORE, TokenizedExample, block_causal_mask, collate, epoch_batches
 
 
 def causal_lm(model):
@@ -34,7 +34,7 @@ def loss_sum(model, batch: dict, device: torch.device, amp_dtype: Optional[torch
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"].to(device),
             position_ids=batch["position_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
+            attention_mask=block_causal_mask(batch["segment_ids"].to(device)),
             use_cache=False,
         ).last_hidden_state
         labels = batch["labels"].to(device)

@@ -159,6 +159,8 @@ def _run(cfg, stop: StopFlag) -> int:
                                   tokenizer, t.maxSeqLength)
     eval_set = data.tokenize_all(data.read_examples(cfg.data.uri, "eval.jsonl", cfg.data.format),
                                  tokenizer, t.maxSeqLength)
+    log.info("data tokenized", extra={"event": "data", "train_examples": len(train_set),
+                                       "eval_examples": len(eval_set), "train_tokens": sum(map(len, train_set))})
     if not train_set:
         raise ConfigError(f"{cfg.data.uri}/train.jsonl: no example has a response token within maxSeqLength")
     pad_id = tokenizer.pad_token_id
