@@ -126,3 +126,16 @@ def test_tables_render_status_fields():
         "governance": {"passed": False, "checks": [{"name": "bias", "passed": False}]}}}]))
     text = console.export_text()
     assert "3/12 (25%)" in text and "1h01m" in text and "failed: bias" in text
+
+
+def test_messages_with_brackets_are_shown_verbatim():
+    """Check messages and samples quote data: a redaction placeholder is not rich markup."""
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(display.governance_table(
+        [{"name": "pii", "passed": False, "message": "model wrote [EMAIL] and [/] verbatim"}], False))
+    console.print(display.samples_table([{"prompt": "[bold]hi", "before": "[red]x", "after": "FTO: [PHONE]"}]))
+    text = console.export_text()
+    assert "model wrote [EMAIL] and [/] verbatim" in text
+    assert "[bold]hi" in text and "[red]x" in text and "FTO: [PHONE]" in text

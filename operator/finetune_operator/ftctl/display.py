@@ -63,7 +63,7 @@ def progress_view(name: str, phase: Optional[str], progress: Any, message: str =
     grid.add_row("tokens/s", "-" if tps is None else f"{tps:,.0f}")
     grid.add_row("ETA", format_eta(_get(progress, "etaSeconds")))
     if message:
-        grid.add_row("", Text(message, style="dim"))
+        grid.add_row("", Text(message, style="dim"))  # Text: a message is data, not markup
     return Panel(grid, title=f"FineTuneJob {name}", expand=False)
 
 
@@ -90,8 +90,9 @@ def governance_table(checks: Iterable[Any], passed: Optional[bool], required: It
         result = "[green]pass[/]" if ok else "[red]FAIL[/]"
         if required and name not in required:
             result += " [dim](not required)[/]"
-        table.add_row(name, result, format_number(_get(check, "value")),
-                      format_number(_get(check, "threshold")), _get(check, "message") or "")
+        # Text(): messages quote data (e.g. a "[EMAIL]" placeholder) that must not read as markup.
+        table.add_row(Text(name or ""), result, format_number(_get(check, "value")),
+                      format_number(_get(check, "threshold")), Text(_get(check, "message") or ""))
     return table
 
 
@@ -119,10 +120,10 @@ def jobs_table(jobs: Iterable[dict]) -> Table:
         promotion = status.get("promotion") or {}
         step, total = progress.get("step", 0), progress.get("totalSteps", 0)
         table.add_row(
-            job["metadata"]["name"], phase_text(status.get("phase", "Pending")),
+            Text(job["metadata"]["name"]), phase_text(status.get("phase", "Pending")),
             f"{step}/{total} ({progress.get('percent', 0)}%)" if total else "-",
             format_number(progress.get("loss")), format_number(progress.get("evalLoss")),
-            format_eta(progress.get("etaSeconds")), governance_summary(status.get("governance")),
+            format_eta(progress.get("etaSeconds")), Text(governance_summary(status.get("governance"))),
             phase_text(promotion.get("state")) if promotion else Text("-"),
         )
     return table
@@ -135,5 +136,5 @@ def samples_table(samples: Iterable[dict]) -> Table:
     table.add_column("base model", overflow="fold", ratio=3)
     table.add_column("base + adapter", overflow="fold", ratio=3, style="green")
     for s in samples:
-        table.add_row(s["prompt"], s["before"], s["after"])
+        table.add_row(Text(s["prompt"]), Text(s["before"]), Text(s["after"]))
     return table

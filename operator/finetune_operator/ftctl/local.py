@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from .. import children, decisions
 from ..api import DatasetStatus, FineTuneJobStatus
@@ -99,14 +100,15 @@ class LocalRun:
         result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt)
         while logic.should_retry(result.exit_code) and retries > 0 and not result.interrupted:
             retries -= 1
-            self.console.print(f"[yellow]{name}: exit {result.exit_code} ({result.error_message()}); retrying[/]")
+            self.console.print(f"[yellow]{name}: exit {result.exit_code} ({escape(result.error_message())}); "
+                               "retrying[/]", soft_wrap=True)
             result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt)
         return job, result, started, now_iso()
 
     def _events(self, kind: str, name: str, plan: decisions.Plan) -> None:
         for type_, reason, message in plan.events:
             style = "yellow" if type_ == "Warning" else "dim"
-            self.console.print(f"[{style}]{kind}/{name} {type_} {reason}: {message}[/]", soft_wrap=True)
+            self.console.print(f"[{style}]{kind}/{name} {type_} {reason}: {escape(message)}[/]", soft_wrap=True)
 
     # --- datasets ---------------------------------------------------------------------------------
     def validate_dataset(self, manifest: dict) -> DatasetStatus:
@@ -260,7 +262,7 @@ class LocalRun:
                                            f"{dataset['status']['validatedURI']}/eval.jsonl",
                                            dataset["spec"]["format"], count=self.options.samples)
         except Exception as exc:  # a sample is a nicety: never turn a good run into a failure
-            self.console.print(f"[yellow]warning:[/] could not generate before/after samples: {exc}")
+            self.console.print(f"[yellow]warning:[/] could not generate before/after samples: {escape(str(exc))}")
             return []
 
 
@@ -298,7 +300,8 @@ def run_all(manifests: ManifestSet, options: RunOptions, console: Console, repor
     worst = 0
     for job in manifests.jobs:
         for message in logic.ignored_policy_settings(job, manifests.policies, run.config):
-            console.print(f"[yellow]warning:[/] FineTuneJob {job['metadata']['name']}: {message}", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] FineTuneJob {job['metadata']['name']}: {escape(message)}",
+                          soft_wrap=True)
         outcome = run.run_job(job)
         reporter.job_done(job, outcome)
         worst = max(worst, outcome.exit_code)

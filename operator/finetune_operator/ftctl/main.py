@@ -19,12 +19,14 @@ from typing import Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 from . import display
 from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_USAGE, FtctlError
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
+
 
 def _width(stream) -> Optional[int]:
     """Terminals: their own width. Pipes and CI logs: wide, so table cells are not cut to 80 columns."""
@@ -49,7 +51,7 @@ def one_line_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort):
             raise
         except FtctlError as exc:
-            err_console.print(f"[red]error:[/] {exc}", soft_wrap=True, markup=True)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[red]error:[/] interrupted")
@@ -57,7 +59,7 @@ def one_line_errors(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the promise is: no traceback for users
             if os.environ.get("FTCTL_DEBUG"):
                 raise
-            err_console.print(f"[red]error:[/] {type(exc).__name__}: {exc} (FTCTL_DEBUG=1 shows the traceback)",
+            err_console.print(f"[red]error:[/] {type(exc).__name__}: {escape(str(exc))} (FTCTL_DEBUG=1 shows the traceback)",
                               soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from None
 
@@ -80,14 +82,15 @@ class ConsoleReporter:
         if outcome.samples:
             console.print(display.samples_table(outcome.samples))
         if status.phase == "Succeeded":
-            console.print(f"[green]FineTuneJob {outcome.name} succeeded:[/] {status.message}", soft_wrap=True)
+            console.print(f"[green]FineTuneJob {outcome.name} succeeded:[/] {escape(status.message)}", soft_wrap=True)
         elif status.phase == "AwaitingApproval":
-            console.print(f"[yellow]FineTuneJob {outcome.name} awaits approval:[/] {status.message}. "
-                          f"Add spec.promotion.approval.digest: {status.adapter.digest} to the manifest and run again.")
+            console.print(f"[yellow]FineTuneJob {outcome.name} awaits approval:[/] {escape(status.message)}. "
+                          f"Add spec.promotion.approval.digest: {status.adapter.digest} to the manifest and run again.",
+                          soft_wrap=True)
         else:
             failing = display.failing_checks(status.governance) if status.governance else []
             detail = f" (failing checks: {', '.join(failing)})" if failing else ""
-            err_console.print(f"[red]FineTuneJob {outcome.name} {status.phase}:[/] {status.message}{detail}",
+            err_console.print(f"[red]FineTuneJob {outcome.name} {status.phase}:[/] {escape(status.message + detail)}",
                               soft_wrap=True)
 
 
