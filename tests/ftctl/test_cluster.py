@@ -206,3 +206,17 @@ def test_unknown_job_and_unreachable_cluster_are_one_line(k8s, tmp_path):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the Kubernetes API" in lines[0]
+
+
+def test_submit_a_cluster_scoped_governance_policy(k8s, tmp_path):
+    policy = {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy", "metadata": {"name": "strict"},
+              "spec": {"required": ["evaluation", "pii"], "namespaces": [NS]}}
+    created = cli(k8s, "submit", "-f", str(write_manifests(tmp_path / "policy.yaml", policy)))
+    assert created.exit_code == 0 and "governancepolicy.finetune.dev/strict created" in created.output
+    stored = api(k8s).get_cluster_custom_object("finetune.dev", "v1alpha1", "governancepolicies", "strict")
+    assert stored["spec"]["required"] == ["evaluation", "pii"] and "namespace" not in stored["metadata"]
+    policy["spec"]["required"] = ["evaluation"]
+    updated = cli(k8s, "submit", "-f", str(write_manifests(tmp_path / "policy.yaml", policy)))
+    assert updated.exit_code == 0 and "strict configured" in updated.output
+    stored = api(k8s).get_cluster_custom_object("finetune.dev", "v1alpha1", "governancepolicies", "strict")
+    assert stored["spec"]["required"] == ["evaluation"]
