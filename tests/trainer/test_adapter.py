@@ -65,6 +65,9 @@ def test_result_and_manifest_describe_the_run(trained):
     manifest = json.loads(manifest_bytes)
     assert manifest["metrics"] == result["metrics"]
     assert set(manifest["files"]) == set(adapter.ADAPTER_FILES)
+    adapter_config = json.loads(storage.read_text(storage.join(result["adapterURI"], "adapter_config.json")))
+    assert adapter_config["base_model_name_or_path"] == cfg.baseModel.uri
+    assert adapter_config["use_dora"] is False and adapter_config["r"] == cfg.lora.r
     assert result["sizeBytes"] == sum(f["size"] for f in manifest["files"].values()) + len(manifest_bytes)
     assert manifest["training"]["training"]["maxSteps"] == 6 and manifest["trainerVersion"]
     assert adapter.list_adapters(cfg.outputURI) == [result["adapterURI"]]

@@ -106,3 +106,8 @@ def test_a_changed_spec_does_not_resume_another_runs_checkpoint(s3_job):
     code, message = run_cli(config)
     assert code == EXIT_CONFIG_ERROR
     assert "different configuration" in message and "checkpoints/step-" in message
+
+
+def test_target_modules_that_match_nothing_are_a_config_error(s3_job):
+    code, message = run_cli(s3_job(lora={"targetModules": ["no_such_proj"]}))
+    assert code == EXIT_CONFIG_ERROR and "lora.targetModules" in message and "no_such_proj" in message

@@ -134,7 +134,7 @@ def load_base_model(path: Path, *, precision: str, quantization=None, device: to
     return model
 
 
-def lora_config(method: str, lora, base_model_uri: str):
+def lora_config(method: str, lora):
     from peft import LoraConfig
 
     targets = lora.targetModules
@@ -142,15 +142,17 @@ def lora_config(method: str, lora, base_model_uri: str):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         use_dora=method == "dora", bias="none", task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_uri,
     )
 
 
 def build_peft_model(base, method: str, lora, base_model_uri: str):
+    """The trainable model; adapter_config.json will name `base_model_uri` (set when saving)."""
     from peft import get_peft_model
 
     try:
-        model = get_peft_model(base, lora_config(method, lora, base_model_uri))
+        model = get_peft_model(base, lora_config(method, lora))
     except ValueError as exc:  # e.g. targetModules that match nothing
         raise ConfigError(f"lora.targetModules: {exc}") from None
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_model_uri  # the URI, not this pod's cache path
     return model
