@@ -260,7 +260,10 @@ def observed(tmp_path_factory, s3_server, tiny_model_dir):
         prom.wait_for('finetune_operator_final_eval_loss{name="support-bot"}', timeout=30)
         time.sleep(3)  # a few more scrapes, so that 1 s range steps also see the last changes
         yield {"prom": prom, "start": start, "end": time.time(), "rules": rules, "promtool": checked,
-               "result": result, "status": done["status"]}
+               "result": result, "status": done["status"],
+               # Every request the API server saw; the operator's carry the kubeconfig's token.
+               "requests": [r for r in list(cluster.emulator._requests)
+                            if r.headers.get("Authorization") == "Bearer test-token"]}
 
 
 # --- the queries ------------------------------------------------------------------------------
@@ -372,3 +375,44 @@ def test_operator_metrics_match_the_cluster(observed):
     # The trainer's own eval loss was scraped during the run (its last value may fall between scrapes).
     (seen,) = prom.query_range('finetune_trainer_eval_loss{job="support-bot"}', observed["start"], observed["end"])
     assert 0 < float(seen["values"][-1][1]) < 20
+
+
+def rbac_request(method: str, path: str, params) -> tuple[str, str, str] | None:
+    """(API group, resource[/subresource], verb) of an API request; None for discovery requests."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api" and len(parts) > 2:
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis" and len(parts) > 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None  # /api, /apis, /apis/<group>/<version>: discovery, open to every account
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    if not rest:
+        return None
+    resource = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+    named = len(rest) > 1
+    verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+            "DELETE": "delete" if named else "deletecollection"}.get(method)
+    if method == "GET":
+        verb = "get" if named else ("watch" if params.get("watch") in ("true", "1") else "list")
+    return group, resource, verb
+
+
+def test_chart_rbac_allows_every_request_the_operator_made(observed):
+    """The ClusterRole the chart renders covers each API call of the real operator run (and the
+    run did exercise the operator: jobs, configmaps, status, events)."""
+    out = subprocess.run([str(REPO / "hack" / "bin" / "helm"), "template", "finetune-operator", str(CHART),
+                          "--show-only", "templates/rbac.yaml"], check=True, capture_output=True, text=True,
+                         timeout=60).stdout
+    rules = [r for doc in yaml.safe_load_all(out) if doc and doc["kind"] == "ClusterRole" for r in doc["rules"]]
+    made = set()
+    for request in observed["requests"]:
+        parsed = rbac_request(request.method, request.url.path, request.params)
+        if parsed:
+            made.add(parsed)
+    assert {("batch", "jobs", "create"), ("", "configmaps", "create"), ("", "events", "create"),
+            ("finetune.dev", "finetunejobs/status", "patch"), ("finetune.dev", "datasets", "watch")} <= made, made
+    denied = sorted(m for m in made if not any(
+        m[0] in r["apiGroups"] and m[1] in r["resources"] and m[2] in r["verbs"] for r in rules))
+    assert not denied, f"the chart's RBAC would forbid: {denied}"
