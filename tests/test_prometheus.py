@@ -5,8 +5,9 @@ port and scrapes, every second, the metrics endpoint of the real operator (run i
 the emulated API server with the fake kubelet, as in tests/operator/) and the metrics endpoint of
 the real `finetune-trainer train` pod the operator starts. The operator handles a FineTuneJob
 that trains and is promoted, one that governance blocks, one whose trainer fails, one that stays
-Queued (unschedulable) and an Invalid Dataset. Then every query of the Grafana dashboard and every alert rule of the chart runs
-against what Prometheus collected.
+Queued (unschedulable) and an Invalid Dataset. Then every query of the Grafana dashboard and every
+alert rule of the chart runs against what Prometheus collected, and the chart's RBAC is checked
+against every API request the operator made.
 """
 
 from __future__ import annotations
