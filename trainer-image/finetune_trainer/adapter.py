@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, storage
+from .errors import ConfigError, TransientError
 from .logs import get_logger
 
 log = get_logger("adapter")
@@ -82,12 +83,12 @@ def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics
     else:
         if storage.exists(storage.join(final, MANIFEST)):
             # A complete-looking folder that fails verification is someone else's broken write: never overwrite.
-            raise RuntimeError(f"{final}: exists but does not verify ({why}); refusing to overwrite")
+            raise ConfigError(f"{final}: exists but does not verify ({why}); refusing to overwrite")
         for name in ADAPTER_FILES:
             storage.copy(storage.join(staging, name), storage.join(final, name))
         storage.write_bytes(storage.join(final, MANIFEST), manifest)
         if storage.read_bytes(storage.join(final, MANIFEST)) != manifest:
-            raise RuntimeError(f"{final}/{MANIFEST}: read-back differs from what was written")
+            raise TransientError(f"{final}/{MANIFEST}: read-back differs from what was written")
     # Our staging folder, and any left by an attempt that was killed mid-upload (one trainer per output).
     for leftover in {n.split("/", 1)[0] for n in storage.list_keys(adapters_uri(output_uri))
                      if n.startswith(".staging-")}:

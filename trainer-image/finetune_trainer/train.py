@@ -224,63 +224,68 @@ def _run(cfg, stop: StopFlag) -> int:
     def epoch_done() -> float:
         return state.epoch + state.batch_index / stream.batches_per_epoch
 
+    def train_step(micro_batches: list[dict]) -> float:
+        """Forward + backward over the step's micro-batches, then one optimizer update."""
+        n_targets = sum(b["n_targets"] for b in micro_batches)
+        step_loss = torch.zeros((), device=device)
+        for batch in micro_batches:
+            # Normalized by the whole step's target count, so accumulation equals one big batch.
+            loss = loss_sum(model, batch, device, amp_dtype) / n_targets
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(step_loss)  # waits for the GPU: step timings below are real
+
     # ---- 4. the loop: one iteration = one optimizer step
     # Fault-injection tests slow steps down so they can signal a run mid-training; 0 in real runs.
     debug_sleep = float(os.environ.get("FINETUNE_DEBUG_STEP_SLEEP", "0"))
     try:
         model.train()
-        started, started_step = time.monotonic(), state.step
-        window_tokens, window_start = 0, time.monotonic()
-        # Time in optimizer steps only (no eval, checkpoint, progress) and the attention FLOP term,
-        # for the benchmark's tokens/s and MFU.
-        train_seconds, sum_sq_lengths, tokens_this_run = 0.0, 0, 0
+        started_step, started = state.step, time.monotonic()
+        window_tokens, window_start = 0, time.monotonic()  # for tokens/s between progress records
+        # This process's time in optimizer steps (no eval, checkpoint, progress), real tokens and the
+        # attention FLOP term: the benchmark's tokens/s and MFU.
+        train_seconds, tokens_this_run, sum_sq_lengths = 0.0, 0, 0
         while state.step < n_steps:
             if stop.requested and state.step == started_step:  # asked to stop before a step: nothing new to save
                 log.info("preempted before the first step", extra={"event": "preempted", "step": state.step})
                 return EXIT_PREEMPTED
             step_start = time.perf_counter()
             micro_batches = stream.next_step(state, t.gradientAccumulationSteps)
-            n_targets = sum(b["n_targets"] for b in micro_batches)
-            step_loss = 0.0
-            for batch in micro_batches:
-                # Normalize by the step's target count so accumulation equals one big batch.
-                loss = loss_sum(model, batch, device, amp_dtype) / n_targets
-                scaler.scale(loss).backward()
-                step_loss += loss.item()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            step_loss = train_step(micro_batches)
             train_seconds += time.perf_counter() - step_start
-            sum_sq_lengths += sum(b["sum_sq_lengths"] for b in micro_batches)
-            tokens_this_run += sum(b["n_tokens"] for b in micro_batches)
             if debug_sleep:
                 time.sleep(debug_sleep)
+
             step_tokens = sum(b["n_tokens"] for b in micro_batches)
+            tokens_this_run += step_tokens
+            sum_sq_lengths += sum(b["sum_sq_lengths"] for b in micro_batches)
             state.step += 1
             state.tokens_seen += step_tokens
             state.last_loss = step_loss
-            window_tokens += step_tokens
-            elapsed = time.monotonic() - window_start
-            per_step = (time.monotonic() - started) / max(state.step - started_step, 1)
             is_last = state.step == n_steps
+
             eval_loss = None
             if state.step % t.evalEverySteps == 0 or is_last:
                 eval_loss = state.last_eval_loss = run_eval()
                 log.info("eval", extra={"event": "eval", "step": state.step, "eval_loss": eval_loss})
-            written = progress.update(step=state.step, epoch=epoch_done(), loss=step_loss, lr=scheduler.get_last_lr()[0],
-                            tokens=step_tokens, tokens_per_second=window_tokens / max(elapsed, 1e-9),
-                            eta_seconds=int(per_step * (n_steps - state.step)), eval_loss=eval_loss,
-                            force=eval_loss is not None)
-            if written:  # a record was just written: log it and start a new rate window
+
+            window_tokens += step_tokens
+            per_step = (time.monotonic() - started) / (state.step - started_step)
+            written = progress.update(
+                step=state.step, epoch=epoch_done(), loss=step_loss, lr=scheduler.get_last_lr()[0],
+                tokens=step_tokens, tokens_per_second=window_tokens / max(time.monotonic() - window_start, 1e-9),
+                eta_seconds=int(per_step * (n_steps - state.step)), eval_loss=eval_loss, force=eval_loss is not None)
+            if written:  # a record went out: log it too, and start a new tokens/s window
                 log.info("step", extra={"event": "step", "step": state.step, "loss": step_loss,
                                         "tokens_per_second": progress.record.get("tokensPerSecond")})
                 window_tokens, window_start = 0, time.monotonic()
+
             if state.step % t.checkpointEverySteps == 0 or is_last or stop.requested:
                 save_checkpoint()
             if stop.requested and not is_last:
@@ -289,7 +294,7 @@ def _run(cfg, stop: StopFlag) -> int:
                 return EXIT_PREEMPTED
 
         # ---- 5. the adapter: content-addressed, manifest last; then result.json for the operator
-        if state.last_eval_loss is None:  # resumed from a final checkpoint written before its eval
+        if state.last_eval_loss is None:  # defensive: every finished run evaluates at its last step
             state.last_eval_loss = run_eval()
         metrics = {"trainLoss": state.last_loss, "evalLoss": state.last_eval_loss,
                    "tokens": state.tokens_seen, "steps": state.step}
