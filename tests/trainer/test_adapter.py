@@ -127,3 +127,14 @@ def test_a_crash_while_publishing_leaves_no_adapter_and_a_rerun_finishes(inputs,
     assert result["adapterURI"] == half and adapter.verify(half)[0]
     assert adapter.list_adapters(output) == [half]
     assert not [k for k in storage.list_keys(storage.join(output, "adapters")) if ".staging" in k]
+
+
+def test_manifest_records_the_base_model_digest_even_when_the_job_pins_none(inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = trainer_config(model_uri=inputs["model_uri"], data_uri=inputs["data_uri"],
+                         output_uri=f"s3://{inputs['bucket']}/runs/nodigest", training={"maxSteps": 2})
+    assert cfg.baseModel.digest is None
+    assert train.run(str(write_config(cfg, tmp_path / "job.json"))) == 0
+    result = read_json(storage.join(cfg.outputURI, "result.json"))
+    manifest = read_json(storage.join(result["adapterURI"], "manifest.json"))
+    assert manifest["baseModel"]["digest"] == inputs["model_digest"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,12 +26,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE_DIR") or Path.home() / ".cache" / "finetune")
 
 
-def _check_digest(path: Path, uri: str, expected: Optional[str]) -> None:
-    if not expected:
-        return
-    actual = storage.folder_digest(path)
-    if actual != expected:
+#: Inside a cached model folder: its digest, computed when it was downloaded (dotfiles are not
+#: part of storage.folder_digest, so this does not change the digest it records).
+DIGEST_FILE = ".digest"
+
+
+def _check_digest(actual: str, uri: str, expected: Optional[str]) -> None:
+    if expected and actual != expected:
         raise ConfigError(f"baseModel.digest mismatch for {uri}: expected {expected}, actual {actual}")
+
+
+def model_digest(path: Path) -> str:
+    """The folder digest of a fetched model, for the adapter manifest. Cached downloads carry it;
+    a file:// folder is hashed once per content stamp (names, sizes, mtimes), memoized in the cache."""
+    sidecar = path / DIGEST_FILE
+    if sidecar.is_file():
+        return sidecar.read_text().strip()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = hashlib.sha256(json.dumps(
+        [str(path)] + [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    ).encode()).hexdigest()
+    memo = cache_root() / "digests" / stamp
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = storage.folder_digest(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest
 
 
 def fetch_model(uri: str, digest: Optional[str]) -> Path:
@@ -45,7 +70,8 @@ def fetch_model(uri: str, digest: Optional[str]) -> Path:
         path = Path(loc.key)
         if not (path / "config.json").is_file():
             raise ConfigError(f"baseModel.uri {uri}: no model found (config.json missing)")
-        _check_digest(path, uri, digest)
+        if digest:  # verification always hashes the files themselves
+            _check_digest(storage.folder_digest(path), uri, digest)
         return path
     key = hashlib.sha256(f"{uri}\0{digest or ''}".encode()).hexdigest()[:32]
     root = cache_root()
@@ -62,7 +88,9 @@ def fetch_model(uri: str, digest: Optional[str]) -> Path:
             raise ConfigError(f"baseModel.uri: {exc}") from None
         if not (tmp / "config.json").is_file():
             raise ConfigError(f"baseModel.uri {uri}: no model found (config.json missing)")
-        _check_digest(tmp, uri, digest)
+        actual = storage.folder_digest(tmp)
+        _check_digest(actual, uri, digest)
+        (tmp / DIGEST_FILE).write_text(actual)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: theirs is as good as ours

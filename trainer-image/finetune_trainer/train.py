@@ -153,6 +153,7 @@ def _run(cfg, stop: StopFlag) -> int:
 
     # ---- 1. inputs: base model (cached, digest-checked) and the validated data
     model_dir = model_io.fetch_model(cfg.baseModel.uri, cfg.baseModel.digest)
+    base_digest = cfg.baseModel.digest or model_io.model_digest(model_dir)  # recorded in the adapter manifest
     tokenizer = model_io.load_tokenizer(model_dir)
     data.ensure_chat_template(tokenizer, log)
     train_set = data.tokenize_all(data.read_examples(cfg.data.uri, "train.jsonl", cfg.data.format),
@@ -298,7 +299,7 @@ def _run(cfg, stop: StopFlag) -> int:
             state.last_eval_loss = run_eval()
         metrics = {"trainLoss": state.last_loss, "evalLoss": state.last_eval_loss,
                    "tokens": state.tokens_seen, "steps": state.step}
-        result = export_adapter(model, cfg, precision, metrics)
+        result = export_adapter(model, cfg, precision, metrics, base_digest)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
         log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
                                           "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths,
@@ -308,7 +309,7 @@ def _run(cfg, stop: StopFlag) -> int:
         progress.close()
 
 
-def export_adapter(model, cfg, precision: str, metrics: dict) -> dict:
+def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str) -> dict:
     import tempfile
 
     training = cfg.model_dump(mode="json", include={"method", "lora", "quantization", "training"})
@@ -318,7 +319,7 @@ def export_adapter(model, cfg, precision: str, metrics: dict) -> dict:
         adapter.save_peft_files(model, folder, cfg.baseModel.uri)
         manifest = adapter.build_manifest(
             folder,
-            base_model={"uri": cfg.baseModel.uri, "digest": cfg.baseModel.digest},
+            base_model={"uri": cfg.baseModel.uri, "digest": base_digest},
             dataset={"uri": cfg.data.uri, "digest": cfg.data.digest, "format": cfg.data.format},
             training=training, metrics=metrics)
         return adapter.publish(folder, manifest, cfg.outputURI, run_id=uuid.uuid4().hex[:12], metrics=metrics)
