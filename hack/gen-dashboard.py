@@ -82,7 +82,8 @@ PANELS = [
     panel("stat", "ETA", "Steps left divided by the recent step rate.",
           [target(f"(max by (namespace, job) (finetune_trainer_total_steps{{{JOBS}}}) - "
                   f"max by (namespace, job) (finetune_trainer_step{{{JOBS}}})) / "
-                  f"max by (namespace, job) (rate(finetune_trainer_step{{{JOBS}}}[$__rate_interval]))",
+                  # "> 0": a stalled run has no ETA rather than an infinite one.
+                  f"(max by (namespace, job) (rate(finetune_trainer_step{{{JOBS}}}[$__rate_interval])) > 0)",
                   "{{namespace}}/{{job}}", instant=True)], unit="s", w=8),
     panel("timeseries", "Epoch", "Epochs done (fractional).",
           [target(f"max by (namespace, job) (finetune_trainer_epoch{{{JOBS}}})", "{{namespace}}/{{job}}")], w=8),
