@@ -289,6 +289,68 @@ def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\b(finetune_(?:operator|trainer)_[a-z_]+|up)\b(?=\s*[{\[)])", expr))
 
 
+def test_alert_rules_fire_after_their_for_durations():
+    """`promtool test rules` on synthetic series: what the real-time run cannot wait for (for: 1h)."""
+    _, promtool = prometheus_binaries()
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"alert-tests-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    (tmp / "rules.yml").write_text(yaml.safe_dump(chart_rules(), sort_keys=False))
+    failed = 'finetune_operator_phase_transitions_total{kind="FineTuneJob",from_phase="Training",to_phase="Failed"}'
+    blocked = 'finetune_operator_promotions_total{outcome="blocked"}'
+
+    def alerts(name: str, at: str, *expected: dict) -> dict:
+        return {"alertname": name, "eval_time": at, "exp_alerts": list(expected)}
+
+    tests = {"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": f'up{{job="{OPERATOR_JOB}"}}', "values": "1x10 0x20"},
+            {"series": f'finetune_operator_finetunejob_phase{{namespace="{NS}",name="stuck",phase="Queued"}}',
+             "values": "1x90"},
+            {"series": 'finetune_operator_datasets{phase="Invalid"}', "values": "0x5 1x30"},
+            {"series": failed, "values": "0x5 1x40"},
+            {"series": blocked, "values": "0x40"},
+        ],
+        "alert_rule_test": [
+            alerts("FineTuneOperatorDown", "14m"),  # down since 11m: still inside for: 5m
+            alerts("FineTuneOperatorDown", "17m", {
+                "exp_labels": {"severity": "critical"},
+                "exp_annotations": {
+                    "summary": "The finetune-operator is down",
+                    "description": f"No replica of {OPERATOR_JOB} has been scraped successfully for 5m: "
+                                   "Datasets and FineTuneJobs are not reconciled."}}),
+            alerts("FineTuneJobQueuedTooLong", "59m"),
+            alerts("FineTuneJobQueuedTooLong", "61m", {
+                "exp_labels": {"severity": "warning", "namespace": NS, "name": "stuck"},
+                "exp_annotations": {
+                    "summary": "A FineTuneJob waits in the queue",
+                    "description": f"FineTuneJob {NS}/stuck has been Queued for more than 1h: check GPU quota "
+                                   "(Kueue) and node capacity."}}),
+            alerts("FineTuneDatasetInvalid", "12m"),
+            alerts("FineTuneDatasetInvalid", "17m", {
+                "exp_labels": {"severity": "warning"},
+                "exp_annotations": {
+                    "summary": "A Dataset failed validation",
+                    "description": "1 Dataset(s) are Invalid; jobs that use them cannot start. "
+                                   "See kubectl get datasets -A."}}),
+            alerts("FineTuneJobFailed", "4m"),
+            alerts("FineTuneJobFailed", "8m", {
+                "exp_labels": {"severity": "warning"},
+                "exp_annotations": {
+                    "summary": "A FineTuneJob failed",
+                    "description": "1 FineTuneJob(s) moved to Failed in the last 15 minutes. See kubectl get "
+                                   "finetunejobs -A and the Failed condition."}}),
+            alerts("FineTuneJobFailed", "30m"),  # the failure left the 15 minute window
+            alerts("FineTuneGovernanceBlocked", "30m"),  # no promotion blocked
+        ],
+    }]}
+    (tmp / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "tests.yml"], cwd=tmp, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_alert_rules_pass_promtool(observed):
     checked = observed["promtool"]
     assert checked.returncode == 0, checked.stdout + checked.stderr
