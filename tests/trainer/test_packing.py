@@ -97,6 +97,15 @@ def test_only_response_tokens_are_targets(tokenizer):
             assert label == ex.input_ids[i + 1]
 
 
+def test_an_answer_that_repeats_the_prompt_is_still_the_target(tokenizer):
+    record = {"messages": [{"role": "user", "content": "say dog"}, {"role": "assistant", "content": "dog"}]}
+    ex = data.tokenize_example(formats.parse_chat(record), tokenizer, 512)
+    targets = [i for i, t in enumerate(ex.labels) if t != data.IGNORE]
+    assert tokenizer.decode([ex.labels[i] for i in targets]).replace(" ", "") == "dog<|im_end|>"
+    # the targets are the last tokens of the example (the answer), not the "dog" in the prompt
+    assert targets[-1] >= len(ex) - 4
+
+
 def test_packing_wastes_little_and_keeps_every_example(tokenizer):
     exs = examples(tokenizer, 60)
     lengths = [len(e) for e in exs]

@@ -82,14 +82,17 @@ def _response_pieces(example: formats.Example, tokenizer) -> list[tuple[str, boo
     messages = [{"role": r, "content": c} for r, c in example.messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     pieces, cursor = [], 0
-    for role, content in example.messages:
+    for k, (role, content) in enumerate(example.messages):
         if role != "assistant" or not content.strip():
             continue
+        # Search only after the conversation so far (plus the assistant header), so an answer that
+        # repeats words of the prompt is never found inside the prompt.
+        search_from = max(cursor, _rendered_prefix_length(tokenizer, messages[:k], text))
         # Templates may trim content; look for it as written, then trimmed.
-        start = text.find(content, cursor)
+        start = text.find(content, search_from)
         if start < 0:
             content = content.strip()
-            start = text.find(content, cursor)
+            start = text.find(content, search_from)
         if start < 0:
             continue
         end = start + len(content)
@@ -99,6 +102,18 @@ def _response_pieces(example: formats.Example, tokenizer) -> list[tuple[str, boo
         cursor = end
     pieces.append((text[cursor:], False))
     return [(t, trainable) for t, trainable in pieces if t]
+
+
+def _rendered_prefix_length(tokenizer, history: list[dict], text: str) -> int:
+    """Length of the rendered `history` + generation prompt when the full rendering starts with it
+    (true for ChatML, Llama, Qwen, ... templates); 0 when the template renders history differently."""
+    if not history:
+        return 0
+    try:
+        prefix = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates may reject partial conversations; fall back to a plain search
+        return 0
+    return len(prefix) if text.startswith(prefix) else 0
 
 
 def tokenize_example(example: formats.Example, tokenizer, max_len: int) -> TokenizedExample:
