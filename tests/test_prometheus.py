@@ -142,7 +142,7 @@ def observed(tmp_path_factory, s3_server, tiny_model_dir):
 
     prometheus, promtool = prometheus_binaries()
     harness = operator_harness()
-    from kube_emulator import Cluster, wait_for  # on sys.path through the harness
+    from kube_emulator import Cluster  # on sys.path through the harness
     from kubelet import FakeKubelet
     from trainer.helpers import upload_folder
 
