@@ -128,6 +128,7 @@ def test_manual_promotion_awaits_approval_then_promotes_after_rerun(tiny_workdir
     second = ftctl("run", "manual.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
     assert second.returncode == 0, second.stderr
     assert "phase: Succeeded" in second.stdout and "approvedBy: reviewer" in second.stdout
+    assert "TrainerJobCreated" not in second.stdout  # the approved adapter is not trained again
     assert (tiny_workdir / ".finetune" / "runs" / "manual-tiny" / "aliases" / "manual.json").exists()
 
 
@@ -167,6 +168,7 @@ def test_ctrl_c_checkpoints_and_the_next_run_resumes(tmp_path, tiny_model_dir):
 
     second = ftctl("run", "run.yaml", "--samples", "0", cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr
+    assert f"resuming from the checkpoint at step {stopped_at}" in second.stdout
     log = (tmp_path / ".finetune" / "logs" / "support-assistant-train-1.log").read_text()
     resumed = [json.loads(line) for line in log.splitlines() if '"event": "resume"' in line]
     assert resumed and resumed[-1]["step"] == stopped_at

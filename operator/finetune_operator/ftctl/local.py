@@ -8,6 +8,7 @@ command as a subprocess (executor.py) and reports back what a Job controller wou
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,14 +161,67 @@ class LocalRun:
             ftj["status"] = plan.status
         return plan
 
+    # A local status store: what the API server keeps for the operator between reconciles.
+    def _status_path(self, ftj: dict) -> Path:
+        meta = ftj["metadata"]
+        return self.options.state_dir / "status" / meta["namespace"] / f"{meta['name']}.json"
+
+    def _spec_digest(self, ftj: dict, dataset: dict) -> str:
+        """What the adapter depends on: the spec except promotion, and the data it trained on."""
+        spec = {k: v for k, v in ftj["spec"].items() if k != "promotion"}
+        text = json.dumps([spec, dataset["status"].get("digest")], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _save_status(self, ftj: dict, dataset: dict) -> None:
+        path = self._status_path(ftj)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"specDigest": self._spec_digest(ftj, dataset), "status": ftj.get("status")},
+                                   indent=2), encoding="utf-8")
+
+    def _awaiting_approval(self, ftj: dict, dataset: dict) -> Optional[dict]:
+        """The saved status of a run that waits for approval of this very adapter, if any."""
+        try:
+            saved = json.loads(self._status_path(ftj).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        status = saved.get("status") or {}
+        if (status.get("phase") != "AwaitingApproval" or not status.get("adapter")
+                or saved.get("specDigest") != self._spec_digest(ftj, dataset)):
+            return None
+        return status
+
     def run_job(self, manifest: dict) -> JobOutcome:
         ftj = self.prepare_job(manifest)
         dataset = self.datasets.get(ftj["spec"]["datasetRef"]["name"])
         inputs = decisions.JobInputs(dataset=dataset, policies=self.manifests.policies)
+        waiting = self._awaiting_approval(ftj, dataset)
+        try:
+            if waiting is None:
+                return self._run_job(ftj, dataset, inputs)
+            # Like the operator after a spec change: the adapter and its governance Job are done;
+            # only the promotion decision is taken again (with the approval now in the spec).
+            ftj["status"] = waiting
+            digest = waiting["adapter"]["digest"]
+            stub = {"metadata": {"name": children.governance_job_name(ftj["metadata"]["name"], digest),
+                                 "annotations": {}}, "spec": {}}
+            now = now_iso()
+            inputs.governance_job, inputs.governance_pods = logic.observed_job(stub, 0, now, now)
+            inputs.report = models.read_json(f"{waiting['adapter']['uri']}/governance.json")
+            inputs.manifest_ok = logic.verify_adapter(waiting["adapter"]["uri"])
+            return self._conclude(ftj, dataset, self._plan(ftj, inputs))
+        finally:
+            if ftj.get("status"):
+                self._save_status(ftj, dataset)
+
+    def _run_job(self, ftj: dict, dataset: dict, inputs: decisions.JobInputs) -> JobOutcome:
         plan = self._plan(ftj, inputs)  # -> Queued: the trainer Job and its config
         if not plan.create:
             return self._outcome(ftj)
         output_uri = ftj["spec"]["output"]["uri"].rstrip("/")
+        resume_step = models.newest_checkpoint_step(output_uri)
+        if resume_step is not None:  # the trainer resumes by itself; say so, as it changes what the user sees
+            self.console.print(f"FineTuneJob/{ftj['metadata']['name']}: resuming from the checkpoint at step "
+                               f"{resume_step} in {output_uri}/checkpoints", markup=False, soft_wrap=True)
         job, result, started, finished = self._train(ftj, plan, inputs, output_uri)
         if result.interrupted:
             step = (ftj.get("status") or {}).get("progress", {}).get("step")
@@ -197,6 +251,10 @@ class LocalRun:
         plan = self._plan(ftj, inputs)  # -> Succeeded | AwaitingApproval | Failed
         if ftj["status"].get("phase") == "Failed" and gov.exit_code:
             ftj["status"]["message"] = f"{ftj['status']['message']}: {gov.error_message()}"
+        return self._conclude(ftj, dataset, plan)
+
+    def _conclude(self, ftj: dict, dataset: dict, plan: decisions.Plan) -> JobOutcome:
+        """Apply the last plan (the alias record) and show what the adapter changed."""
         if plan.alias is not None:
             from finetune_trainer import storage
 

@@ -102,6 +102,10 @@ def _prompt_ids(tokenizer, example):
 def before_after(base_uri: str, adapter_uri: str, eval_uri: str, fmt: str,
                  count: int = 3, max_new_tokens: int = 40) -> list[dict]:
     """Greedy answers of the base model and of base + adapter for the first eval prompts."""
+    import logging
+
+    # bitsandbytes (imported by peft) warns about an optional CPU kernel package we never use.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
     import transformers
     from peft import PeftModel
@@ -154,3 +158,12 @@ def read_json(uri: str) -> Optional[dict]:
         return json.loads(storage.read_text(uri))
     except FileNotFoundError:
         return None
+
+
+def newest_checkpoint_step(output_uri: str) -> Optional[int]:
+    """The step of the newest complete checkpoint (checkpoint.json is written last) under a run folder."""
+    from finetune_trainer import storage
+
+    steps = [int(key.split("/")[0][len("step-"):]) for key in storage.list_keys(f"{output_uri}/checkpoints")
+             if key.startswith("step-") and key.endswith("/checkpoint.json") and key.split("/")[0][5:].isdigit()]
+    return max(steps) if steps else None
