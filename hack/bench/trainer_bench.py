@@ -18,7 +18,7 @@ Each side runs in its own subprocess (so peak memory is its own) and reports:
     term is causal-masked attention score and value matmuls counted as full (the PaLM convention).
     Padding and recomputation (gradient checkpointing) are not useful FLOPs.
 
-    python hack/bench/trainer_bench.py --steps 20                # CPU, ~25M-param model
+    python hack/bench/trainer_bench.py --steps 20                # CPU, ~22M-param model
     python hack/bench/trainer_bench.py --device cuda --shape llama3-8b --precision bf16 --method qlora
 """
 
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    # ~25M parameters: big enough that matmuls dominate, small enough for one CPU thread.
+    # ~22M parameters: big enough that matmuls dominate, small enough for one CPU thread.
     "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
                   intermediate_size=1024, vocab_size=16384),
     # For quick checks of the script itself.
