@@ -35,9 +35,8 @@ def job(bucket, tiny_model_dir, tmp_path):
 
 
 def env_with(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", FINETUNE_CACHE_DIR=os.environ.get("FINETUNE_CACHE_DIR", ""))
-    env.update(extra)
-    return env
+    """This process's environment (same thread count as the in-process comparison run) plus `extra`."""
+    return {**os.environ, **extra}
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "") -> None:
