@@ -63,3 +63,20 @@ def test_heartbeat_keeps_the_record_fresh_between_steps(bucket):
         assert Progress.model_validate(read_json(storage.join(output, "progress.json"))).step == 3
     finally:
         reporter.close()
+
+
+def test_a_taken_metrics_port_does_not_stop_training(bucket):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        reporter = ProgressReporter(output_uri=f"s3://{bucket}/runs/busy", namespace="ns", job="j", total_steps=2,
+                                    interval_seconds=1, metrics_port=port)
+        try:
+            assert reporter._server is None  # no endpoint, but the run goes on
+            assert reporter.update(step=1, epoch=0.5, loss=1.0, force=True)
+            assert read_json(storage.join(f"s3://{bucket}/runs/busy", "progress.json"))["step"] == 1
+        finally:
+            reporter.close()

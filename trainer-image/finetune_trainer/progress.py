@@ -66,8 +66,12 @@ class ProgressReporter:
         self.total.set(total_steps)
         self._server = None
         if metrics_port:
-            self._server = start_http_server(metrics_port, registry=self.registry)
-            log.info("metrics endpoint up", extra={"event": "metrics", "port": metrics_port})
+            try:
+                self._server = start_http_server(metrics_port, registry=self.registry)
+                log.info("metrics endpoint up", extra={"event": "metrics", "port": metrics_port})
+            except OSError as exc:  # e.g. port taken by another local run: train anyway, without metrics
+                log.warning(f"metrics endpoint not started on port {metrics_port}: {exc}",
+                            extra={"event": "metrics_unavailable", "port": metrics_port})
         self._last_write = 0.0
         self.record: dict = {"step": 0, "totalSteps": total_steps, "epoch": 0.0, "percent": 0}
         self._lock = threading.Lock()
