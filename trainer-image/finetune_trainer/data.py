@@ -13,6 +13,7 @@ would compute one by one -- minus the padding.
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -149,19 +150,22 @@ Batch = list[list[int]]
 
 
 def pack_rows(order: Sequence[int], lengths: Sequence[int], max_len: int) -> list[list[int]]:
-    """First-fit packing of examples (in the given order) into rows of at most max_len tokens."""
+    """Best-fit packing of examples (in the given order; longest first packs tightest) into rows
+    of at most max_len tokens. The open rows are kept sorted by free room, so each example costs
+    a binary search: fine for millions of examples."""
     rows: list[list[int]] = []
-    room: list[int] = []
+    open_rows: list[tuple[int, int]] = []  # (free tokens, row index), sorted
     for idx in order:
         n = lengths[idx]
-        for r, free in enumerate(room):
-            if free >= n:
-                rows[r].append(idx)
-                room[r] -= n
-                break
+        pos = bisect.bisect_left(open_rows, (n, -1))  # the fullest row that still fits
+        if pos < len(open_rows):
+            free, r = open_rows.pop(pos)
+            rows[r].append(idx)
         else:
+            free, r = max_len, len(rows)
             rows.append([idx])
-            room.append(max_len - n)
+        if free - n > 0:
+            bisect.insort(open_rows, (free - n, r))
     return rows
 
 
