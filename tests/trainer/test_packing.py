@@ -44,7 +44,7 @@ def examples(tokenizer, n: int, fmt: str = "chat", seed: int = 1):
 def test_packed_loss_equals_one_by_one(adapted_model, tokenizer, fmt):
     exs = examples(tokenizer, 10, fmt)
     cpu = torch.device("cpu")
-    rows = data.pack_rows(range(len(exs)), [len(e) for e in exs], 128)
+    rows = data.pack_rows(range(len(exs)), [len(e) for e in exs], 256)
     assert any(len(r) >= 3 for r in rows), "the test needs rows with several examples"
     packed = data.collate(rows, exs, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_a_leaky_mask_would_be_caught(adapted_model, tokenizer):
     """Control: with plain causal attention over the packed row (leaking), the losses differ."""
     exs = examples(tokenizer, 10)
     cpu = torch.device("cpu")
-    rows = data.pack_rows(range(len(exs)), [len(e) for e in exs], 128)
+    rows = data.pack_rows(range(len(exs)), [len(e) for e in exs], 256)
     packed = data.collate(rows, exs, tokenizer.pad_token_id)
     # One segment per row and running positions: plain causal attention across the packed examples.
     leaky = dict(packed, segment_ids=torch.ones_like(packed["segment_ids"]),
