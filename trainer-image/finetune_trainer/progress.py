@@ -74,7 +74,8 @@ class ProgressReporter:
                             extra={"event": "metrics_unavailable", "port": metrics_port})
         self._last_write = 0.0
         self.record: dict = {"step": 0, "totalSteps": total_steps, "epoch": 0.0, "percent": 0}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the record
+        self._write_lock = threading.Lock()  # orders the uploads
         self._closed = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
 
@@ -122,14 +123,17 @@ class ProgressReporter:
         return False
 
     def write(self) -> None:
-        with self._lock:
-            self.record["updatedAt"] = now_rfc3339()
-            text = json.dumps(self.record, sort_keys=True)
-        try:
-            storage.write_text(self.uri, text)
-        except Exception as exc:  # progress is best effort: a storage hiccup must not kill training
-            log.warning(f"progress.json not written: {exc}", extra={"event": "progress_write_failed"})
-        self._last_write = time.monotonic()
+        # One write at a time (main loop or heartbeat), each serializing the record as it is when its
+        # turn comes: a slow older write can never land after, and overwrite, a newer one.
+        with self._write_lock:
+            with self._lock:
+                self.record["updatedAt"] = now_rfc3339()
+                text = json.dumps(self.record, sort_keys=True)
+            try:
+                storage.write_text(self.uri, text)
+            except Exception as exc:  # progress is best effort: a storage hiccup must not kill training
+                log.warning(f"progress.json not written: {exc}", extra={"event": "progress_write_failed"})
+            self._last_write = time.monotonic()
 
     def close(self) -> None:
         self._closed.set()
