@@ -191,3 +191,17 @@ def test_run_on_s3_storage(tiny_workdir, bucket):
     alias = json.loads(storage.read_text(f"s3://{bucket}/runs/on-s3-tiny/aliases/support-assistant.json"))
     assert alias["adapterDigest"] == result["digest"] and result["adapterURI"].startswith(f"s3://{bucket}/")
     assert storage.exists(f"s3://{bucket}/validated/support/report.json")
+
+
+def test_transient_failures_are_retried_like_a_job_then_reported(tmp_path):
+    """S3 unreachable (exit 4): retried up to the validation Job's backoffLimit, then one clear line."""
+    dataset, _ = quickstart_docs()
+    dataset["spec"]["source"]["uri"] = "s3://unreachable-bucket/raw.jsonl"
+    write_manifests(tmp_path / "ds.yaml", dataset)
+    proc = ftctl("run", "ds.yaml", cwd=tmp_path,
+                 env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "FINETUNE_S3_MAX_ATTEMPTS": "1",
+                      "FINETUNE_S3_CONNECT_TIMEOUT": "1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.count("retrying") == 2  # backoffLimit 2 of the operator's validation Job
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: Dataset support-answers is Failed") and "S3 unreachable" in error

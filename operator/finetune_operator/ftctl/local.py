@@ -83,12 +83,13 @@ class LocalRun:
         self.datasets: dict[str, dict] = {}  # name -> the Dataset object with its status
 
     # --- the cluster's part: run a child Job -----------------------------------------------------
-    def run_child(self, plan: decisions.Plan, retries: int = 0,
+    def run_child(self, plan: decisions.Plan,
                   on_poll: Optional[Callable[[str, dict], None]] = None) -> tuple[dict, CommandResult, str, str]:
-        """Run the Job in `plan.create` (with its ConfigMap) like the Job controller: retry transient
-        failures up to `retries` times, never a configuration error."""
+        """Run the Job in `plan.create` (with its ConfigMap) like the Job controller: retry failures up
+        to the Job's backoffLimit, never a configuration error (its podFailurePolicy fails at once)."""
         config_map = next(o for o in plan.create if o["kind"] == "ConfigMap")
         job = next(o for o in plan.create if o["kind"] == "Job")
+        retries = int(job["spec"].get("backoffLimit", 0))
         command, filename = logic.job_command(job)
         name = job["metadata"]["name"]
         config_path = self.options.state_dir / "configs" / f"{name}.json"
@@ -120,7 +121,7 @@ class LocalRun:
         dataset["status"] = plan.status or {}
         if plan.create:
             with self.console.status(f"Validating Dataset {name} ..."):
-                job, result, started, finished = self.run_child(plan, retries=0)
+                job, result, started, finished = self.run_child(plan)
             if result.interrupted:
                 raise FtctlError(f"interrupted while validating Dataset {name}", EXIT_INTERRUPTED)
             summary, pods = logic.observed_job(job, result.exit_code, started, finished, result.error_message())
@@ -240,7 +241,7 @@ class LocalRun:
 
         digest = ftj["status"]["adapter"]["digest"]
         with self.console.status(f"Running governance checks on adapter {digest[:19]}... "):
-            job, gov, started, finished = self.run_child(plan, retries=1)
+            job, gov, started, finished = self.run_child(plan)
         if gov.interrupted:
             raise FtctlError("interrupted during the governance checks; run again to redo them", EXIT_INTERRUPTED)
         inputs.governance_job, inputs.governance_pods = logic.observed_job(job, gov.exit_code, started, finished,
@@ -297,7 +298,7 @@ class LocalRun:
                         console=self.console, refresh_per_second=4)
             live.start()
         try:
-            return self.run_child(plan, retries=int(ftj["spec"].get("backoffLimit", 0)), on_poll=poll)
+            return self.run_child(plan, on_poll=poll)
         finally:
             if live is not None:
                 live.stop()
