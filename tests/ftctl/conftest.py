@@ -70,6 +70,10 @@ class Emulator:
     def url(self) -> str:
         return self.cluster.url
 
+    def requests(self) -> list:
+        """Every request the API server received (kmock's history, as Cluster.write_requests reads it)."""
+        return list(self.cluster.emulator._requests)
+
 
 def write_kubeconfig(path: Path, url: str, user: str = "alice", namespace: str = NS) -> Path:
     path.write_text(yaml.safe_dump({

@@ -83,7 +83,7 @@ def test_submit_of_an_invalid_manifest_never_reaches_the_cluster(k8s):
     result = cli(k8s, "submit", "-f", str(bad))
     assert result.exit_code == 2
     assert "spec.lora.r" in result.output and "Traceback" not in result.output
-    writes = [r for r in k8s.kmock if r.method.value in ("POST", "PUT", "PATCH")]
+    writes = [r for r in k8s.requests() if r.method.value in ("POST", "PUT", "PATCH")]
     assert writes == []
 
 
@@ -160,7 +160,7 @@ def test_logs_of_the_trainer_pod(k8s):
     assert result.output == '{"msg": "step 1"}\n{"msg": "step 2"}\n'
     follow = cli(k8s, "logs", "support-assistant", "-f")
     assert follow.exit_code == 0 and "step 2" in follow.output
-    assert any(r.params.get("follow") == "true" for r in k8s.kmock if r.url.path.endswith("/log"))
+    assert any(r.params.get("follow") == "true" for r in k8s.requests() if r.url.path.endswith("/log"))
 
 
 def test_logs_before_the_trainer_exists(k8s):
