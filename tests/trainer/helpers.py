@@ -87,7 +87,11 @@ def write_config(cfg, path: Path) -> Path:
 
 
 def trainer_command(config_path: Path) -> list[str]:
-    """argv of `finetune-trainer train --config ...` with this interpreter (works without PATH set up)."""
+    """argv of `finetune-trainer train --config ...`: the installed console script next to this
+    interpreter (what the image runs), else the same entry point through `python -m`."""
+    script = Path(sys.executable).parent / "finetune-trainer"
+    if script.is_file():
+        return [str(script), "train", "--config", str(config_path)]
     return [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(config_path)]
 
 
