@@ -42,6 +42,10 @@ class _State:
         self.written: dict[str, dict] = {}
         # Children we created or adopted, until the watch shows them (avoids a second POST -> 409).
         self.created: set[tuple[str, str]] = set()
+        # Latest FineTuneJob bodies, kept by the FineTuneJob event handler (cheaper than a Kopf index:
+        # one handler per event instead of two). A Job event for an unknown owner is simply skipped:
+        # the owner's own event reconciles it.
+        self.finetunejobs: dict[tuple[str, str], dict] = {}
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -90,11 +94,6 @@ async def close_client(**_: Any) -> None:
 
 def _plain(body: Any) -> dict:
     return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
-
-
-@kopf.index(GROUP, VERSION, "finetunejobs")
-def finetunejobs_idx(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-    return {(namespace, name): _plain(body)}
 
 
 @kopf.index(GROUP, VERSION, "datasets")
@@ -215,11 +214,10 @@ async def reconcile_dataset(namespace: str, name: str, indices: dict, logger: An
 async def _wake_waiting_jobs(namespace: str, dataset: str, indices: dict, logger: Any) -> None:
     """A Dataset changed: reconcile the FineTuneJobs that wait for it (they have no trainer Job yet)."""
     waiting = []
-    for (ns, name), store in indices["finetunejobs_idx"].items():
-        for ftj in store:
-            if ns == namespace and ftj["spec"].get("datasetRef", {}).get("name") == dataset:
-                if not (_with_written_status(ftj).get("status") or {}).get("trainerJob"):
-                    waiting.append(name)
+    for (ns, name), ftj in list(STATE.finetunejobs.items()):
+        if ns == namespace and ftj["spec"].get("datasetRef", {}).get("name") == dataset:
+            if not (_with_written_status(ftj).get("status") or {}).get("trainerJob"):
+                waiting.append(name)
     for name in waiting:
         await reconcile_finetunejob(namespace, name, indices, logger)
 
@@ -239,7 +237,7 @@ async def dataset_event(type: str, body: kopf.Body, namespace: str, name: str, l
 async def reconcile_finetunejob(namespace: str, name: str, indices: dict, logger: Any,
                                 body: Optional[dict] = None, read_progress: bool = False) -> None:
     async with STATE.lock(("FineTuneJob", namespace, name)):
-        body = body or _one(indices["finetunejobs_idx"], (namespace, name))
+        body = body or STATE.finetunejobs.get((namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         body = _with_written_status(body)
@@ -306,9 +304,16 @@ async def finetunejob_event(type: str, body: kopf.Body, namespace: str, name: st
     if type == "DELETED":
         STATE.written.pop(body["metadata"].get("uid"), None)
         STATE.locks.pop(("FineTuneJob", namespace, name), None)
+        STATE.finetunejobs.pop((namespace, name), None)
         metrics.forget("FineTuneJob", namespace, name)
         return
-    await reconcile_finetunejob(namespace, name, kwargs, logger, _plain(body))
+    plain = _plain(body)
+    STATE.finetunejobs[(namespace, name)] = plain
+    written = STATE.written.get(body["metadata"].get("uid"))
+    if (written is not None and dict(body.get("status") or {}) == written
+            and written.get("observedGeneration") == (body["metadata"].get("generation") or 1)):
+        return  # the echo of our own status patch: nothing new to act on
+    await reconcile_finetunejob(namespace, name, kwargs, logger, plain)
 
 
 def _training(status: kopf.Status, **_: Any) -> bool:
@@ -349,6 +354,8 @@ async def _owner_event(namespace: str, labels: dict, indices: dict, logger: Any)
 async def job_event(type: str, name: str, namespace: str, labels: dict, logger: Any, **kwargs: Any) -> None:
     if type == "DELETED":
         STATE.created.discard((namespace, name))
+    elif (namespace, name) in STATE.created and not kwargs["body"].get("status"):
+        return  # the echo of our own create: the Job has not started, nothing to act on
     await _owner_event(namespace, labels, kwargs, logger)
 
 

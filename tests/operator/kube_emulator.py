@@ -39,7 +39,23 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     (Kopf names its Events that way), uid, creationTimestamp, resourceVersion, and
     metadata.generation that starts at 1 and grows on every spec change."""
 
+    # Requests being served right now. kmock routes a request by checking that it is among the
+    # requests each reaction's filter sees, which walks the whole history: O(N) per request, so
+    # 1,000s of objects slow to a crawl. Routing only needs the in-flight ones; the full history
+    # stays in `_requests` (see Cluster.write_requests). Views over kmock's history are not used.
+    _inflight: list = attrs.field(factory=list, init=False)
+
+    def __iter__(self):
+        return iter(list(self._inflight))
+
     async def _handle(self, request):  # type: ignore[override]
+        self._inflight.append(request)
+        try:
+            return await self._handle_tracked(request)
+        finally:
+            self._inflight.remove(request)
+
+    async def _handle_tracked(self, request):
         data = request.data if isinstance(request.data, dict) else None
         if request.resource is not None and data is not None:
             meta = data.setdefault("metadata", {})
@@ -59,6 +75,14 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                     pass
         return await super()._handle(request)
 
+    def _KubernetesEmulator__get_objs(self, request, strict: bool) -> list:
+        # The emulator scans every stored object per request (O(N)); an API server looks one up by
+        # key. Named lookups go straight to the dict, so 1,000s of objects stay fast.
+        if request.name is not None and request.resource is not None and (strict or request.namespace):
+            obj = self.objects._objects.get((request.resource, request.namespace, request.name))
+            return [obj] if obj is not None else []
+        return kmock.KubernetesEmulator._KubernetesEmulator__get_objs(self, request, strict)
+
 
 class Cluster:
     def __init__(self) -> None:
@@ -77,6 +101,7 @@ class Cluster:
         if not self._ready.wait(30):
             raise RuntimeError("the emulator did not start")
         self.http = urllib3.PoolManager(maxsize=8)
+        self.user_agent = "kube-emulator-tests"  # tells our own requests apart in the request log
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -108,7 +133,7 @@ class Cluster:
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> Any:
         resp = self.http.request(method, self.url + path, body=json.dumps(body) if body is not None else None,
-                                 headers={"Content-Type": content_type}, timeout=30)
+                                 headers={"Content-Type": content_type, "User-Agent": self.user_agent}, timeout=30)
         data = json.loads(resp.data) if resp.data else {}
         if resp.status >= 400:
             raise LookupError(f"{method} {path}: HTTP {resp.status}: {data.get('message')}")

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Operator benchmark (not a test): N FineTuneJobs with a Ready Dataset, against the API emulator.
+
+For our operator and for a bare Kopf operator that only creates one Job per object (the
+framework's floor), each in its own subprocess against its own fresh emulator, it reports:
+
+- seconds from the last apply until every trainer Job exists;
+- API writes per job (POST/PATCH/PUT/DELETE made by the operator, from the emulator's request log,
+  counted once the operator has gone quiet);
+- the operator process's peak memory (VmHWM).
+
+    OMP_NUM_THREADS=1 python hack/bench/operator_bench.py --jobs 1000
+
+Targets: time <= 1.3x the floor, <= 4 writes per job until Training, peak memory <= 250 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "operator"))
+
+from kube_emulator import Cluster  # noqa: E402
+
+API = "finetune.dev/v1alpha1"
+BENCH_AGENT = "operator-bench"
+
+
+def dataset() -> dict:
+    return {"apiVersion": API, "kind": "Dataset", "metadata": {"name": "ds", "namespace": "bench"},
+            "spec": {"source": {"uri": "s3://bench/raw.jsonl"}, "format": "chat",
+                     "provenance": {"origin": "bench", "license": "CC0-1.0"}},
+            "status": {"phase": "Ready", "observedGeneration": 1, "validatedURI": "s3://bench/validated",
+                       "digest": "sha256:" + "0" * 64}}
+
+
+def finetunejob(i: int) -> dict:
+    return {"apiVersion": API, "kind": "FineTuneJob", "metadata": {"name": f"job-{i:05d}", "namespace": "bench"},
+            "spec": {"baseModel": {"uri": "s3://bench/model"}, "datasetRef": {"name": "ds"},
+                     "output": {"uri": f"s3://bench/runs/job-{i:05d}"}, "resources": {"gpusPerNode": 1}}}
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def count_jobs(cluster: Cluster) -> int:
+    while True:
+        try:  # read from another thread than the emulator's: retry if it changed meanwhile
+            items = list(cluster.emulator.objects._objects.items())
+            break
+        except RuntimeError:
+            continue
+    return sum(1 for (res, _, _), obj in items if res.plural == "jobs" and not obj.deleted)
+
+
+def operator_writes(cluster: Cluster) -> int:
+    return sum(1 for r in list(cluster.emulator._requests)
+               if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers.get("User-Agent") != BENCH_AGENT)
+
+
+def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
+    cluster = Cluster()
+    cluster.user_agent = BENCH_AGENT
+    kubeconfig = cluster.write_kubeconfig(workdir / f"kubeconfig-{kind}")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1", "FINETUNE_METRICS_PORT": "0",
+           "FINETUNE_HEALTH_PORT": "0", "FINETUNE_ARTIFACT_STORE": "s3://bench/store"}
+    cmd = ([sys.executable, "-m", "kopf", "run", "-q", "--standalone", "-A", "-m", "finetune_operator.handlers"] if kind == "operator" else
+           [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json",
+            str(REPO / "hack" / "bench" / "bare_operator.py")])
+    if os.environ.get("BENCH_PROFILE"):  # e.g. BENCH_PROFILE=/tmp/op.prof: cProfile the operator process
+        cmd = [cmd[0], "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + f".{kind}"] + cmd[1:]
+    cluster.create(dataset())
+    if preapply:  # everything exists before the operator starts: pure processing throughput
+        for i in range(jobs):
+            cluster.create(finetunejob(i))
+    log = open(workdir / f"{kind}.log", "wb")
+    spawned = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Ready once it watches FineTuneJobs.
+        deadline = time.monotonic() + 60
+        while not any("finetunejobs" in str(r.url) and r.params.get("watch") for r in list(cluster.emulator._requests)):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{kind} did not start; see {workdir}/{kind}.log")
+            time.sleep(0.2)
+        started = time.monotonic()
+        for i in range(jobs if not preapply else 0):
+            cluster.create(finetunejob(i))
+        last_apply = time.monotonic() if not preapply else spawned
+        while count_jobs(cluster) < jobs:
+            if time.monotonic() - last_apply > 600:
+                raise RuntimeError(f"{kind}: only {count_jobs(cluster)} of {jobs} Jobs after 600 s")
+            time.sleep(0.05)
+        all_jobs = time.monotonic()
+        # Let status patches and Events settle before counting writes.
+        quiet, last = time.monotonic(), operator_writes(cluster)
+        while time.monotonic() - quiet < 3:
+            time.sleep(0.5)
+            now = operator_writes(cluster)
+            if now != last:
+                quiet, last = time.monotonic(), now
+        writes = operator_writes(cluster)
+        by_kind: dict[str, int] = {}
+        for r in list(cluster.emulator._requests):
+            if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers.get("User-Agent") != BENCH_AGENT:
+                key = f"{r.method} {r.resource.plural if r.resource else '?'}{'/' + r.subresource if r.subresource else ''}"
+                by_kind[key] = by_kind.get(key, 0) + 1
+        reads: dict[str, int] = {}
+        for r in list(cluster.emulator._requests):
+            if r.method == "GET" and r.headers.get("User-Agent") != BENCH_AGENT:
+                key = f"{'WATCH' if r.params.get('watch') else 'GET'} {r.resource.plural if r.resource else r.url.path}"
+                reads[key] = reads.get(key, 0) + 1
+        return {"kind": kind, "jobs": jobs, "reads": reads, "mode": "preapplied (from process start)" if preapply else "live",
+                "apply_seconds": round(last_apply - started, 2),
+                "seconds_after_last_apply": round(all_jobs - last_apply, 2),
+                "seconds_from_first_apply": round(all_jobs - started, 2),
+                "writes_per_job": round(writes / jobs, 2), "writes": by_kind,
+                "peak_rss_mib": round(peak_rss_mib(proc.pid), 1),
+                "operator_cpu_seconds": round(cpu_seconds(proc.pid), 2)}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        cluster.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--only", choices=["operator", "bare"], default=None)
+    parser.add_argument("--preapply", action="store_true",
+                        help="create every FineTuneJob before the operator starts; time from process start")
+    ns = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="operator-bench-"))
+    results = []
+    for kind in ("bare", "operator"):
+        if ns.only in (None, kind):
+            results.append(run(kind, ns.jobs, workdir, ns.preapply))
+            print(json.dumps(results[-1]), flush=True)
+    if len(results) == 2:
+        bare, ours = results
+        ratio = ours["seconds_from_first_apply"] / max(bare["seconds_from_first_apply"], 1e-9)
+        print(json.dumps({"time_ratio_vs_floor": round(ratio, 2),
+                          "after_last_apply_ratio": round(ours["seconds_after_last_apply"] /
+                                                          max(bare["seconds_after_last_apply"], 0.01), 2),
+                          "targets": {"time_ratio<=1.3": ratio <= 1.3, "writes<=4": ours["writes_per_job"] <= 4,
+                                      "peak<=250MiB": ours["peak_rss_mib"] <= 250}}))
+    print(f"logs: {workdir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
