@@ -120,7 +120,7 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
         by_kind: dict[str, int] = {}
         for r in list(cluster.emulator._requests):
             if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers.get("User-Agent") != BENCH_AGENT:
-                key = f"{r.method} {r.resource.plural if r.resource else '?'}{'/' + r.subresource if r.subresource else ''}"
+                key = f"{getattr(r.method, 'value', r.method)} {r.resource.plural if r.resource else '?'}{'/' + r.subresource if r.subresource else ''}"
                 by_kind[key] = by_kind.get(key, 0) + 1
         reads: dict[str, int] = {}
         for r in list(cluster.emulator._requests):
@@ -159,10 +159,12 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     if len(results) == 2:
         bare, ours = results
-        ratio = ours["seconds_from_first_apply"] / max(bare["seconds_from_first_apply"], 1e-9)
-        print(json.dumps({"time_ratio_vs_floor": round(ratio, 2),
-                          "after_last_apply_ratio": round(ours["seconds_after_last_apply"] /
-                                                          max(bare["seconds_after_last_apply"], 0.01), 2),
+        # Live: both operators keep up with the applies, so "after the last apply" is mostly the 50 ms
+        # polling step; the time from the first apply is the comparable number. Preapplied: the time
+        # from process start until every Job exists (pure throughput).
+        key = "seconds_after_last_apply" if ns.preapply else "seconds_from_first_apply"
+        ratio = ours[key] / max(bare[key], 1e-9)
+        print(json.dumps({"time_ratio_vs_floor": round(ratio, 2), "compared": key,
                           "targets": {"time_ratio<=1.3": ratio <= 1.3, "writes<=4": ours["writes_per_job"] <= 4,
                                       "peak<=250MiB": ours["peak_rss_mib"] <= 250}}))
     print(f"logs: {workdir}", file=sys.stderr)

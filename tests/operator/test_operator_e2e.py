@@ -58,7 +58,7 @@ def test_dataset_and_finetunejob_end_to_end(cluster, env, kubelet, operator, mod
     assert alias["adapterDigest"] == adapter["digest"]
     for cond in ("DatasetReady", "Trained", "GovernancePassed", "Promoted"):
         assert get_condition(status["conditions"], cond)["status"] == "True", cond
-    reasons = [e["reason"] for e in cluster.events(name="e2e")]
-    assert {"WaitingForDataset", "TrainerJobCreated", "Trained", "Promoted"} <= set(reasons), reasons
+    expected = {"WaitingForDataset", "TrainerJobCreated", "TrainingStarted", "Trained", "Promoted"}
+    wait_for(lambda: expected <= {e["reason"] for e in cluster.events(name="e2e")}, 10, "Events")
     # Secrets never reach status or events.
     assert "testing" not in json.dumps(status) and "testing" not in json.dumps(cluster.events())

@@ -71,5 +71,7 @@ def test_trainer_failures_and_waiting_reasons(cluster, env, kubelet, operator):
     pull = wait_for(lambda: "cannot be pulled" in status_of(cluster, "pull").get("message", "")
                     and status_of(cluster, "pull"), 30)
     assert "ErrImagePull" in pull["message"] and "nowhere/trainer:0" in pull["message"]
-    warnings = {e["reason"] for e in cluster.events() if e.get("type") == "Warning"}
-    assert {"ConfigurationError", "OOMKilled", "Unschedulable", "ErrImagePull"} <= warnings, warnings
+    # Kopf posts Events from a queue, a moment after the status patch.
+    expected = {"ConfigurationError", "OOMKilled", "Unschedulable", "ErrImagePull"}
+    wait_for(lambda: expected <= {e["reason"] for e in cluster.events() if e.get("type") == "Warning"}, 10,
+             "Warning events")
