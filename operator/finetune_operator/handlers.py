@@ -56,8 +56,15 @@ STATE = _State()
 
 # --- startup, login, indices -----------------------------------------------------------------
 
+async def _expire_metrics() -> None:
+    """Drop per-job metric series some time after the job finished (metrics.py keeps the retention)."""
+    while True:
+        await asyncio.sleep(60)
+        metrics.expire()
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     global CONFIG, STATE
     CONFIG = config_mod.load()
     STATE = _State()
@@ -74,6 +81,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         storage.reset_client()
     if CONFIG.metrics_port:
         metrics.start_server(CONFIG.metrics_port)
+    memo["expiry"] = asyncio.create_task(_expire_metrics())
 
 
 @kopf.on.login()
@@ -85,7 +93,9 @@ def login(**kwargs: Any) -> Optional[kopf.ConnectionInfo]:
 
 
 @kopf.on.cleanup()
-async def close_client(**_: Any) -> None:
+async def close_client(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("expiry") is not None:
+        memo["expiry"].cancel()
     try:
         await kube.client().close()
     except RuntimeError:
