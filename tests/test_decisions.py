@@ -194,3 +194,23 @@ def test_failed_required_check_blocks_promotion():
     plan = decisions.plan_finetunejob(ftj(evaluating), inputs, cfg, NOW)
     assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked"
     assert get_condition(plan.status["conditions"], "GovernancePassed")["status"] == "False"
+
+
+def test_statuses_fit_the_api_schema():
+    """What the operator writes must validate against the CRD's status schema (the pydantic models)."""
+    from finetune_operator.api.dataset import DatasetStatus
+    from finetune_operator.api.finetunejob import FineTuneJobStatus
+
+    report = {"valid": True, "stats": {"examples": 9, "evalExamples": 1}, "digest": "sha256:" + "2" * 64,
+              "piiFindings": {"email": 1}, "validatedURI": "s3://store/v"}
+    ds = decisions.plan_dataset(dataset(), job("ds-validate-1", complete=True), [], report, CFG, NOW)
+    DatasetStatus.model_validate(ds.status)
+    evaluating = {**queued(), "phase": "Evaluating", "gpuHours": 0.5,
+                  "adapter": {"uri": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 3},
+                  "progress": {"step": 6, "totalSteps": 6, "percent": 100, "loss": 1.0}}
+    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job("x", complete=True),
+                                 report=signed_report([{"name": "pii", "passed": True, "value": 0.0}]),
+                                 manifest_ok=(True, "ok"))
+    done = decisions.plan_finetunejob(ftj(evaluating), inputs, CFG, NOW)
+    FineTuneJobStatus.model_validate(done.status)
+    assert done.status["governance"]["checks"][0]["name"] == "pii"
