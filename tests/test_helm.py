@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import REPO
+from testutil import REPO
 
 CHART = REPO / "helm" / "finetune-operator"
 VALUES_DIR = REPO / "tests" / "helm-values"

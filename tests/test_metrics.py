@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from testutil import free_port
 from finetune_operator import metrics
 from finetune_operator.metrics import JOB_PHASES, OperatorMetrics
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, wait_for_port
+from testutil import REPO, free_port, wait_for_port
 
 CHART = REPO / "helm" / "finetune-operator"
 DASHBOARD = REPO / "dashboards" / "finetune-operator.json"

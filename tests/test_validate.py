@@ -17,7 +17,7 @@ from finetune_operator.api.trainer_config import ValidationConfig
 from finetune_trainer import storage
 from finetune_trainer.validate import split_score, validate_text
 
-from conftest import free_port
+from testutil import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from finetune_operator.api.finetunejob import Progress
 from finetune_trainer import storage
 from finetune_trainer.progress import ProgressReporter
 
-from conftest import free_port
+from testutil import free_port
 from .helpers import read_json
 
 

@@ -14,7 +14,7 @@ import pytest
 from finetune_trainer import checkpoint, storage, train
 from finetune_trainer.errors import EXIT_PREEMPTED
 
-from conftest import free_port
+from testutil import free_port
 
 from .helpers import read_json, run_trainer, trainer_command, trainer_config, upload_folder, write_config, write_dataset
 
