@@ -117,4 +117,7 @@ def test_config_from_env_and_yaml(tmp_path):
 
     args = kopf_args(cfg)
     assert "--standalone" in args and args.count("--namespace") == 2
-    assert "--peering" in kopf_args(load({}))
+    peered = kopf_args(load({}))
+    assert "--peering" in peered and int(peered[peered.index("--priority") + 1]) > 0
+    fixed = kopf_args(load({"FINETUNE_PEERING_PRIORITY": "7"}))
+    assert fixed[fixed.index("--priority") + 1] == "7"

@@ -8,6 +8,7 @@ is served for the kubelet's probe, and namespaces and ports come from the config
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from typing import Optional
 
@@ -25,7 +26,9 @@ def kopf_args(cfg: config_mod.OperatorConfig, standalone: Optional[bool] = None,
     if standalone if standalone is not None else cfg.standalone:
         args.append("--standalone")
     else:
-        args += ["--peering", cfg.peering_name]
+        # Kopf pauses all peers that share a priority: give this replica its own.
+        priority = cfg.peering_priority or random.SystemRandom().randint(1, 1_000_000)
+        args += ["--peering", cfg.peering_name, "--priority", str(priority)]
     if cfg.health_port:
         args += ["--liveness", f"http://0.0.0.0:{cfg.health_port}/healthz"]
     if verbose:

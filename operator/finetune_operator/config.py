@@ -44,6 +44,11 @@ class OperatorConfig:
     metrics_port: int = 9300
     health_port: int = 8080
     peering_name: str = "finetune-operator"
+    #: Kopf pauses every replica when two share a priority, so each replica needs its own:
+    #: 0 (the default) picks a random one per start; the highest live replica acts.
+    peering_priority: int = 0
+    #: Seconds after which a silent replica counts as dead and a standby takes over.
+    peering_lifetime: int = 60
     standalone: bool = False
     #: Extra environment for every Job container (non-secret settings only, e.g. HF_HUB_OFFLINE).
     job_env: dict[str, str] = field(default_factory=dict)

@@ -74,6 +74,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING  # Kopf's own log lines are not Events; ours are posted explicitly
     settings.scanning.disabled = True  # our resources are known; no cluster-wide CRD discovery needed
     settings.posting.reporting_component = "finetune-operator"
+    settings.peering.lifetime = CONFIG.peering_lifetime
     if CONFIG.s3_endpoint:
         import os
 
