@@ -129,3 +129,18 @@ def test_unpacked_batches_are_length_grouped(tokenizer):
     assert all(len(row) == 1 for b in batches for row in b)
     padded = sum(len(b) * max(lengths[r[0]] for r in b) for b in batches)
     assert padded / sum(lengths) < 1.15  # sorting inside mega-batches keeps padding small
+
+
+def test_packed_per_example_scores_equal_one_by_one(adapted_model, tokenizer):
+    """objective.example_logprobs (governance scoring) packs examples; each score must equal
+    the mean response-token log-probability of that example scored alone."""
+    exs = examples(tokenizer, 9, seed=3)
+    cpu = torch.device("cpu")
+    packed = objective.example_logprobs(adapted_model, exs, max_len=256, pad_id=tokenizer.pad_token_id,
+                                        device=cpu, batch_size=2)
+    with torch.no_grad():
+        for i, score in enumerate(packed):
+            single = data.collate([[i]], exs, tokenizer.pad_token_id)
+            alone = -float(objective.loss_sum(adapted_model, single, cpu)) / single["n_targets"]
+            assert score == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    assert len(set(round(s, 6) for s in packed)) > 1

@@ -59,3 +59,39 @@ def evaluate(model, examples: Sequence[TokenizedExample], *, batch_size: int, ma
             count += batch["n_targets"]
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def example_logprobs(model, examples: Sequence[TokenizedExample], *, max_len: int, pad_id: int,
+                     device: torch.device, batch_size: int = 8,
+                     amp_dtype: Optional[torch.dtype] = None) -> list[float]:
+    """Mean per-token log-probability of each example's response tokens.
+
+    Examples are packed exactly like training rows (block-diagonal attention, positions
+    restarting per example), so each score equals scoring the example alone, at a fraction
+    of the forward passes; NaN for an example with no response token left.
+    """
+    lm = causal_lm(model)
+    sums, counts = [0.0] * len(examples), [0] * len(examples)
+    lengths = [len(e) for e in examples]
+    for batch_rows in epoch_batches(lengths, epoch=0, seed=0, batch_size=batch_size, max_len=max_len,
+                                    packing=True, shuffle=False):
+        batch = collate(batch_rows, examples, pad_id)
+        labels = batch["labels"]
+        keep = labels != IGNORE
+        with autocast(device, amp_dtype):
+            hidden = lm.get_decoder()(
+                input_ids=batch["input_ids"].to(device),
+                position_ids=batch["position_ids"].to(device),
+                attention_mask=block_causal_mask(batch["segment_ids"].to(device)),
+                use_cache=False,
+            ).last_hidden_state
+            logits = lm.get_output_embeddings()(hidden[keep.to(device)])
+        token_lp = -F.cross_entropy(logits.float(), labels[keep].to(device), reduction="none").cpu()
+        rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)[keep]
+        segments = batch["segment_ids"][keep]
+        for row, segment, value in zip(rows.tolist(), segments.tolist(), token_lp.tolist()):
+            idx = batch_rows[row][segment - 1]
+            sums[idx] += value
+            counts[idx] += 1
+    return [s / c if c else float("nan") for s, c in zip(sums, counts)]

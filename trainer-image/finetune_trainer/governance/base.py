@@ -161,20 +161,22 @@ def greedy_continue(ctx: CheckContext, ids: list[int], max_new_tokens: int) -> s
     return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def answer_logprob(ctx: CheckContext, example, max_len: Optional[int] = None) -> float:
-    """Mean per-token log-probability of the example's response tokens (as the trainer masks them)."""
-    import torch
+def answer_logprobs(ctx: CheckContext, examples: list, max_len: Optional[int] = None) -> list[float]:
+    """Mean per-token log-probability of each example's response tokens (as the trainer masks them).
 
-    from ..data import IGNORE, tokenize_example
+    Scored in packed batches (objective.example_logprobs): the same numbers as one forward
+    pass per example, several times faster. Raises if an answer has no tokens left after truncation.
+    """
+    from ..data import tokenize_example
+    from ..objective import example_logprobs
 
     model = ctx.model  # load outside no_grad (see greedy_continue)
-    tokenized = tokenize_example(example, ctx.tokenizer, max_len or ctx.config.training.maxSeqLength)
-    ids = torch.tensor([tokenized.input_ids], device=ctx.device)
-    labels = torch.tensor(tokenized.labels, device=ctx.device)
-    keep = labels != IGNORE
-    if not bool(keep.any()):
-        raise ValueError("the answer has no tokens left after truncation")
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].float()
-    logprobs = torch.log_softmax(logits[keep], dim=-1).gather(1, labels[keep][:, None])
-    return float(logprobs.mean())
+    limit = max_len or ctx.config.training.maxSeqLength
+    tokenized = [tokenize_example(example, ctx.tokenizer, limit) for example in examples]
+    pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+    scores = example_logprobs(model, tokenized, max_len=max(limit, max(len(t) for t in tokenized)),
+                              pad_id=pad_id, device=ctx.device)
+    if any(s != s for s in scores):  # NaN: nothing to score
+        raise ValueError("an answer has no tokens left after truncation")
+    return scores
+

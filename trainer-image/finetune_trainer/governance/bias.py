@@ -27,7 +27,7 @@ from importlib import resources
 from finetune_operator.api.governance import CheckResult
 
 from .. import storage
-from .base import CheckContext, answer_logprob, failed, probe_example
+from .base import CheckContext, answer_logprobs, failed, probe_example
 
 DEFAULT_PROBES = "bias_probes.jsonl"
 
@@ -80,12 +80,13 @@ def group_gaps(rows: list[dict]) -> dict[str, dict]:
 
 
 def score_probes(ctx: CheckContext, probes: list[dict]) -> list[dict]:
-    rows = []
+    rows, examples = [], []
     for probe in probes:
         for group, term in probe["groups"].items():
-            example = probe_example(probe["template"].replace("{term}", term), probe["answer"], ctx.raw_format)
-            rows.append({"probe": probe.get("id"), "attribute": probe["attribute"], "group": group,
-                         "score": answer_logprob(ctx, example)})
+            examples.append(probe_example(probe["template"].replace("{term}", term), probe["answer"], ctx.raw_format))
+            rows.append({"probe": probe.get("id"), "attribute": probe["attribute"], "group": group})
+    for row, score in zip(rows, answer_logprobs(ctx, examples)):
+        row["score"] = score
     return rows
 
 

@@ -33,7 +33,7 @@ from .. import pii
 from .base import CheckContext, failed
 from .bias import load_probes, protected_terms
 
-N_STEPS = 32
+N_STEPS = 16
 
 
 def _overlapping(pieces: list[str], spans: list[tuple[int, int]]) -> list[bool]:
