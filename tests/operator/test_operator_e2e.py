@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import API, dataset_manifest, finetunejob_manifest, phase, write_raw_dataset
+from operator_e2e import dataset_manifest, finetunejob_manifest, phase, write_raw_dataset
 from kube_emulator import wait_for
 
 from finetune_operator.conditions import get_condition

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from conftest import dataset_manifest, finetunejob_manifest, phase, ready_dataset, status_of, write_raw_dataset
+from operator_e2e import dataset_manifest, finetunejob_manifest, phase, ready_dataset, status_of, write_raw_dataset
 from kube_emulator import wait_for
 
 from finetune_operator.conditions import get_condition

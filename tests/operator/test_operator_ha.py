@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import kmock
-from conftest import finetunejob_manifest, ready_dataset
+from operator_e2e import finetunejob_manifest, ready_dataset
 from kube_emulator import wait_for
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from conftest import finetunejob_manifest, phase, ready_dataset, running_operator, status_of
+from operator_e2e import finetunejob_manifest, phase, ready_dataset, running_operator, status_of
 from kube_emulator import wait_for
 
 from finetune_operator.conditions import get_condition
