@@ -2,9 +2,10 @@
 
 Reconciliation is level-triggered. Every watch event of a FineTuneJob, a Dataset, or a Job
 or pod the operator owns leads to one `reconcile_*` call for the owning object, serialized
-per object. State comes from Kopf's in-memory indices (no extra reads per event), so a
-restarted operator converges from what the cluster shows; deterministic child names plus
-create-or-adopt mean a restart never duplicates a Job.
+per object. State comes from Kopf's in-memory indices of Datasets, policies, Jobs and pods
+(Kopf runs no handler before they are filled, so a restarted operator sees its existing Jobs)
+and from the FineTuneJob events themselves: no extra reads per event. Deterministic child names
+plus create-or-adopt mean a restart never duplicates a Job.
 
 API writes on the happy path until Training: one ConfigMap, one Job, one status patch and
 one Event per FineTuneJob (no Kopf bookkeeping: on-event handlers store no state; the Kopf
