@@ -27,9 +27,12 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def loss_sum(model, batch: dict, device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Sum of token cross-entropies over the batch's targets (divide by batch['n_targets'] for the mean)."""
+def target_logits(model, batch: dict, device: torch.device,
+                  amp_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the batch's target positions only, and those targets (row-major order)."""
     lm = causal_lm(model)
+    labels = batch["labels"].to(device)
+    keep = labels != IGNORE
     with autocast(device, amp_dtype):
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"].to(device),
@@ -37,10 +40,14 @@ def loss_sum(model, batch: dict, device: torch.device, amp_dtype: Optional[torch
             attention_mask=block_causal_mask(batch["segment_ids"].to(device)),
             use_cache=False,
         ).last_hidden_state
-        labels = batch["labels"].to(device)
-        keep = labels != IGNORE
         logits = lm.get_output_embeddings()(hidden[keep])
-    return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return logits, labels[keep]
+
+
+def loss_sum(model, batch: dict, device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Sum of token cross-entropies over the batch's targets (divide by batch['n_targets'] for the mean)."""
+    logits, targets = target_logits(model, batch, device, amp_dtype)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 @torch.no_grad()
@@ -71,23 +78,15 @@ def example_logprobs(model, examples: Sequence[TokenizedExample], *, max_len: in
     restarting per example), so each score equals scoring the example alone, at a fraction
     of the forward passes; NaN for an example with no response token left.
     """
-    lm = causal_lm(model)
     sums, counts = [0.0] * len(examples), [0] * len(examples)
     lengths = [len(e) for e in examples]
     for batch_rows in epoch_batches(lengths, epoch=0, seed=0, batch_size=batch_size, max_len=max_len,
                                     packing=True, shuffle=False):
         batch = collate(batch_rows, examples, pad_id)
+        logits, targets = target_logits(model, batch, device, amp_dtype)
+        token_lp = -F.cross_entropy(logits.float(), targets, reduction="none").cpu()
         labels = batch["labels"]
         keep = labels != IGNORE
-        with autocast(device, amp_dtype):
-            hidden = lm.get_decoder()(
-                input_ids=batch["input_ids"].to(device),
-                position_ids=batch["position_ids"].to(device),
-                attention_mask=block_causal_mask(batch["segment_ids"].to(device)),
-                use_cache=False,
-            ).last_hidden_state
-            logits = lm.get_output_embeddings()(hidden[keep.to(device)])
-        token_lp = -F.cross_entropy(logits.float(), labels[keep].to(device), reduction="none").cpu()
         rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)[keep]
         segments = batch["segment_ids"][keep]
         for row, segment, value in zip(rows.tolist(), segments.tolist(), token_lp.tolist()):
