@@ -10,5 +10,7 @@ cd "$(dirname "$0")/.."
 hack/setup-venv.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# The pipeline runs one step at a time, so torch may use every core (the test suite, which runs
+# servers beside the trainer, pins one thread instead).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec ftctl run examples/quickstart/ "$@"
