@@ -42,7 +42,7 @@ def test_schema_and_models_agree(kind):
                    **_to_json_schema(openapi_schema(kind)["properties"]["spec"])}
     accepted = []
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
     @given(from_schema(spec_schema))
     def check(spec):
         manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": kind.KIND,

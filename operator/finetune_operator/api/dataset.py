@@ -37,7 +37,7 @@ class EvaluationSplit(ApiModel):
 
     fraction: Optional[float] = Field(
         None, gt=0, lt=1, description="Fraction of the examples held out for evaluation, in (0, 1).")
-    seed: int = Field(42, ge=0, description="Seed of the deterministic split, so every run holds out the same examples.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of the deterministic split, so every run holds out the same examples.")
     uri: Optional[str] = Field(
         None, pattern=URI_PATTERN, max_length=2048,
         description="A separate JSONL evaluation file in the same format, instead of a fraction.")

@@ -90,7 +90,7 @@ class TrainingSettings(ApiModel):
     packing: bool = Field(True, description="Pack several examples per row, with attention kept inside each example.")
     gradientCheckpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
     precision: Precision = Field("bf16", description="Training precision: bf16, fp16 or fp32.")
-    seed: int = Field(42, ge=0, description="Seed for initialization, data order and dropout; same seed, same run.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialization, data order and dropout; same seed, same run.")
     evalEverySteps: int = Field(50, ge=1, description="Compute eval loss every N optimizer steps (and at the end).")
     checkpointEverySteps: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keepCheckpoints: int = Field(2, ge=1, le=100, description="How many complete checkpoints to keep.")

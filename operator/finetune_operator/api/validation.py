@@ -53,8 +53,8 @@ def _type_ok(value: Any, expected: str) -> bool:
         return isinstance(value, str)
     if expected == "boolean":
         return isinstance(value, bool)
-    if expected == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
+    if expected == "integer":  # the API server decodes integers as int64
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
     if expected == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return True
