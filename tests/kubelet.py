@@ -262,6 +262,11 @@ class FakeKubelet:
             mounts[mount["mountPath"]] = local
 
         def rewrite(value: str) -> str:
+            # Paths inside the pod (config mounts, caches) map to this pod's folder; a path that
+            # exists on this machine (the Python running the tests, which may itself live under
+            # /tmp like the pod's /tmp mount) is the host's own and stays as it is.
+            if Path(value).exists():
+                return value
             for path in sorted(mounts, key=len, reverse=True):
                 if value == path or value.startswith(path + "/"):
                     return str(mounts[path]) + value[len(path):]
