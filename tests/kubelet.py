@@ -48,6 +48,16 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _host_path_exists(value: str) -> bool:
+    """Whether an argument or env value names an existing path on this machine (not just any string)."""
+    if not value.startswith("/") or "\n" in value:
+        return False
+    try:
+        return Path(value).exists()
+    except OSError:  # e.g. a name too long to be a path
+        return False
+
+
 class FakeKubelet:
     def __init__(self, api_url: str, workdir: Path, poll: float = 0.2, base_env: Optional[dict] = None):
         self.url = api_url.rstrip("/")
@@ -265,7 +275,7 @@ class FakeKubelet:
             # Paths inside the pod (config mounts, caches) map to this pod's folder; a path that
             # exists on this machine (the Python running the tests, which may itself live under
             # /tmp like the pod's /tmp mount) is the host's own and stays as it is.
-            if Path(value).exists():
+            if _host_path_exists(value):
                 return value
             for path in sorted(mounts, key=len, reverse=True):
                 if value == path or value.startswith(path + "/"):

@@ -76,7 +76,7 @@ def operator_writes(cluster: Cluster) -> int:
 
 
 def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
-    cluster = Cluster()
+    cluster = Cluster(fast_routing=True)
     cluster.user_agent = BENCH_AGENT
     kubeconfig = cluster.write_kubeconfig(workdir / f"kubeconfig-{kind}")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1", "FINETUNE_METRICS_PORT": "0",
