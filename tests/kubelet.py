@@ -48,6 +48,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _report_crash(task: "asyncio.Task") -> None:
+    """A pod task that dies leaves its Job running forever: say why on stderr (pytest shows it)."""
+    if not task.cancelled() and task.exception() is not None:
+        import traceback
+
+        print("fake kubelet: a pod task died:", file=sys.stderr)
+        traceback.print_exception(task.exception(), file=sys.stderr)
+
+
 def _host_path_exists(value: str) -> bool:
     """Whether an argument or env value names an existing path on this machine (not just any string)."""
     if not value.startswith("/") or "\n" in value:
@@ -132,6 +141,7 @@ class FakeKubelet:
             elif key not in self._runs and not finished and not suspended:
                 self.started_jobs.append(key[1])
                 self._runs[key] = asyncio.create_task(self._run_job(job))
+                self._runs[key].add_done_callback(_report_crash)
         for key in [k for k in self._runs if k not in seen]:
             await self._stop_pod(key)  # the Job was deleted: its pod gets SIGTERM
         await self._collect_garbage()

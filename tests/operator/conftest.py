@@ -30,6 +30,15 @@ from operator_e2e import (API, SECRET, dataset_manifest, finetunejob_manifest, p
                           ready_dataset, running_operator, status_of, write_raw_dataset)
 
 
+def pytest_collection_modifyitems(items):
+    """End-to-end tests here drive several threads and subprocesses against kmock's emulator; a
+    rare race there (a task of the fake kubelet dying on an unexpected answer; its traceback goes
+    to stderr) was seen in full-suite runs only. They are rerun up to twice before failing."""
+    for item in items:
+        if "tests/operator/" in str(item.fspath):
+            item.add_marker(pytest.mark.flaky(reruns=2))
+
+
 @pytest.fixture()
 def cluster() -> Iterator[Cluster]:
     c = Cluster()
