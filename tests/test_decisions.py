@@ -214,3 +214,126 @@ def test_statuses_fit_the_api_schema():
     done = decisions.plan_finetunejob(ftj(evaluating), inputs, CFG, NOW)
     FineTuneJobStatus.model_validate(done.status)
     assert done.status["governance"]["checks"][0]["name"] == "pii"
+
+
+# --- governance re-runs after a policy change ------------------------------------------------
+
+STRICT = {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy", "metadata": {"name": "strict"},
+          "spec": {"required": ["evaluation"]}}
+LOOSE = {**STRICT, "spec": {"required": []}}
+
+
+def report_for(run: decisions.GovernanceRun, checks: list[dict]) -> dict:
+    report = {"adapterDigest": DIGEST, "checks": checks, "policy": run.policy, "run": run.number}
+    return {**report, "sha256": governance.report_digest(report)}
+
+
+def evaluated(policies: list[dict], checks: list[dict], **spec) -> tuple[decisions.Plan, decisions.GovernanceRun]:
+    """A trained job whose first governance run finished under `policies`."""
+    training = {**queued(), "phase": "Training", "startTime": "2026-01-01T00:00:00Z"}
+    result = {"adapterURI": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 10}
+    inputs = decisions.JobInputs(dataset=ready_dataset(), trainer_job=job(complete=True), result=result,
+                                 policies=policies)
+    started = decisions.plan_finetunejob(ftj(training, **spec), inputs, CFG, NOW)
+    run = decisions.governance_run(ftj(started.status, **spec), started.status["governance"],
+                                   "s3://out/j/adapters/ab", DIGEST, policies, CFG)
+    assert not run.new and run.number == 1 and started.status["governanceJob"] == run.job_name
+    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run.job_name, complete=True),
+                                 report=report_for(run, checks), manifest_ok=(True, "ok"), policies=policies)
+    return decisions.plan_finetunejob(ftj(started.status, **spec), inputs, CFG, NOW), run
+
+
+def test_failed_governance_runs_again_when_the_policy_changes():
+    failing = [{"name": "evaluation", "passed": False, "message": "worse than base"}]
+    blocked, run1 = evaluated([STRICT], failing)
+    assert blocked.status["phase"] == "Failed" and blocked.status["governance"]["policyDigest"] == run1.policy_digest
+    assert blocked.status["governance"]["reportURI"] == "s3://out/j/adapters/ab/governance/run-1.json"
+    # Nothing changed: a finished job stays finished, and no rerun is due.
+    assert not decisions.governance_rerun_due(ftj(blocked.status), [STRICT], CFG)
+    assert decisions.plan_finetunejob(ftj(blocked.status), decisions.JobInputs(policies=[STRICT]), CFG, NOW).status is None
+
+    # The platform team loosens the policy: a second run, with its own Job and report, is recorded.
+    assert decisions.governance_rerun_due(ftj(blocked.status), [LOOSE], CFG)
+    inputs = decisions.JobInputs(dataset=ready_dataset(), policies=[LOOSE])
+    rerun = decisions.plan_finetunejob(ftj(blocked.status), inputs, CFG, NOW)
+    status = rerun.status
+    gov = status["governance"]
+    assert status["phase"] == "Evaluating" and "completionTime" not in status
+    assert gov["runs"] == 2 and gov["policyDigest"] != run1.policy_digest and "checks" not in gov
+    assert gov["history"] == [{"run": 1, "policyDigest": run1.policy_digest, "passed": False, "failing": ["evaluation"],
+                               "reportURI": "s3://out/j/adapters/ab/governance/run-1.json",
+                               "reportDigest": blocked.status["governance"]["reportDigest"],
+                               "evaluatedAt": NOW}]
+    assert [e[1] for e in rerun.events] == ["GovernanceRerun"]
+    assert get_condition(status["conditions"], "Failed")["status"] == "False"
+    assert get_condition(status["conditions"], "GovernancePassed")["status"] == "Unknown"
+    gov_job = [m for m in rerun.create if m["kind"] == "Job"][0]
+    assert gov_job["metadata"]["name"] == status["governanceJob"] != run1.job_name
+    cm = [m for m in rerun.create if m["kind"] == "ConfigMap"][0]
+    assert '"run": 2' in cm["data"]["job.json"] and "governance/run-2.json" in cm["data"]["job.json"]
+
+    # The same reconcile again (e.g. after a crash before the status patch): same run, same Job name.
+    again = decisions.governance_run(ftj(blocked.status), blocked.status["governance"], "s3://out/j/adapters/ab",
+                                     DIGEST, [LOOSE], CFG)
+    assert (again.number, again.job_name) == (2, gov_job["metadata"]["name"])
+
+    # Run 2 reports under the new policy: promoted, and the first run stays in the history.
+    run2 = decisions.governance_run(ftj(status), gov, "s3://out/j/adapters/ab", DIGEST, [LOOSE], CFG)
+    assert not run2.new and run2.job_name == gov_job["metadata"]["name"]
+    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run2.job_name, complete=True),
+                                 report=report_for(run2, []), manifest_ok=(True, "ok"), policies=[LOOSE])
+    done = decisions.plan_finetunejob(ftj(status), inputs, CFG, NOW)
+    assert done.status["phase"] == "Succeeded" and done.status["promotion"]["state"] == "Promoted"
+    assert done.status["governance"]["runs"] == 2 and len(done.status["governance"]["history"]) == 1
+    from finetune_operator.api.finetunejob import FineTuneJobStatus
+    FineTuneJobStatus.model_validate(done.status)
+    # A promoted adapter is not re-judged by a later policy change.
+    assert not decisions.governance_rerun_due(ftj(done.status), [STRICT], CFG)
+    assert decisions.plan_finetunejob(ftj(done.status), decisions.JobInputs(policies=[STRICT]), CFG, NOW).status is None
+
+
+def test_a_report_of_another_run_or_policy_is_not_evidence():
+    blocked, run1 = evaluated([STRICT], [{"name": "evaluation", "passed": True}])
+    assert blocked.status["phase"] == "Succeeded"
+    rerun = decisions.plan_finetunejob(ftj({**blocked.status, "phase": "Evaluating"}),
+                                       decisions.JobInputs(dataset=ready_dataset(), policies=[LOOSE]), CFG, NOW)
+    run2 = decisions.governance_run(ftj(rerun.status), rerun.status["governance"], "s3://out/j/adapters/ab", DIGEST,
+                                    [LOOSE], CFG)
+    old_report = report_for(run1, [{"name": "evaluation", "passed": True}])
+    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run2.job_name, complete=True),
+                                 report=old_report, manifest_ok=(True, "ok"), policies=[LOOSE])
+    plan = decisions.plan_finetunejob(ftj(rerun.status), inputs, CFG, NOW)
+    assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked"
+    message = get_condition(plan.status["conditions"], "GovernancePassed")["message"]
+    assert "another policy" in message and "governance run 1, not run 2" in message
+
+
+def test_policy_change_while_checks_run_replaces_the_running_job():
+    training = {**queued(), "phase": "Training", "startTime": "2026-01-01T00:00:00Z"}
+    result = {"adapterURI": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 10}
+    started = decisions.plan_finetunejob(
+        ftj(training), decisions.JobInputs(dataset=ready_dataset(), trainer_job=job(complete=True), result=result,
+                                           policies=[STRICT]), CFG, NOW)
+    first_job = started.status["governanceJob"]
+    # The policy changes while the first run's Job runs; the handler looks for the new run's Job: none yet.
+    running = decisions.JobInputs(dataset=ready_dataset(), policies=[LOOSE])
+    plan = decisions.plan_finetunejob(ftj(started.status), running, CFG, NOW)
+    assert plan.delete_jobs == [first_job] and plan.status["governance"]["runs"] == 2
+    assert [e[1] for e in plan.events] == ["GovernanceRerun"]  # phase stays Evaluating: one explicit Event
+    assert plan.status["phase"] == "Evaluating" and plan.status["governanceJob"] != first_job
+
+
+def test_manual_approval_survives_a_rerun_only_for_the_same_digest():
+    manual = {"mode": "manual", "approval": {"digest": DIGEST, "approvedBy": "ana"}}
+    waiting, _ = evaluated([LOOSE], [], promotion={"mode": "manual"})
+    assert waiting.status["phase"] == "AwaitingApproval"
+    rerun = decisions.plan_finetunejob(ftj(waiting.status, promotion={"mode": "manual"}),
+                                       decisions.JobInputs(dataset=ready_dataset(), policies=[STRICT]), CFG, NOW)
+    assert rerun.status["phase"] == "Evaluating" and rerun.status["promotion"]["state"] == "Pending"
+    run2 = decisions.governance_run(ftj(rerun.status), rerun.status["governance"], "s3://out/j/adapters/ab", DIGEST,
+                                    [STRICT], CFG)
+    failed = report_for(run2, [{"name": "evaluation", "passed": False, "message": "worse"}])
+    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run2.job_name, complete=True),
+                                 report=failed, manifest_ok=(True, "ok"), policies=[STRICT])
+    plan = decisions.plan_finetunejob(ftj(rerun.status, promotion=manual), inputs, CFG, NOW)
+    assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked" and plan.alias is None

@@ -49,6 +49,7 @@ def test_every_job_phase_has_a_series_before_any_job_exists(m):
         assert value(m, "finetune_operator_finetunejobs", phase=phase) == 0
     # Alert expressions over these series must evaluate to data, not to nothing.
     assert value(m, "finetune_operator_promotions_total", outcome="blocked") == 0
+    assert value(m, "finetune_operator_governance_runs_total", trigger="policy_change") == 0
     assert value(m, "finetune_operator_governance_checks_total", check="bias", outcome="failed") == 0
 
 
@@ -106,6 +107,8 @@ def test_governance_promotion_gpu_hours_and_eval_loss(m):
     m.governance_check("bias", False)
     m.governance_check("bias", False)
     m.promotion("blocked")
+    m.governance_run("first")
+    m.governance_run("policy_change")
     m.gpu_hours("team-a", "j1", 0.25)
     m.gpu_hours("team-a", "j1", 0.75)
     m.gpu_hours("team-a", "j1", 0.75)  # the same cumulative value again adds nothing
@@ -115,6 +118,9 @@ def test_governance_promotion_gpu_hours_and_eval_loss(m):
     assert value(m, "finetune_operator_governance_checks_total", check="evaluation", outcome="passed") == 1
     assert value(m, "finetune_operator_governance_checks_total", check="bias", outcome="failed") == 2
     assert value(m, "finetune_operator_promotions_total", outcome="blocked") == 1
+    assert value(m, "finetune_operator_governance_runs_total", trigger="policy_change") == 1
+    with pytest.raises(ValueError):
+        m.governance_run("whim")
     assert value(m, "finetune_operator_finetunejob_gpu_hours", namespace="team-a", name="j1") == 0.75
     assert value(m, "finetune_operator_gpu_hours_total") == pytest.approx(1.75)
     assert value(m, "finetune_operator_final_eval_loss", namespace="team-a", name="j1") == 1.5

@@ -61,8 +61,11 @@ def validation_job_name(name: str, generation: int) -> str:
     return child_name(name, f"validate-{generation}")
 
 
-def governance_job_name(name: str, adapter_digest: str) -> str:
-    return child_name(name, f"gov-{adapter_digest.split(':')[-1][:10]}")
+def governance_job_name(name: str, adapter_digest: str, policy_digest: str = "", run: int = 1) -> str:
+    """One governance Job per (adapter, effective policy, run): a policy change gets a new Job,
+    and so does a return to an earlier policy (a new run number)."""
+    key = hashlib.sha256(f"{adapter_digest}|{policy_digest}|{run}".encode()).hexdigest()[:10]
+    return child_name(name, f"gov-{key}")
 
 
 def owner_reference(obj: dict) -> dict:
@@ -111,10 +114,12 @@ def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Opti
 
 
 def governance_config(train_cfg: dict, policy: dict, dataset_spec: dict, pii_findings: dict,
-                      adapter_uri: str) -> dict:
-    return {**train_cfg, "metricsPort": 0, "governance": policy, "governanceInputs": {
-        "adapterURI": adapter_uri, "dataset": dataset_spec, "datasetPIIFindings": pii_findings or {},
-        "baseModelDigest": train_cfg["baseModel"].get("digest")}}
+                      adapter_uri: str, run: int = 1, report_uri: Optional[str] = None) -> dict:
+    inputs = {"adapterURI": adapter_uri, "dataset": dataset_spec, "datasetPIIFindings": pii_findings or {},
+              "baseModelDigest": train_cfg["baseModel"].get("digest"), "run": run}
+    if report_uri:
+        inputs["reportURI"] = report_uri
+    return {**train_cfg, "metricsPort": 0, "governance": policy, "governanceInputs": inputs}
 
 
 # --- Kubernetes objects ---------------------------------------------------------------------
@@ -277,11 +282,10 @@ def trainer_children(ftj: dict, attempt: int, train_cfg: dict, config: OperatorC
     return cm, job
 
 
-def governance_children(ftj: dict, adapter_digest: str, gov_cfg: dict, config: OperatorConfig) -> tuple[dict, dict]:
-    """The governance Job (same pod template; GPU only if the trainer had one) and its ConfigMap."""
+def governance_children(ftj: dict, name: str, gov_cfg: dict, config: OperatorConfig) -> tuple[dict, dict]:
+    """The governance Job `name` (same pod template; GPU only if the trainer had one) and its ConfigMap."""
     meta, spec = ftj["metadata"], ftj["spec"]
     ns = meta.get("namespace", "default")
-    name = governance_job_name(meta["name"], adapter_digest)
     labels = {MANAGED_BY: OPERATOR, ROLE: "governance", JOB_LABEL: meta["name"]}
     res = spec.get("resources") or {}
     gpus = min(int(res.get("gpusPerNode", 1)), 1)

@@ -277,9 +277,9 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         cond("Failed", True, reason, message)
         to_phase("Failed", message, reason, warning=True)
 
-    if phase in ("Succeeded", "Failed"):
+    if phase == "Succeeded" or (phase == "Failed" and not governance_rerun_due(ftj, inputs.policies, config)):
         return _finish(old, status, plan)
-    if phase == "AwaitingApproval" or phase == "Evaluating":
+    if phase in ("AwaitingApproval", "Evaluating", "Failed"):
         return _finish(old, _evaluate(ftj, inputs, config, now, status, plan, cond, to_phase, fail), plan)
 
     trainer_name = old.get("trainerJob")
@@ -391,29 +391,106 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
     return _finish(old, status, plan)
 
 
+@dataclass
+class GovernanceRun:
+    """Which governance run a reconcile is about: runs are numbered per adapter, and a new one
+    starts when the effective policy differs from the one the last run used."""
+
+    policy: dict
+    ignored: list[str]
+    policy_digest: str
+    number: int
+    job_name: str
+    report_uri: str
+    new: bool  # no Job exists for this run yet as far as status knows (first run, or a re-run)
+    rerun: bool  # an earlier run used another policy
+
+
+HISTORY_LIMIT = 20
+
+
+def governance_run(ftj: dict, gov_status: dict, adapter_uri: str, adapter_digest: str, policies: list[dict],
+                   config: OperatorConfig) -> GovernanceRun:
+    """The run for the current effective policy. Deterministic from the stored status: after a
+    crash before the status patch, the same run number and Job name come out (adopted, not doubled)."""
+    policy, ignored = effective_policy(ftj, policies, config)
+    digest = governance.policy_digest(policy)
+    runs = int(gov_status.get("runs") or 0)
+    recorded = gov_status.get("policyDigest")
+    if runs and recorded == digest:
+        number, new, rerun = runs, False, False
+    else:
+        number, new, rerun = runs + 1, True, bool(runs)
+    return GovernanceRun(policy=policy, ignored=ignored, policy_digest=digest, number=number,
+                         job_name=children.governance_job_name(ftj["metadata"]["name"], adapter_digest, digest, number),
+                         report_uri=governance.report_uri(adapter_uri, number), new=new, rerun=rerun)
+
+
+def governance_rerun_due(ftj: dict, policies: list[dict], config: OperatorConfig) -> bool:
+    """A finished job whose governance failed, and whose effective policy has changed since:
+    the checks run again (a promoted adapter is never re-judged here)."""
+    status = ftj.get("status") or {}
+    gov, adapter = status.get("governance") or {}, status.get("adapter") or {}
+    if status.get("phase") != "Failed" or not gov.get("runs") or not adapter.get("digest"):
+        return False
+    policy, _ = effective_policy(ftj, policies, config)
+    return governance.policy_digest(policy) != gov.get("policyDigest")
+
+
+def _history_entry(gov: dict) -> dict:
+    entry = {"run": int(gov.get("runs") or 1), "policyDigest": gov.get("policyDigest"), "passed": gov.get("passed"),
+             "failing": [c["name"] for c in gov.get("checks") or [] if not c.get("passed")],
+             "reportURI": gov.get("reportURI"), "reportDigest": gov.get("reportDigest"),
+             "evaluatedAt": gov.get("evaluatedAt")}
+    return {k: v for k, v in entry.items() if v is not None}
+
+
 def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, status: dict, plan: Plan,
               cond, to_phase, fail) -> dict:
     """Evaluating / AwaitingApproval: the governance Job, its report, and promotion."""
     meta, spec = ftj["metadata"], ftj["spec"]
     adapter = status.get("adapter") or {}
     digest = adapter.get("digest", "")
-    policy, ignored = effective_policy(ftj, inputs.policies, config)
-    gov = dict(status.get("governance") or {})
+    old_gov = status.get("governance") or {}
+    run = governance_run(ftj, old_gov, adapter.get("uri", ""), digest, inputs.policies, config)
+    policy = run.policy
+    if run.new:
+        gov = {"runs": run.number, "policyDigest": run.policy_digest, "reportURI": run.report_uri,
+               "history": list(old_gov.get("history") or [])}
+        if run.rerun:
+            gov["history"] = (gov["history"] + [_history_entry(old_gov)])[-HISTORY_LIMIT:]
+            if status.get("phase") == "Evaluating" and status.get("governanceJob"):
+                plan.delete_jobs.append(status["governanceJob"])  # the old policy's run is moot
+            message = (f"the effective governance policy changed ({str(old_gov.get('policyDigest'))[:19]} -> "
+                       f"{run.policy_digest[:19]}); running the checks again (run {run.number})")
+            if status.get("phase") == "Evaluating":  # otherwise to_phase below posts the Event
+                plan.events.append(("Normal", "GovernanceRerun", message))
+            cond("GovernancePassed", "Unknown", "PolicyChanged", message)
+            cond("Promoted", False, "PolicyChanged", message)
+            if get_condition(status.get("conditions") or [], "Failed"):
+                cond("Failed", False, "GovernanceRerun", message)
+            status.pop("completionTime", None)
+            status["promotion"] = {k: v for k, v in (status.get("promotion") or {}).items()
+                                   if k in ("alias", "approvedBy")} | {"state": "Pending", "reason": "PolicyChanged"}
+            to_phase("Evaluating", message, "GovernanceRerun")
+    else:
+        gov = dict(old_gov)
     gov.update(adapterDigest=digest, effectivePolicy=policy)
-    name = children.governance_job_name(meta["name"], digest)
+    name = run.job_name
     status["governanceJob"] = name
-    report_uri = f"{adapter.get('uri', '').rstrip('/')}/governance.json"
     state = job_state(inputs.governance_job, inputs.governance_pods)
-    if state.state == "Missing" and inputs.report is None:
+    report = inputs.report  # this run's own report (governance/run-N.json), if it exists yet
+    if state.state == "Missing" and report is None:
         dataset = inputs.dataset or {}
         train_cfg = children.trainer_config(ftj, ((dataset.get("status") or {}).get("validatedURI") or ""),
                                             (dataset.get("spec") or {}).get("format", "chat"),
                                             status.get("datasetDigest"), config.progress_interval)
         gov_cfg = children.governance_config(train_cfg, policy, dataset.get("spec") or {},
-                                             (dataset.get("status") or {}).get("piiFindings") or {}, adapter["uri"])
-        plan.create.extend(children.governance_children(ftj, digest, gov_cfg, config))
-        if ignored and status.get("phase") != "AwaitingApproval":
-            plan.events.append(("Warning", "GovernanceLooseningIgnored", "; ".join(ignored)[:1000]))
+                                             (dataset.get("status") or {}).get("piiFindings") or {}, adapter["uri"],
+                                             run=run.number, report_uri=run.report_uri)
+        plan.create.extend(children.governance_children(ftj, name, gov_cfg, config))
+        if run.ignored and run.new:
+            plan.events.append(("Warning", "GovernanceLooseningIgnored", "; ".join(run.ignored)[:1000]))
         status["governance"] = gov
         return status
     if state.state in ("Pending", "Running", "Unschedulable", "ImagePull"):
@@ -421,16 +498,18 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
         if state.state in ("Unschedulable", "ImagePull"):
             status["message"] = f"governance Job: {state.message}"
         return status
-    if inputs.report is None:
+    if report is None:
         if state.state == "Failed":
+            status["governance"] = gov
             cond("GovernancePassed", False, "GovernanceJobFailed", state.message)
             fail("GovernanceJobFailed", f"governance Job {name} failed: {state.message}")
         return status
-    outcome = governance.read_report(inputs.report, digest, required=list(policy.get("required") or []))
+    outcome = governance.read_report(report, digest, required=list(policy.get("required") or []),
+                                     expected_policy=run.policy_digest, run=run.number)
     manifest_ok, manifest_msg = inputs.manifest_ok or (False, "adapter not verified")
     gov.update(checks=[c.model_dump(mode="json", exclude_none=True) for c in outcome.checks],
-               passed=outcome.passed, reportURI=report_uri, reportDigest=inputs.report.get("sha256"),
-               evaluatedAt=gov.get("evaluatedAt") or now, runs=max(1, int(gov.get("runs") or 0)))
+               passed=outcome.passed, reportURI=run.report_uri, reportDigest=report.get("sha256"),
+               evaluatedAt=gov.get("evaluatedAt") or now, runs=run.number)
     status["governance"] = gov
     cond("GovernancePassed", outcome.passed, "ChecksPassed" if outcome.passed else "ChecksFailed", outcome.message)
     decision = governance.promotion_decision(outcome, spec.get("promotion"), digest, manifest_ok)

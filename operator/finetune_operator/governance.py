@@ -184,6 +184,21 @@ def report_digest(report: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
 
 
+def policy_digest(policy: Optional[dict]) -> str:
+    """sha256 of an effective policy, normalized through the API model (defaults filled in, unset
+    fields dropped) so the operator's policy and the copy a report records hash alike."""
+    try:
+        normal = GovernanceSpec.model_validate(policy or {}).model_dump(mode="json", exclude_none=True)
+    except Exception:  # a report with a malformed policy matches no real policy
+        return "sha256:invalid"
+    return "sha256:" + hashlib.sha256(canonical_json(normal)).hexdigest()
+
+
+def report_uri(adapter_uri: str, run: int) -> str:
+    """Each governance run's own report (governance.json next to the adapter is only the latest copy)."""
+    return f"{adapter_uri.rstrip('/')}/governance/run-{run}.json"
+
+
 @dataclass
 class GovernanceOutcome:
     checks: list[CheckResult]
@@ -194,18 +209,26 @@ class GovernanceOutcome:
     required: list[str] = field(default_factory=list)
 
 
-def read_report(report: dict, adapter_digest: str, required: Optional[list[str]] = None) -> GovernanceOutcome:
+def read_report(report: dict, adapter_digest: str, required: Optional[list[str]] = None,
+                expected_policy: Optional[str] = None, run: Optional[int] = None) -> GovernanceOutcome:
     """Check a governance report's integrity and binding, and summarise its checks.
 
     `required` defaults to the checks the report's own policy requires; the operator may pass
     its effective policy's list instead (a report run under a weaker policy then fails the
     checks it lacks). A required check missing from the report counts as failed.
+    `expected_policy` (a `policy_digest`) and `run`, when given, must match what the report
+    records: a report of another run or another policy is not this run's evidence.
     """
     problems = []
     if report.get("sha256") != report_digest(report):
         problems.append("report sha256 does not match its content (edited or corrupted)")
     if report.get("adapterDigest") != adapter_digest:
         problems.append(f"report is bound to adapter {report.get('adapterDigest')!r}, not {adapter_digest}")
+    if expected_policy is not None and policy_digest(report.get("policy")) != expected_policy:
+        problems.append(f"report was produced under another policy ({policy_digest(report.get('policy'))[:19]}, "
+                        f"expected {expected_policy[:19]})")
+    if run is not None and report.get("run", 1) != run:
+        problems.append(f"report belongs to governance run {report.get('run', 1)}, not run {run}")
     if required is None:
         required = list((report.get("policy") or {}).get("required") or CHECK_NAMES)
     checks: list[CheckResult] = []

@@ -260,7 +260,9 @@ async def reconcile_finetunejob(namespace: str, name: str, indices: dict, logger
 async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_progress: bool) -> None:
     meta, spec, status = body["metadata"], body["spec"], body.get("status") or {}
     ns, phase = meta.get("namespace"), status.get("phase", "Pending")
-    if phase in ("Succeeded", "Failed") and status.get("observedGeneration") == (meta.get("generation") or 1):
+    policies = [p for store in indices["policies_idx"].values() for p in store]
+    if (phase in ("Succeeded", "Failed") and status.get("observedGeneration") == (meta.get("generation") or 1)
+            and not decisions.governance_rerun_due(body, policies, CONFIG)):
         return
     output = spec["output"]["uri"].rstrip("/")
     inputs = decisions.JobInputs(dataset=_one(indices["datasets_idx"], (ns, spec["datasetRef"]["name"])))
@@ -279,17 +281,18 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
         if inputs.result:
             adapter_digest, adapter_uri = inputs.result.get("digest"), inputs.result.get("adapterURI")
     if adapter_digest and adapter_uri:
-        gov_name = children.governance_job_name(meta["name"], adapter_digest)
-        inputs.governance_job = _job(indices, ns, gov_name)
-        inputs.governance_pods = _pods(indices, ns, gov_name)
+        run = decisions.governance_run(body, status.get("governance") or {}, adapter_uri, adapter_digest,
+                                       policies, CONFIG)
+        inputs.governance_job = _job(indices, ns, run.job_name)
+        inputs.governance_pods = _pods(indices, ns, run.job_name)
         gov_state = decisions.job_state(inputs.governance_job, inputs.governance_pods)
-        if gov_state.state in ("Succeeded", "Failed") or phase == "AwaitingApproval":
-            inputs.report = await _read_json(f"{adapter_uri.rstrip('/')}/governance.json")
+        if gov_state.state in ("Succeeded", "Failed") or phase in ("AwaitingApproval", "Failed"):
+            inputs.report = await _read_json(run.report_uri)
             if inputs.report is not None:
                 from finetune_trainer import adapter as adapter_mod
 
                 inputs.manifest_ok = await asyncio.to_thread(adapter_mod.verify, adapter_uri)
-    inputs.policies = [p for store in indices["policies_idx"].values() for p in store]
+    inputs.policies = policies
     plan = decisions.plan_finetunejob(body, inputs, CONFIG, now_iso())
     await _apply(plan, body, logger)
     new = plan.status
@@ -298,6 +301,9 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
     metrics.job_phase(ns, meta["name"], new.get("phase", "Pending"))
     if new.get("gpuHours"):
         metrics.gpu_hours(ns, meta["name"], new["gpuHours"])
+    runs = int((new.get("governance") or {}).get("runs") or 0)
+    if runs > int((status.get("governance") or {}).get("runs") or 0):
+        metrics.governance_run("first" if runs == 1 else "policy_change")
     if new.get("phase") != phase:
         eval_loss = (new.get("progress") or {}).get("evalLoss")
         if new.get("phase") == "Evaluating" and eval_loss is not None:
@@ -326,6 +332,20 @@ async def finetunejob_event(type: str, body: kopf.Body, namespace: str, name: st
             and written.get("observedGeneration") == (body["metadata"].get("generation") or 1)):
         return  # the echo of our own status patch: nothing new to act on
     await reconcile_finetunejob(namespace, name, kwargs, logger, plain)
+
+
+GOVERNED_PHASES = ("Evaluating", "AwaitingApproval", "Failed")
+
+
+@kopf.on.event(GROUP, VERSION, "governancepolicies")
+async def policy_event(logger: Any, **kwargs: Any) -> None:
+    """A GovernancePolicy changed (Kopf updated the policies index first): the jobs whose
+    governance is running, waiting or failed look again; a changed effective policy re-runs
+    their checks (decisions.governance_run). Promoted jobs keep their result."""
+    for (ns, name), ftj in list(STATE.finetunejobs.items()):
+        status = _with_written_status(ftj).get("status") or {}
+        if status.get("phase") in GOVERNED_PHASES and (status.get("governance") or {}).get("runs"):
+            await reconcile_finetunejob(ns, name, kwargs, logger)
 
 
 def _training(status: kopf.Status, **_: Any) -> bool:

@@ -26,6 +26,7 @@ JOB_PHASES = ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating"
 DATASET_PHASES = ("Pending", "Validating", "Ready", "Invalid", "Failed")
 JOB_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 PROMOTION_OUTCOMES = ("promoted", "blocked", "awaiting_approval")
+GOVERNANCE_RUN_TRIGGERS = ("first", "policy_change")
 DEFAULT_RETENTION_SECONDS = 3600.0
 
 # Reconciles are mostly API round-trips (tens of ms) but S3 checks can take seconds.
@@ -92,6 +93,9 @@ class OperatorMetrics:
             "finetune_operator_governance_checks", "Governance check results.", ["check", "outcome"], registry=r)
         self.promotions = Counter(
             "finetune_operator_promotions", "Promotion decisions by outcome.", ["outcome"], registry=r)
+        self.governance_runs = Counter(
+            "finetune_operator_governance_runs", "Governance runs started, by trigger (first run, policy change).",
+            ["trigger"], registry=r)
         self.gpu_hours_by_job = Gauge(
             # Not "finetune_operator_gpu_hours": that family name belongs to the counter below
             # (OpenMetrics forbids a gauge and a counter sharing it).
@@ -111,6 +115,8 @@ class OperatorMetrics:
             self.datasets.labels(phase).set(0)
         for outcome in PROMOTION_OUTCOMES:
             self.promotions.labels(outcome)
+        for trigger in GOVERNANCE_RUN_TRIGGERS:
+            self.governance_runs.labels(trigger)
         for check in CHECK_NAMES:
             for outcome in ("passed", "failed"):
                 self.governance_checks.labels(check, outcome)
@@ -181,6 +187,11 @@ class OperatorMetrics:
 
     def governance_check(self, check: str, passed: bool) -> None:
         self.governance_checks.labels(check, "passed" if passed else "failed").inc()
+
+    def governance_run(self, trigger: str) -> None:
+        if trigger not in GOVERNANCE_RUN_TRIGGERS:
+            raise ValueError(f"unknown governance run trigger {trigger!r}: expected one of {GOVERNANCE_RUN_TRIGGERS}")
+        self.governance_runs.labels(trigger).inc()
 
     def promotion(self, outcome: str) -> None:
         if outcome not in PROMOTION_OUTCOMES:
@@ -287,6 +298,10 @@ def governance_check(check: str, passed: bool) -> None:
 
 def promotion(outcome: str) -> None:
     DEFAULT.promotion(outcome)
+
+
+def governance_run(trigger: str) -> None:
+    DEFAULT.governance_run(trigger)
 
 
 def gpu_hours(namespace: str, name: str, hours: float) -> None:

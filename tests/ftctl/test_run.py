@@ -124,11 +124,14 @@ def test_manual_promotion_awaits_approval_then_promotes_after_rerun(tiny_workdir
     digest = json.loads((tiny_workdir / ".finetune" / "runs" / "manual-tiny" / "result.json").read_text())["digest"]
     assert digest in first.stdout
     job["spec"]["promotion"]["approval"] = {"digest": digest, "approvedBy": "reviewer"}
-    write_manifests(path, policy, dataset, job)
+    # Meanwhile the policy changed: the checks run again (run 2) before the approval counts.
+    write_manifests(path, fast_policy("provenance", "pii"), dataset, job)
     second = ftctl("run", "manual.yaml", "--tiny", "--samples", "0", cwd=tiny_workdir)
     assert second.returncode == 0, second.stderr
     assert "phase: Succeeded" in second.stdout and "approvedBy: reviewer" in second.stdout
     assert "TrainerJobCreated" not in second.stdout  # the approved adapter is not trained again
+    assert "GovernanceRerun" in second.stdout and "runs: 2" in second.stdout
+    assert "pii" in second.stdout
     assert (tiny_workdir / ".finetune" / "runs" / "manual-tiny" / "aliases" / "manual.json").exists()
 
 

@@ -126,3 +126,36 @@ def test_seeded_governance_cases_through_the_operator(cluster, env, kubelet, ope
     assert done["promotion"]["state"] == "Promoted" and done["promotion"]["approvedBy"] == "alice"
     alias = json.loads(storage.read_text(f"s3://{bucket}/runs/manual/aliases/manual-prod.json"))
     assert alias["adapterDigest"] == digest
+
+    # The platform team changes policy: a cluster GovernancePolicy now applies (it replaces the
+    # operator's default and accepts the PII the `leaky` job trained on). Every job whose governance
+    # failed runs its checks again under it, recorded as run 2; the promoted job is left alone.
+    rerun_policy = {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy",
+                    "metadata": {"name": "accept-contacts"},
+                    "spec": {"required": ["pii"], "pii": {"maxFindings": 100000, "maxMemorizationRate": 1.0}}}
+    cluster.create(rerun_policy)
+    blocked = ("unlicensed", "leaky", "lazy", "stale")
+    reruns = {}
+    for name in blocked:
+        reruns[name] = wait_for(lambda: (status_of(cluster, name).get("governance") or {}).get("runs") == 2
+                                and phase(cluster, name) in DONE and status_of(cluster, name), 300, f"{name} rerun")
+    for name in blocked:
+        gov = reruns[name]["governance"]
+        assert [h["run"] for h in gov["history"]] == [1] and gov["history"][0]["passed"] is False
+        assert gov["history"][0]["failing"] == [c["name"] for c in statuses[name]["governance"]["checks"]
+                                                if not c["passed"]]
+        assert gov["history"][0]["reportDigest"] == statuses[name]["governance"]["reportDigest"]
+        assert gov["policyDigest"] != gov["history"][0]["policyDigest"]
+        assert gov["reportURI"].endswith("/governance/run-2.json") and storage.exists(gov["reportURI"])
+        assert storage.exists(gov["history"][0]["reportURI"])  # the first run's report is kept
+        assert reruns[name]["governanceJob"] != statuses[name]["governanceJob"]
+        assert "pii" in [c["name"] for c in gov["checks"]]  # the new policy's requirement ran
+        reasons = [e.get("reason") for e in cluster.events(name=name)]
+        assert "GovernanceRerun" in reasons, reasons
+    leaky = reruns["leaky"]
+    assert leaky["phase"] == "Succeeded" and leaky["promotion"]["state"] == "Promoted", leaky["governance"]
+    assert json.loads(storage.read_text(f"s3://{bucket}/runs/leaky/aliases/leaky.json"))["adapterDigest"] == \
+        leaky["adapter"]["digest"]
+    for name in ("unlicensed", "lazy", "stale"):
+        blocked_by(reruns[name], statuses[name]["governance"]["checks"][0]["name"])
+    assert status_of(cluster, "manual")["governance"]["runs"] == 1  # promoted: not re-judged

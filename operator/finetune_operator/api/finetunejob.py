@@ -215,19 +215,36 @@ class AdapterRef(ApiModel):
     sizeBytes: int = Field(0, ge=0, description="Total size of the adapter's files.")
 
 
+class GovernanceRunRecord(ApiModel):
+    """An earlier governance run of the same adapter, kept when the policy changed and the checks ran again."""
+
+    run: int = Field(..., ge=1, description="The run's number (1 for the first).")
+    policyDigest: Optional[str] = Field(None, description="sha256 of the effective policy that run used.")
+    passed: Optional[bool] = Field(None, description="Whether every required check passed (unset: it did not finish).")
+    failing: list[str] = Field(default_factory=list, description="The required checks that failed.")
+    reportURI: Optional[str] = Field(None, description="That run's report (kept; never overwritten).")
+    reportDigest: Optional[str] = Field(None, description="sha256 of that run's report.")
+    evaluatedAt: Optional[str] = Field(None, description="When that run's report was read.")
+
+
 class GovernanceStatus(ApiModel):
-    """Results of the governance checks, bound to the adapter digest."""
+    """Results of the governance checks, bound to the adapter digest and to the effective policy."""
 
     checks: list[CheckResult] = Field(default_factory=list, description="One entry per check.")
     passed: Optional[bool] = Field(None, description="Whether every required check passed.")
     adapterDigest: Optional[str] = Field(None, description="The adapter digest the results are bound to.")
-    reportURI: Optional[str] = Field(None, description="Location of governance.json.")
-    reportDigest: Optional[str] = Field(None, description="sha256 of governance.json.")
+    reportURI: Optional[str] = Field(None, description="This run's report (governance/run-N.json next to the adapter).")
+    reportDigest: Optional[str] = Field(None, description="sha256 of this run's report.")
     effectivePolicy: Optional[dict[str, Any]] = Field(
         None, description="The policy the checks ran under (policy tightened by the job).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-    runs: int = Field(0, ge=0, description="How many times governance ran for this adapter.")
+    policyDigest: Optional[str] = Field(
+        None, description="sha256 of the effective policy; when the policy that applies changes, the checks run again.")
+    runs: int = Field(0, ge=0, description="How many times governance ran for this adapter (this run's number).")
     evaluatedAt: Optional[str] = Field(None, description="When the checks last ran.")
+    history: list[GovernanceRunRecord] = Field(
+        default_factory=list, max_length=20,
+        description="Earlier runs of this adapter under other policies, oldest first (the last 20).")
 
 
 class PromotionStatus(ApiModel):

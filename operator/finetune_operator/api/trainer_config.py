@@ -41,6 +41,9 @@ class GovernanceInputs(ApiModel):
     dataset: DatasetSpec = Field(..., description="The Dataset spec (provenance, source, curation) as it is now.")
     datasetPIIFindings: dict[str, int] = Field(default_factory=dict, description="PII findings of the validation.")
     baseModelDigest: Optional[str] = Field(None, description="Digest of the base model the adapter was trained on.")
+    run: int = Field(1, ge=1, description="The governance run's number (a policy change starts a new run).")
+    reportURI: Optional[str] = Field(
+        None, pattern=URI_PATTERN, description="Where this run's report goes (besides {adapterURI}/governance.json).")
 
 
 class TrainerConfig(ApiModel):

@@ -201,14 +201,18 @@ class LocalRun:
                 return self._run_job(ftj, dataset, inputs)
             # Like the operator after a spec change: the adapter and its governance Job are done;
             # only the promotion decision is taken again (with the approval now in the spec).
+            # A changed policy is a new governance run: its checks run now, as in the operator.
             ftj["status"] = waiting
-            digest = waiting["adapter"]["digest"]
-            stub = {"metadata": {"name": children.governance_job_name(ftj["metadata"]["name"], digest),
-                                 "annotations": {}}, "spec": {}}
+            adapter = waiting["adapter"]
+            run = decisions.governance_run(ftj, waiting.get("governance") or {}, adapter["uri"], adapter["digest"],
+                                           self.manifests.policies, self.config)
+            if run.new:
+                return self._govern(ftj, dataset, inputs, self._plan(ftj, inputs))
+            stub = {"metadata": {"name": run.job_name, "annotations": {}}, "spec": {}}
             now = now_iso()
             inputs.governance_job, inputs.governance_pods = logic.observed_job(stub, 0, now, now)
-            inputs.report = models.read_json(f"{waiting['adapter']['uri']}/governance.json")
-            inputs.manifest_ok = logic.verify_adapter(waiting["adapter"]["uri"])
+            inputs.report = models.read_json(run.report_uri)
+            inputs.manifest_ok = logic.verify_adapter(adapter["uri"])
             return self._conclude(ftj, dataset, self._plan(ftj, inputs))
         finally:
             if ftj.get("status"):
@@ -238,7 +242,10 @@ class LocalRun:
             ftj["status"]["message"] = f"{ftj['status']['message']}: {result.error_message()}"
         if not plan.create:
             return self._outcome(ftj)
+        return self._govern(ftj, dataset, inputs, plan)
 
+    def _govern(self, ftj: dict, dataset: dict, inputs: decisions.JobInputs, plan: decisions.Plan) -> JobOutcome:
+        """Run the governance Job the plan created, then take the promotion decision."""
         digest = ftj["status"]["adapter"]["digest"]
         with self.console.status(f"Running governance checks on adapter {digest[:19]}... "):
             job, gov, started, finished = self.run_child(plan)
@@ -247,7 +254,8 @@ class LocalRun:
         inputs.governance_job, inputs.governance_pods = logic.observed_job(job, gov.exit_code, started, finished,
                                                                            gov.error_message())
         adapter_uri = ftj["status"]["adapter"]["uri"]
-        inputs.report = models.read_json(f"{adapter_uri}/governance.json") if gov.exit_code == 0 else None
+        report_uri = ftj["status"]["governance"]["reportURI"]
+        inputs.report = models.read_json(report_uri) if gov.exit_code == 0 else None
         inputs.manifest_ok = logic.verify_adapter(adapter_uri)
         plan = self._plan(ftj, inputs)  # -> Succeeded | AwaitingApproval | Failed
         if ftj["status"].get("phase") == "Failed" and gov.exit_code:

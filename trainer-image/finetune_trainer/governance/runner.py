@@ -6,9 +6,12 @@ unreachable), so the Job retries. A check that cannot run (an exception inside i
 failed check with the reason, never a silent pass.
 
 governance.json (in the adapter folder) holds: adapterDigest, datasetDigest,
-baseModelDigest, policy (the effective spec), checks [{name, passed, value, threshold,
-message, reportURI}], passed, createdAt, trainerVersion and sha256 = sha256 of the
-canonical JSON of everything else (finetune_operator.governance.report_digest).
+baseModelDigest, policy (the effective spec), run (the operator's run number: a policy
+change runs the checks again), checks [{name, passed, value, threshold, message,
+reportURI}], passed, createdAt, trainerVersion and sha256 = sha256 of the canonical JSON
+of everything else (finetune_operator.governance.report_digest). The same report is also
+written to governanceInputs.reportURI (governance/run-N.json), which later runs never
+overwrite.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def build_report(ctx: CheckContext, results: list[CheckResult]) -> dict:
         "datasetDigest": cfg.data.digest,
         "baseModelDigest": ctx.base_model_digest or cfg.governanceInputs.baseModelDigest or cfg.baseModel.digest,
         "policy": ctx.policy.model_dump(mode="json"),
+        "run": ctx.inputs.run,
         "checks": [r.model_dump(mode="json") for r in results],
         "passed": all(r.passed for r in results),
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -118,7 +122,12 @@ def run(config_path: str) -> int:
         by_name = {name: run_check(name, ctx) for name in order}
         results = [by_name[name] for name in required]
         report = build_report(ctx, results)
-    storage.write_text(storage.join(adapter_uri, REPORT), json.dumps(report, indent=1, sort_keys=True))
+    text = json.dumps(report, indent=1, sort_keys=True)
+    # This run's own report first (what the operator reads; kept when the policy changes and the
+    # checks run again), then governance.json, the latest run's copy for people and tools.
+    if cfg.governanceInputs.reportURI:
+        storage.write_text(cfg.governanceInputs.reportURI, text)
+    storage.write_text(storage.join(adapter_uri, REPORT), text)
     log.info("governance done", extra={"event": "done", "passed": report["passed"], "adapter_digest": digest,
                                        "failing": [r.name for r in results if not r.passed],
                                        "report_digest": report["sha256"]})
