@@ -179,10 +179,19 @@ def test_trained_evaluates_and_promotes_or_awaits_approval():
     assert done.alias[0] == "s3://out/j/aliases/j.json" and done.alias[1]["adapterDigest"] == DIGEST
     manual = decisions.plan_finetunejob(ftj(evaluating, promotion={"mode": "manual"}), inputs, CFG, NOW)
     assert manual.status["phase"] == "AwaitingApproval" and manual.alias is None
-    approved = decisions.plan_finetunejob(
-        ftj(manual.status, promotion={"mode": "manual", "approval": {"digest": DIGEST, "approvedBy": "ana"}}),
-        inputs, CFG, NOW)
-    assert approved.status["phase"] == "Succeeded" and approved.status["promotion"]["approvedBy"] == "ana"
+    approving = ftj(manual.status, promotion={"mode": "manual", "approval": {"digest": DIGEST, "approvedBy": "ana"}})
+    # What the API server shows about who wrote the approval: the field manager, in managedFields.
+    approving["metadata"]["managedFields"] = [
+        {"manager": "argocd-controller", "operation": "Apply", "time": "2026-01-01T00:01:00Z",
+         "fieldsV1": {"f:spec": {"f:promotion": {"f:mode": {}}}}},
+        {"manager": "kubectl-edit", "operation": "Update", "time": "2026-01-01T00:09:00Z",
+         "fieldsV1": {"f:spec": {"f:promotion": {"f:approval": {"f:digest": {}, "f:approvedBy": {}}}}}},
+        {"manager": "finetune-operator", "operation": "Update", "subresource": "status",
+         "time": "2026-01-01T00:09:30Z", "fieldsV1": {"f:status": {"f:phase": {}}}}]
+    approved = decisions.plan_finetunejob(approving, inputs, CFG, NOW)
+    promotion = approved.status["promotion"]
+    assert approved.status["phase"] == "Succeeded" and promotion["approvedBy"] == "ana"
+    assert promotion["approvalManager"] == "kubectl-edit" and promotion["approvedAt"] == "2026-01-01T00:09:00Z"
 
 
 def test_failed_required_check_blocks_promotion():

@@ -471,7 +471,7 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
                 cond("Failed", False, "GovernanceRerun", message)
             status.pop("completionTime", None)
             status["promotion"] = {k: v for k, v in (status.get("promotion") or {}).items()
-                                   if k in ("alias", "approvedBy")} | {"state": "Pending", "reason": "PolicyChanged"}
+                                   if k == "alias"} | {"state": "Pending", "reason": "PolicyChanged"}
             to_phase("Evaluating", message, "GovernanceRerun")
     else:
         gov = dict(old_gov)
@@ -518,6 +518,9 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
     promo.update(state=decision.state, reason=decision.reason, alias=alias)
     if decision.approved_by:
         promo["approvedBy"] = decision.approved_by
+    if decision.reason == "Approved":
+        manager, at = governance.approval_writer(meta)
+        promo.update({k: v for k, v in (("approvalManager", manager), ("approvedAt", at)) if v})
     if decision.promote:
         uri = governance.alias_uri(spec["output"]["uri"], alias)
         if promo.get("aliasURI") != uri:

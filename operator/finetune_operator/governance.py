@@ -299,6 +299,24 @@ def promotion_decision(outcome: GovernanceOutcome, promotion_spec: Optional[dict
                              approved_by=who, promote=True)
 
 
+def approval_writer(metadata: dict) -> tuple[Optional[str], Optional[str]]:
+    """(manager, time) of the newest managedFields entry that owns spec.promotion.approval.
+
+    Kubernetes records which client (field manager) last wrote each field and when, not the
+    user; this is as much as the API itself shows about who approved."""
+    newest: Optional[dict] = None
+    for entry in metadata.get("managedFields") or []:
+        promotion = ((entry.get("fieldsV1") or {}).get("f:spec") or {}).get("f:promotion") or {}
+        if "f:approval" in promotion and (newest is None or (entry.get("time") or "") >= (newest.get("time") or "")):
+            newest = entry
+    if newest is None:
+        return None, None
+    manager = newest.get("manager")
+    if manager and newest.get("subresource"):
+        manager = f"{manager} ({newest['subresource']})"
+    return manager, newest.get("time")
+
+
 def alias_uri(output_uri: str, alias: str) -> str:
     return f"{output_uri.rstrip('/')}/aliases/{alias}.json"
 

@@ -254,7 +254,11 @@ class PromotionStatus(ApiModel):
     alias: Optional[str] = Field(None, description="The alias that points at the adapter.")
     aliasURI: Optional[str] = Field(None, description="Where the alias record is.")
     promotedAt: Optional[str] = Field(None, description="When the adapter was promoted.")
-    approvedBy: Optional[str] = Field(None, description="Who approved a manual promotion.")
+    approvedBy: Optional[str] = Field(None, description="Who approved a manual promotion (as the approval states it).")
+    approvalManager: Optional[str] = Field(
+        None, description="The field manager that wrote spec.promotion.approval, as metadata.managedFields shows "
+                          "it (e.g. kubectl-edit, argocd-controller); the API does not record user names.")
+    approvedAt: Optional[str] = Field(None, description="When that manager wrote the approval (managedFields time).")
     reason: Optional[str] = Field(None, description="Why promotion is blocked or waiting.")
 
 
