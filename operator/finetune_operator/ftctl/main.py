@@ -211,10 +211,20 @@ def report(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJ
     console.print(display.governance_table(governance["checks"], governance.get("passed"), required))
     console.print(f"adapter: {governance.get('adapterDigest')}  report: {governance.get('reportURI') or '-'}",
                   markup=False)
+    runs = governance.get("runs") or 1
+    console.print(f"run {runs} under policy {str(governance.get('policyDigest') or '-')[:19]}", markup=False)
+    for earlier in governance.get("history") or []:  # runs under earlier policies (a policy change re-ran them)
+        outcome = {True: "passed", False: "failed", None: "unfinished"}[earlier.get("passed")]
+        failing = f" ({', '.join(earlier['failing'])})" if earlier.get("failing") else ""
+        console.print(f"  run {earlier.get('run')} under policy {str(earlier.get('policyDigest') or '-')[:19]}: "
+                      f"{outcome}{failing}  report: {earlier.get('reportURI') or '-'}", markup=False)
     promotion = st.get("promotion") or {}
     if promotion:
         console.print(f"promotion: {promotion.get('state')}"
                       + (f" - {promotion.get('reason')}" if promotion.get("reason") else ""), markup=False)
+        if promotion.get("approvalManager"):
+            console.print(f"approval written by {promotion['approvalManager']} at {promotion.get('approvedAt')}",
+                          markup=False)
 
 
 @app.command()
