@@ -147,6 +147,11 @@ class FakeKubelet:
         await self._collect_garbage()
 
     async def _collect_garbage(self) -> None:
+        # Owned objects are listed before their owners: an owner always exists before the objects
+        # made for it, so an owner missing from the later list is really gone. (Listing owners first
+        # raced with the operator: a FineTuneJob created between the two lists had its brand-new
+        # Job and ConfigMap collected as orphans.)
+        owned = [(path, (await self._api("GET", path))["items"]) for path in OWNED]
         owners = set()
         for path in OWNERS:
             for obj in (await self._api("GET", path))["items"]:
@@ -154,8 +159,8 @@ class FakeKubelet:
         jobs = set()
         for job in (await self._api("GET", "/apis/batch/v1/jobs"))["items"]:
             jobs.add((job["metadata"]["namespace"], job["metadata"]["name"]))
-        for path in OWNED:
-            for obj in (await self._api("GET", path))["items"]:
+        for path, items in owned:
+            for obj in items:
                 refs = obj["metadata"].get("ownerReferences") or []
                 job_name = (obj["metadata"].get("labels") or {}).get("job-name") if path.endswith("pods") else None
                 orphan = job_name is not None and (obj["metadata"]["namespace"], job_name) not in jobs
