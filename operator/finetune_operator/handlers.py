@@ -30,7 +30,11 @@ from .conditions import now_iso
 log = logging.getLogger("finetune_operator")
 
 CONFIG = config_mod.load()
+# Ours, managed by hand (see _ensure_finalizer): guards the checkpoint cleanup once training started.
 FINALIZER = f"{GROUP}/cleanup"
+# Kopf's own, only for its progress timer while a FineTuneJob trains (Kopf blocks deletion until
+# the timer is stopped). A different name, so Kopf never removes ours.
+KOPF_FINALIZER = f"{GROUP}/kopf"
 MANAGED = {children.MANAGED_BY: children.OPERATOR}
 
 
@@ -47,12 +51,33 @@ class _State:
         # one handler per event instead of two). A Job event for an unknown owner is simply skipped:
         # the owner's own event reconciles it.
         self.finetunejobs: dict[tuple[str, str], dict] = {}
+        # Our finalizer patches, by uid: (the finalizers the object had, whether ours was added),
+        # so events that predate the patch's echo do not repeat it.
+        self.finalizing: dict[str, tuple[tuple, bool]] = {}
+        # FineTuneJobs being deleted whose checkpoints are already deleted.
+        self.cleaned: set[str] = set()
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
 
 STATE = _State()
+
+
+class _NoChangeDetection(kopf.AnnotationsDiffBaseStorage):
+    """Kopf computes a diff of every watch event's body against a stored essence (a deep copy of
+    the object) for change-detecting handlers (on.create/update/resume/delete, idle timers). We
+    register none -- every handler is level-triggered -- so the essence is empty and nothing is
+    stored. tests/test_handlers_registry.py keeps it that way."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> Optional[kopf.BodyEssence]:
+        return kopf.BodyEssence()
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
 
 
 # --- startup, login, indices -----------------------------------------------------------------
@@ -69,9 +94,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     global CONFIG, STATE
     CONFIG = config_mod.load()
     STATE = _State()
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled")
+    settings.persistence.diffbase_storage = _NoChangeDetection(prefix=GROUP, key="last-handled")
     settings.posting.level = logging.WARNING  # Kopf's own log lines are not Events; ours are posted explicitly
     settings.scanning.disabled = True  # our resources are known; no cluster-wide CRD discovery needed
     settings.posting.reporting_component = "finetune-operator"
@@ -291,6 +316,8 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
                 inputs.manifest_ok = await asyncio.to_thread(adapter_mod.verify, adapter_uri)
     inputs.policies = [p for store in indices["policies_idx"].values() for p in store]
     plan = decisions.plan_finetunejob(body, inputs, CONFIG, now_iso())
+    if plan.status is not None:
+        await _ensure_finalizer(body, plan.status, logger)  # before the status says training started
     await _apply(plan, body, logger)
     new = plan.status
     if new is None:
@@ -315,12 +342,19 @@ async def finetunejob_event(type: str, body: kopf.Body, namespace: str, name: st
                             **kwargs: Any) -> None:
     if type == "DELETED":
         STATE.written.pop(body["metadata"].get("uid"), None)
+        STATE.finalizing.pop(body["metadata"].get("uid"), None)
+        STATE.cleaned.discard(body["metadata"].get("uid"))
         STATE.locks.pop(("FineTuneJob", namespace, name), None)
         STATE.finetunejobs.pop((namespace, name), None)
         metrics.forget("FineTuneJob", namespace, name)
         return
     plain = _plain(body)
     STATE.finetunejobs[(namespace, name)] = plain
+    async with STATE.lock(("FineTuneJob", namespace, name)):
+        if body["metadata"].get("deletionTimestamp"):
+            await _finalize(plain, logger)
+            return
+        await _ensure_finalizer(plain, _with_written_status(plain).get("status") or {}, logger)
     written = STATE.written.get(body["metadata"].get("uid"))
     if (written is not None and dict(body.get("status") or {}) == written
             and written.get("observedGeneration") == (body["metadata"].get("generation") or 1)):
@@ -338,17 +372,75 @@ async def refresh_progress(namespace: str, name: str, logger: Any, **kwargs: Any
     await reconcile_finetunejob(namespace, name, kwargs, logger, read_progress=True)
 
 
-def _has_checkpoints_to_delete(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    # Only once training started can checkpoints exist: before that no finalizer is needed.
-    return bool(status.get("startTime")) and (spec.get("output") or {}).get("checkpointsOnDelete", "Delete") == "Delete"
+# --- the checkpoint finalizer (hand-managed: no Kopf on.delete handler, so no Kopf change detection)
+
+def _deletes_checkpoints(body: dict) -> bool:
+    return (body["spec"].get("output") or {}).get("checkpointsOnDelete", "Delete") == "Delete"
 
 
-@kopf.on.delete(GROUP, VERSION, "finetunejobs", when=_has_checkpoints_to_delete)
-async def delete_checkpoints(spec: kopf.Spec, logger: Any, **_: Any) -> None:
-    """Remove the run's checkpoints; adapters (and so any promoted adapter) are never touched."""
-    uri = storage.join(spec["output"]["uri"], "checkpoints")
-    await asyncio.to_thread(storage.delete_prefix, uri)
-    logger.info(f"deleted checkpoints under {uri}")
+async def _patch_finalizers(body: dict, add: bool, logger: Any) -> bool:
+    """Add or remove our finalizer with a JSON patch guarded by the resourceVersion (other
+    finalizers are left alone). False on a conflict or if the object is gone: a newer event follows."""
+    meta = body["metadata"]
+    current = list(meta.get("finalizers") or [])
+    if add:
+        ops = [{"op": "add", "path": "/metadata/finalizers/-" if current else "/metadata/finalizers",
+                "value": FINALIZER if current else [FINALIZER]}]
+    else:
+        index = current.index(FINALIZER)
+        ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
+               {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+    if meta.get("resourceVersion"):
+        ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]})
+    path = kube.path_of(body.get("apiVersion") or f"{GROUP}/{VERSION}", "FineTuneJob", meta.get("namespace"),
+                        meta["name"])
+    try:
+        await kube.client().request("PATCH", path, ops, "application/json-patch+json")
+    except kube.ApiError as exc:
+        if exc.status in (404, 409, 422):
+            logger.debug(f"finalizer patch not applied ({exc}); waiting for a newer event")
+            return False
+        raise
+    STATE.finalizing[meta["uid"]] = (tuple(current), add)
+    return True
+
+
+async def _ensure_finalizer(body: dict, status: dict, logger: Any) -> None:
+    """Once training has started, checkpoints may exist: block deletion until they are deleted.
+    Called before the status patch that records the start, and on every event (level-triggered)."""
+    meta = body["metadata"]
+    current = tuple(meta.get("finalizers") or [])
+    wanted = bool(status.get("startTime")) and _deletes_checkpoints(body)
+    if wanted == (FINALIZER in current) or meta.get("deletionTimestamp"):
+        return
+    if STATE.finalizing.get(meta["uid"]) == (current, wanted):
+        return  # patched already; this event predates the patch's echo
+    await _patch_finalizers(body, wanted, logger)
+
+
+async def _finalize(body: dict, logger: Any) -> None:
+    """The FineTuneJob is being deleted: delete its checkpoints (never its adapters: a promoted
+    adapter outlives its job) unless checkpointsOnDelete is Retain, then release it."""
+    meta = body["metadata"]
+    finalizers = meta.get("finalizers") or []
+    if FINALIZER not in finalizers:
+        return
+    if _deletes_checkpoints(body) and meta["uid"] not in STATE.cleaned:
+        uri = storage.join(body["spec"]["output"]["uri"], "checkpoints")
+        delay = 1.0
+        while True:  # storage trouble: retry; the object stays blocked meanwhile
+            try:
+                await asyncio.to_thread(storage.delete_prefix, uri)
+                break
+            except Exception as exc:
+                logger.warning(f"cannot delete checkpoints under {uri}: {type(exc).__name__}; retrying in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+        STATE.cleaned.add(meta["uid"])
+        logger.info(f"deleted checkpoints under {uri}")
+    if KOPF_FINALIZER in finalizers:
+        return  # Kopf releases its own first (it stops the progress timer); its patch's echo comes back here
+    await _patch_finalizers(body, False, logger)
 
 
 # --- owned Jobs and pods ---------------------------------------------------------------------
