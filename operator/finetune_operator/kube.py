@@ -122,6 +122,21 @@ class Client:
             raise
 
 
+def event_body(obj: dict, type_: str, reason: str, message: str, component: str, instance: str,
+               now: str) -> dict:
+    """A core/v1 Event about obj, as Kopf's poster writes it (kubectl describe shows it)."""
+    meta = obj["metadata"]
+    ref = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"),
+           "uid": meta.get("uid"), "namespace": meta.get("namespace")}
+    namespace = meta.get("namespace") or "default"
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"namespace": namespace, "generateName": "kopf-event-"},
+            "action": "Action?", "type": type_, "reason": reason, "message": message,
+            "reportingComponent": component, "reportingInstance": instance, "source": {"component": component},
+            "involvedObject": {**{k: v for k, v in ref.items() if v}, "namespace": namespace},
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": now}
+
+
 _client: Optional[Client] = None
 
 
