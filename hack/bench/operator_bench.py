@@ -117,6 +117,7 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
             if now != last:
                 quiet, last = time.monotonic(), now
         writes = operator_writes(cluster)
+        all_writes = cluster.emulator.last_write_at  # the operator's last write (it writes after the applies)
         by_kind: dict[str, int] = {}
         for r in list(cluster.emulator._requests):
             if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers.get("User-Agent") != BENCH_AGENT:
@@ -131,6 +132,9 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
                 "apply_seconds": round(last_apply - started, 2),
                 "seconds_after_last_apply": round(all_jobs - last_apply, 2),
                 "seconds_from_first_apply": round(all_jobs - started, 2),
+                # Every write done (ConfigMaps, statuses, Events too): from the first apply (live) or
+                # from process start (preapplied). Jobs first or last changes the above, not this.
+                "seconds_until_all_writes": round(all_writes - (spawned if preapply else started), 2),
                 "writes_per_job": round(writes / jobs, 2), "writes": by_kind,
                 "peak_rss_mib": round(peak_rss_mib(proc.pid), 1),
                 "operator_cpu_seconds": round(cpu_seconds(proc.pid), 2)}
@@ -164,7 +168,9 @@ def main() -> None:
         # from process start until every Job exists (pure throughput).
         key = "seconds_after_last_apply" if ns.preapply else "seconds_from_first_apply"
         ratio = ours[key] / max(bare[key], 1e-9)
+        all_writes_ratio = ours["seconds_until_all_writes"] / max(bare["seconds_until_all_writes"], 1e-9)
         print(json.dumps({"time_ratio_vs_floor": round(ratio, 2), "compared": key,
+                          "all_writes_ratio_vs_floor": round(all_writes_ratio, 2),
                           "targets": {"time_ratio<=1.3": ratio <= 1.3, "writes<=4": ours["writes_per_job"] <= 4,
                                       "peak<=250MiB": ours["peak_rss_mib"] <= 250}}))
     print(f"logs: {workdir}", file=sys.stderr)

@@ -206,7 +206,10 @@ async def _read_json(uri: str) -> Optional[dict]:
 async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     client = kube.client()
     ns = body["metadata"].get("namespace")
-    for manifest in plan.create:
+    # Jobs before their ConfigMaps: the Job (and its pod's scheduling) starts a round trip sooner, and
+    # a pod waits for its ConfigMap volume to exist (the kubelet retries the mount). After a crash in
+    # between, the status has no record of the Job yet, so the next reconcile creates or adopts both.
+    for manifest in sorted(plan.create, key=lambda m: m["kind"] != "Job"):
         outcome = await client.create_or_adopt(manifest)
         STATE.created.add((ns, manifest["metadata"]["name"]))
         logger.info(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")

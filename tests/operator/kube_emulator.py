@@ -53,6 +53,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # so the tests keep kmock's own routing.
     fast_routing: bool = attrs.field(default=False)
     _inflight: list = attrs.field(factory=list, init=False)
+    # time.monotonic() of the latest write request answered (the benchmark's "all writes done").
+    last_write_at: float = attrs.field(default=0.0, init=False)
 
     def __iter__(self):
         if not self.fast_routing:
@@ -72,6 +74,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         finally:
             _ROUTING.reset(token)
             self._inflight.remove(request)
+            if request.method in (kmock.method.POST, kmock.method.PATCH, kmock.method.PUT, kmock.method.DELETE):
+                self.last_write_at = time.monotonic()
 
     async def _handle_tracked(self, request):
         data = request.data if isinstance(request.data, dict) else None
