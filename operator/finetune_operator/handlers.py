@@ -225,7 +225,7 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     if plan.status is not None:
         old = body.get("status") or {}
         patch = {**plan.status, **{k: None for k in old if k not in plan.status}}
-        await client.patch_status(body, patch)
+        await client.patch_status(body, patch, parse=False)
         STATE.written[body["metadata"]["uid"]] = plan.status
     if plan.events:
         _post_events(body, plan.events)
@@ -254,7 +254,8 @@ async def _post_events_now(body: dict, events: list[tuple[str, str, str]], now: 
                                     _EVENTS_REPORTER["instance"], now)
             for delay in (1, 2, 4, None):
                 try:
-                    await client.request("POST", kube.path_of("v1", "Event", event["metadata"]["namespace"]), event)
+                    await client.request("POST", kube.path_of("v1", "Event", event["metadata"]["namespace"]), event,
+                                         parse=False)
                     break
                 except (kube.ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     if delay is None or (isinstance(exc, kube.ApiError) and exc.status < 500):
@@ -500,12 +501,16 @@ async def _owner_event(namespace: str, labels: dict, indices: dict, logger: Any)
         await reconcile_finetunejob(namespace, labels[children.JOB_LABEL], indices, logger)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+def _not_our_create_echo(type: str, body: kopf.Body, name: str, namespace: str, **_: Any) -> bool:
+    # The echo of our own create (the Job has not started): nothing to act on. As a filter, Kopf
+    # skips the handler invocation altogether.
+    return type == "DELETED" or (namespace, name) not in STATE.created or bool(body.get("status"))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED, when=_not_our_create_echo)
 async def job_event(type: str, name: str, namespace: str, labels: dict, logger: Any, **kwargs: Any) -> None:
     if type == "DELETED":
         STATE.created.discard((namespace, name))
-    elif (namespace, name) in STATE.created and not kwargs["body"].get("status"):
-        return  # the echo of our own create: the Job has not started, nothing to act on
     await _owner_event(namespace, labels, kwargs, logger)
 
 
