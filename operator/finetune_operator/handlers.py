@@ -7,9 +7,12 @@ per object. State comes from Kopf's in-memory indices of Datasets, policies, Job
 and from the FineTuneJob events themselves: no extra reads per event. Deterministic child names
 plus create-or-adopt mean a restart never duplicates a Job.
 
-API writes on the happy path until Training: one ConfigMap, one Job, one status patch and
-one Event per FineTuneJob (no Kopf bookkeeping: on-event handlers store no state; the Kopf
-finalizer is only added once training has started and checkpoints may exist).
+API writes on the happy path until Training: one Job, one ConfigMap (created in that order),
+one status patch and one Event per FineTuneJob (no Kopf bookkeeping: on-event handlers store no
+state and Kopf's change detection is off). When training starts: our finalizer (a JSON patch,
+before the status patch that records the start) and Kopf's own finalizer for the progress timer
+(Kopf's patch; Kopf removes it when training ends). On deletion, once checkpoints are deleted:
+our finalizer is removed (after Kopf has removed its own, if it was still there).
 """
 
 from __future__ import annotations
