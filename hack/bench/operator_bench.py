@@ -87,9 +87,11 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
     kubeconfig = cluster.write_kubeconfig(workdir / f"kubeconfig-{kind}")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1", "FINETUNE_METRICS_PORT": "0",
            "FINETUNE_HEALTH_PORT": "0", "FINETUNE_ARTIFACT_STORE": "s3://bench/store"}
-    cmd = ([sys.executable, "-m", "kopf", "run", "-q", "--standalone", "-A", "-m", "finetune_operator.handlers"] if kind == "operator" else
-           [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json",
-            str(REPO / "hack" / "bench" / "bare_operator.py")])
+    # The same flags for both, and the logging our Helm chart runs with (`finetune-operator run`:
+    # JSON lines at INFO). Ours used to run with -q (quiet) beside a floor logging at INFO.
+    kopf_run = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json"]
+    cmd = (kopf_run + ["-m", "finetune_operator.handlers"] if kind == "operator" else
+           kopf_run + [str(REPO / "hack" / "bench" / "bare_operator.py")])
     if os.environ.get("BENCH_PROFILE"):  # e.g. BENCH_PROFILE=/tmp/op.prof: cProfile the operator process
         cmd = [cmd[0], "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + f".{kind}"] + cmd[1:]
     cluster.create(dataset())

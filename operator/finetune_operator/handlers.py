@@ -97,6 +97,19 @@ async def _expire_metrics() -> None:
         metrics.expire()
 
 
+class _NoEventHandlerSuccessLines(logging.Filter):
+    """Kopf logs "Handler 'x' succeeded." at INFO after every handler call: for our on-event
+    handlers that is a JSON line per watch event saying nothing (a failure is still logged)."""
+
+    LINES = {f"Handler '{h}' succeeded." for h in ("finetunejob_event", "dataset_event", "job_event", "pod_event")}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.LINES
+
+
+_QUIET = _NoEventHandlerSuccessLines()
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     global CONFIG, STATE
@@ -105,6 +118,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = _NoChangeDetection(prefix=GROUP, key="last-handled")
+    if _QUIET not in logging.getLogger("kopf.objects").filters:
+        logging.getLogger("kopf.objects").addFilter(_QUIET)
     settings.posting.level = logging.WARNING  # Kopf's own log lines are not Events; ours are posted explicitly
     settings.scanning.disabled = True  # our resources are known; no cluster-wide CRD discovery needed
     settings.posting.reporting_component = "finetune-operator"
@@ -212,10 +227,13 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     # Jobs before their ConfigMaps: the Job (and its pod's scheduling) starts a round trip sooner, and
     # a pod waits for its ConfigMap volume to exist (the kubelet retries the mount). After a crash in
     # between, the status has no record of the Job yet, so the next reconcile creates or adopts both.
+    outcomes = []
     for manifest in sorted(plan.create, key=lambda m: m["kind"] != "Job"):
         outcome = await client.create_or_adopt(manifest)
         STATE.created.add((ns, manifest["metadata"]["name"]))
-        logger.info(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
+        outcomes.append(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
+    if outcomes:
+        logger.info(", ".join(outcomes))  # one line per reconcile
     for name in plan.suspend_jobs:
         await client.patch("batch/v1", "Job", ns, name, {"spec": {"suspend": True}})
     for name in plan.delete_jobs:
