@@ -104,7 +104,7 @@ class _NoEventHandlerSuccessLines(logging.Filter):
     LINES = {f"Handler '{h}' succeeded." for h in ("finetunejob_event", "dataset_event", "job_event", "pod_event")}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg not in self.LINES
+        return not (isinstance(record.msg, str) and record.msg in self.LINES)
 
 
 _QUIET = _NoEventHandlerSuccessLines()
