@@ -219,6 +219,7 @@ class FakeKubelet:
                     {"name": "main", "ready": False, "state": {"waiting": {
                         "reason": "ErrImagePull", "message": f"pull access denied for {pod['spec']['containers'][0]['image']}"}}}]})
                 return
+            await self._wait_for_config_maps(ns, pod)
             await self._pod_status(ns, pod_name, {"phase": "Running", "conditions": [
                 {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
                 "containerStatuses": [{"name": "main", "ready": True, "state": {"running": {"startedAt": _now()}}}]})
@@ -266,6 +267,14 @@ class FakeKubelet:
                                                  "uid": meta.get("uid", ""), "controller": True}]},
                "spec": template["spec"], "status": {"phase": "Pending"}}
         return await self._api("POST", f"/api/v1/namespaces/{meta['namespace']}/pods", pod)
+
+    async def _wait_for_config_maps(self, ns: str, pod: dict) -> None:
+        """Like a kubelet, which retries mounting a missing ConfigMap volume: the pod starts once its
+        ConfigMaps exist (the operator may create a Job just before its ConfigMap)."""
+        names = [v["configMap"]["name"] for v in pod["spec"].get("volumes") or [] if "configMap" in v]
+        for name in names:
+            while await self._api("GET", f"/api/v1/namespaces/{ns}/configmaps/{name}") is None:
+                await asyncio.sleep(0.1)
 
     async def _execute(self, key: tuple[str, str], pod: dict) -> int:
         """Run the container's command locally, with its env and volumes; return the exit code."""

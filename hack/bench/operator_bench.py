@@ -60,6 +60,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def emulator_cpu_seconds(cluster: Cluster) -> float:
+    """CPU time of the emulator's thread (in this process): the API server's work for one operator."""
+    fields = Path(f"/proc/self/task/{cluster._thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def count_jobs(cluster: Cluster) -> int:
     while True:
         try:  # read from another thread than the emulator's: retry if it changed meanwhile
@@ -81,9 +87,11 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
     kubeconfig = cluster.write_kubeconfig(workdir / f"kubeconfig-{kind}")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1", "FINETUNE_METRICS_PORT": "0",
            "FINETUNE_HEALTH_PORT": "0", "FINETUNE_ARTIFACT_STORE": "s3://bench/store"}
-    cmd = ([sys.executable, "-m", "kopf", "run", "-q", "--standalone", "-A", "-m", "finetune_operator.handlers"] if kind == "operator" else
-           [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json",
-            str(REPO / "hack" / "bench" / "bare_operator.py")])
+    # The same flags for both, and the logging our Helm chart runs with (`finetune-operator run`:
+    # JSON lines at INFO). Ours used to run with -q (quiet) beside a floor logging at INFO.
+    kopf_run = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json"]
+    cmd = (kopf_run + ["-m", "finetune_operator.handlers"] if kind == "operator" else
+           kopf_run + [str(REPO / "hack" / "bench" / "bare_operator.py")])
     if os.environ.get("BENCH_PROFILE"):  # e.g. BENCH_PROFILE=/tmp/op.prof: cProfile the operator process
         cmd = [cmd[0], "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + f".{kind}"] + cmd[1:]
     cluster.create(dataset())
@@ -117,6 +125,7 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
             if now != last:
                 quiet, last = time.monotonic(), now
         writes = operator_writes(cluster)
+        all_writes = cluster.emulator.last_write_at  # the operator's last write (it writes after the applies)
         by_kind: dict[str, int] = {}
         for r in list(cluster.emulator._requests):
             if r.method in ("POST", "PATCH", "PUT", "DELETE") and r.headers.get("User-Agent") != BENCH_AGENT:
@@ -131,9 +140,14 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
                 "apply_seconds": round(last_apply - started, 2),
                 "seconds_after_last_apply": round(all_jobs - last_apply, 2),
                 "seconds_from_first_apply": round(all_jobs - started, 2),
+                # Every write done (ConfigMaps, statuses, Events too): from the first apply (live) or
+                # from process start (preapplied). Jobs first or last changes the above, not this.
+                "seconds_until_all_writes": round(all_writes - (spawned if preapply else started), 2),
                 "writes_per_job": round(writes / jobs, 2), "writes": by_kind,
                 "peak_rss_mib": round(peak_rss_mib(proc.pid), 1),
-                "operator_cpu_seconds": round(cpu_seconds(proc.pid), 2)}
+                "operator_cpu_seconds": round(cpu_seconds(proc.pid), 2),
+                # Includes the 3 s of quiet waited for: idle watch streams cost next to nothing.
+                "emulator_cpu_seconds": round(emulator_cpu_seconds(cluster), 2)}
     finally:
         proc.terminate()
         try:
@@ -164,7 +178,9 @@ def main() -> None:
         # from process start until every Job exists (pure throughput).
         key = "seconds_after_last_apply" if ns.preapply else "seconds_from_first_apply"
         ratio = ours[key] / max(bare[key], 1e-9)
+        all_writes_ratio = ours["seconds_until_all_writes"] / max(bare["seconds_until_all_writes"], 1e-9)
         print(json.dumps({"time_ratio_vs_floor": round(ratio, 2), "compared": key,
+                          "all_writes_ratio_vs_floor": round(all_writes_ratio, 2),
                           "targets": {"time_ratio<=1.3": ratio <= 1.3, "writes<=4": ours["writes_per_job"] <= 4,
                                       "peak<=250MiB": ours["peak_rss_mib"] <= 250}}))
     print(f"logs: {workdir}", file=sys.stderr)

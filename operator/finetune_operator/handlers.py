@@ -7,18 +7,23 @@ per object. State comes from Kopf's in-memory indices of Datasets, policies, Job
 and from the FineTuneJob events themselves: no extra reads per event. Deterministic child names
 plus create-or-adopt mean a restart never duplicates a Job.
 
-API writes on the happy path until Training: one ConfigMap, one Job, one status patch and
-one Event per FineTuneJob (no Kopf bookkeeping: on-event handlers store no state; the Kopf
-finalizer is only added once training has started and checkpoints may exist).
+API writes on the happy path until Training: one Job, one ConfigMap (created in that order),
+one status patch and one Event per FineTuneJob (no Kopf bookkeeping: on-event handlers store no
+state and Kopf's change detection is off). When training starts: our finalizer (a JSON patch,
+before the status patch that records the start) and Kopf's own finalizer for the progress timer
+(Kopf's patch; Kopf removes it when training ends). On deletion, once checkpoints are deleted:
+our finalizer is removed (after Kopf has removed its own, if it was still there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 from typing import Any, Optional
 
+import aiohttp
 import kopf
 
 from finetune_trainer import storage
@@ -30,7 +35,11 @@ from .conditions import now_iso
 log = logging.getLogger("finetune_operator")
 
 CONFIG = config_mod.load()
+# Ours, managed by hand (see _ensure_finalizer): guards the checkpoint cleanup once training started.
 FINALIZER = f"{GROUP}/cleanup"
+# Kopf's own, only for its progress timer while a FineTuneJob trains (Kopf blocks deletion until
+# the timer is stopped). A different name, so Kopf never removes ours.
+KOPF_FINALIZER = f"{GROUP}/kopf"
 MANAGED = {children.MANAGED_BY: children.OPERATOR}
 
 
@@ -47,12 +56,36 @@ class _State:
         # one handler per event instead of two). A Job event for an unknown owner is simply skipped:
         # the owner's own event reconciles it.
         self.finetunejobs: dict[tuple[str, str], dict] = {}
+        # Our finalizer patches, by uid: (the finalizers the object had, whether ours was added),
+        # so events that predate the patch's echo do not repeat it.
+        self.finalizing: dict[str, tuple[tuple, bool]] = {}
+        # FineTuneJobs being deleted whose checkpoints are already deleted.
+        self.cleaned: set[str] = set()
+        # Events being posted in the background (see _post_events), a few at a time.
+        self.event_tasks: set[asyncio.Task] = set()
+        self.event_slots = asyncio.Semaphore(8)
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
 
 
 STATE = _State()
+
+
+class _NoChangeDetection(kopf.AnnotationsDiffBaseStorage):
+    """Kopf computes a diff of every watch event's body against a stored essence (a deep copy of
+    the object) for change-detecting handlers (on.create/update/resume/delete, idle timers). We
+    register none -- every handler is level-triggered -- so the essence is empty and nothing is
+    stored. tests/test_handlers_registry.py keeps it that way."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> Optional[kopf.BodyEssence]:
+        return kopf.BodyEssence()
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
 
 
 # --- startup, login, indices -----------------------------------------------------------------
@@ -64,17 +97,34 @@ async def _expire_metrics() -> None:
         metrics.expire()
 
 
+class _NoEventHandlerSuccessLines(logging.Filter):
+    """Kopf logs "Handler 'x' succeeded." at INFO after every handler call: for our on-event
+    handlers that is a JSON line per watch event saying nothing (a failure is still logged)."""
+
+    LINES = {f"Handler '{h}' succeeded." for h in ("finetunejob_event", "dataset_event", "job_event", "pod_event")}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg in self.LINES)
+
+
+_QUIET = _NoEventHandlerSuccessLines()
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     global CONFIG, STATE
     CONFIG = config_mod.load()
     STATE = _State()
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled")
+    settings.persistence.diffbase_storage = _NoChangeDetection(prefix=GROUP, key="last-handled")
+    if _QUIET not in logging.getLogger("kopf.objects").filters:
+        logging.getLogger("kopf.objects").addFilter(_QUIET)
     settings.posting.level = logging.WARNING  # Kopf's own log lines are not Events; ours are posted explicitly
     settings.scanning.disabled = True  # our resources are known; no cluster-wide CRD discovery needed
     settings.posting.reporting_component = "finetune-operator"
+    _EVENTS_REPORTER.update(component=settings.posting.reporting_component,
+                            instance=settings.posting.reporting_instance)
     settings.peering.lifetime = CONFIG.peering_lifetime
     if CONFIG.s3_endpoint:
         import os
@@ -98,6 +148,8 @@ def login(**kwargs: Any) -> Optional[kopf.ConnectionInfo]:
 async def close_client(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("expiry") is not None:
         memo["expiry"].cancel()
+    if STATE.event_tasks:  # let pending Events go out
+        await asyncio.wait(list(STATE.event_tasks), timeout=5)
     try:
         await kube.client().close()
     except RuntimeError:
@@ -108,23 +160,25 @@ def _plain(body: Any) -> dict:
     return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
 
 
+# Index (and all other) handlers are coroutines: Kopf runs plain functions in a thread pool, a thread
+# hop per event.
 @kopf.index(GROUP, VERSION, "datasets")
-def datasets_idx(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+async def datasets_idx(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
     return {(namespace, name): _plain(body)}
 
 
 @kopf.index(GROUP, VERSION, "governancepolicies")
-def policies_idx(body: kopf.Body, **_: Any) -> dict:
+async def policies_idx(body: kopf.Body, **_: Any) -> dict:
     return {None: _plain(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)
-def jobs_idx(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+async def jobs_idx(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
     return {(namespace, name): decisions.summarize_job(_plain(body))}
 
 
 @kopf.index("v1", "pods", labels=MANAGED)
-def pods_idx(body: kopf.Body, namespace: str, labels: dict, **_: Any) -> dict:
+async def pods_idx(body: kopf.Body, namespace: str, labels: dict, **_: Any) -> dict:
     job = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
     return {(namespace, job): decisions.summarize_pod(_plain(body))} if job else {}
 
@@ -170,10 +224,16 @@ async def _read_json(uri: str) -> Optional[dict]:
 async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     client = kube.client()
     ns = body["metadata"].get("namespace")
-    for manifest in plan.create:
+    # Jobs before their ConfigMaps: the Job (and its pod's scheduling) starts a round trip sooner, and
+    # a pod waits for its ConfigMap volume to exist (the kubelet retries the mount). After a crash in
+    # between, the status has no record of the Job yet, so the next reconcile creates or adopts both.
+    outcomes = []
+    for manifest in sorted(plan.create, key=lambda m: m["kind"] != "Job"):
         outcome = await client.create_or_adopt(manifest)
         STATE.created.add((ns, manifest["metadata"]["name"]))
-        logger.info(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
+        outcomes.append(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
+    if outcomes:
+        logger.info(", ".join(outcomes))  # one line per reconcile
     for name in plan.suspend_jobs:
         await client.patch("batch/v1", "Job", ns, name, {"spec": {"suspend": True}})
     for name in plan.delete_jobs:
@@ -186,10 +246,43 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     if plan.status is not None:
         old = body.get("status") or {}
         patch = {**plan.status, **{k: None for k in old if k not in plan.status}}
-        await client.patch_status(body, patch)
+        await client.patch_status(body, patch, parse=False)
         STATE.written[body["metadata"]["uid"]] = plan.status
-    for type_, reason, message in plan.events:
-        kopf.event(body, type=type_, reason=reason, message=message[:1000])
+    if plan.events:
+        _post_events(body, plan.events)
+
+
+# --- Events ----------------------------------------------------------------------------------
+
+_EVENTS_REPORTER = {"component": "finetune-operator", "instance": "dev"}  # from Kopf's settings at startup
+
+
+def _post_events(body: dict, events: list[tuple[str, str, str]]) -> None:
+    """Post a plan's Events in the background, in order, through our client (Kopf's poster costs
+    ~0.5 ms of CPU per Event: a task per object and its own API machinery). Like Kopf's, a failed
+    Event is retried a few times, then logged and dropped: Events are auxiliary."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()  # MicroTime, as Kopf writes it
+    task = asyncio.create_task(_post_events_now(body, events, now))
+    STATE.event_tasks.add(task)
+    task.add_done_callback(STATE.event_tasks.discard)
+
+
+async def _post_events_now(body: dict, events: list[tuple[str, str, str]], now: str) -> None:
+    client = kube.client()
+    async with STATE.event_slots:
+        for type_, reason, message in events:
+            event = kube.event_body(body, type_, reason, message[:1000], _EVENTS_REPORTER["component"],
+                                    _EVENTS_REPORTER["instance"], now)
+            for delay in (1, 2, 4, None):
+                try:
+                    await client.request("POST", kube.path_of("v1", "Event", event["metadata"]["namespace"]), event,
+                                         parse=False)
+                    break
+                except (kube.ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    if delay is None or (isinstance(exc, kube.ApiError) and exc.status < 500):
+                        log.warning("cannot post Event %s for %s: %s", reason, body["metadata"].get("name"), exc)
+                        break
+                    await asyncio.sleep(delay)
 
 
 # --- Datasets --------------------------------------------------------------------------------
@@ -294,6 +387,8 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
                 inputs.manifest_ok = await asyncio.to_thread(adapter_mod.verify, adapter_uri)
     inputs.policies = policies
     plan = decisions.plan_finetunejob(body, inputs, CONFIG, now_iso())
+    if plan.status is not None:
+        await _ensure_finalizer(body, plan.status, logger)  # before the status says training started
     await _apply(plan, body, logger)
     new = plan.status
     if new is None:
@@ -321,12 +416,19 @@ async def finetunejob_event(type: str, body: kopf.Body, namespace: str, name: st
                             **kwargs: Any) -> None:
     if type == "DELETED":
         STATE.written.pop(body["metadata"].get("uid"), None)
+        STATE.finalizing.pop(body["metadata"].get("uid"), None)
+        STATE.cleaned.discard(body["metadata"].get("uid"))
         STATE.locks.pop(("FineTuneJob", namespace, name), None)
         STATE.finetunejobs.pop((namespace, name), None)
         metrics.forget("FineTuneJob", namespace, name)
         return
     plain = _plain(body)
     STATE.finetunejobs[(namespace, name)] = plain
+    async with STATE.lock(("FineTuneJob", namespace, name)):
+        if body["metadata"].get("deletionTimestamp"):
+            await _finalize(plain, logger)
+            return
+        await _ensure_finalizer(plain, _with_written_status(plain).get("status") or {}, logger)
     written = STATE.written.get(body["metadata"].get("uid"))
     if (written is not None and dict(body.get("status") or {}) == written
             and written.get("observedGeneration") == (body["metadata"].get("generation") or 1)):
@@ -358,17 +460,75 @@ async def refresh_progress(namespace: str, name: str, logger: Any, **kwargs: Any
     await reconcile_finetunejob(namespace, name, kwargs, logger, read_progress=True)
 
 
-def _has_checkpoints_to_delete(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    # Only once training started can checkpoints exist: before that no finalizer is needed.
-    return bool(status.get("startTime")) and (spec.get("output") or {}).get("checkpointsOnDelete", "Delete") == "Delete"
+# --- the checkpoint finalizer (hand-managed: no Kopf on.delete handler, so no Kopf change detection)
+
+def _deletes_checkpoints(body: dict) -> bool:
+    return (body["spec"].get("output") or {}).get("checkpointsOnDelete", "Delete") == "Delete"
 
 
-@kopf.on.delete(GROUP, VERSION, "finetunejobs", when=_has_checkpoints_to_delete)
-async def delete_checkpoints(spec: kopf.Spec, logger: Any, **_: Any) -> None:
-    """Remove the run's checkpoints; adapters (and so any promoted adapter) are never touched."""
-    uri = storage.join(spec["output"]["uri"], "checkpoints")
-    await asyncio.to_thread(storage.delete_prefix, uri)
-    logger.info(f"deleted checkpoints under {uri}")
+async def _patch_finalizers(body: dict, add: bool, logger: Any) -> bool:
+    """Add or remove our finalizer with a JSON patch guarded by the resourceVersion (other
+    finalizers are left alone). False on a conflict or if the object is gone: a newer event follows."""
+    meta = body["metadata"]
+    current = list(meta.get("finalizers") or [])
+    if add:
+        ops = [{"op": "add", "path": "/metadata/finalizers/-" if current else "/metadata/finalizers",
+                "value": FINALIZER if current else [FINALIZER]}]
+    else:
+        index = current.index(FINALIZER)
+        ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
+               {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+    if meta.get("resourceVersion"):
+        ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]})
+    path = kube.path_of(body.get("apiVersion") or f"{GROUP}/{VERSION}", "FineTuneJob", meta.get("namespace"),
+                        meta["name"])
+    try:
+        await kube.client().request("PATCH", path, ops, "application/json-patch+json")
+    except kube.ApiError as exc:
+        if exc.status in (404, 409, 422):
+            logger.debug(f"finalizer patch not applied ({exc}); waiting for a newer event")
+            return False
+        raise
+    STATE.finalizing[meta["uid"]] = (tuple(current), add)
+    return True
+
+
+async def _ensure_finalizer(body: dict, status: dict, logger: Any) -> None:
+    """Once training has started, checkpoints may exist: block deletion until they are deleted.
+    Called before the status patch that records the start, and on every event (level-triggered)."""
+    meta = body["metadata"]
+    current = tuple(meta.get("finalizers") or [])
+    wanted = bool(status.get("startTime")) and _deletes_checkpoints(body)
+    if wanted == (FINALIZER in current) or meta.get("deletionTimestamp"):
+        return
+    if STATE.finalizing.get(meta["uid"]) == (current, wanted):
+        return  # patched already; this event predates the patch's echo
+    await _patch_finalizers(body, wanted, logger)
+
+
+async def _finalize(body: dict, logger: Any) -> None:
+    """The FineTuneJob is being deleted: delete its checkpoints (never its adapters: a promoted
+    adapter outlives its job) unless checkpointsOnDelete is Retain, then release it."""
+    meta = body["metadata"]
+    finalizers = meta.get("finalizers") or []
+    if FINALIZER not in finalizers:
+        return
+    if _deletes_checkpoints(body) and meta["uid"] not in STATE.cleaned:
+        uri = storage.join(body["spec"]["output"]["uri"], "checkpoints")
+        delay = 1.0
+        while True:  # storage trouble: retry; the object stays blocked meanwhile
+            try:
+                await asyncio.to_thread(storage.delete_prefix, uri)
+                break
+            except Exception as exc:
+                logger.warning(f"cannot delete checkpoints under {uri}: {type(exc).__name__}; retrying in {delay:.0f} s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+        STATE.cleaned.add(meta["uid"])
+        logger.info(f"deleted checkpoints under {uri}")
+    if KOPF_FINALIZER in finalizers:
+        return  # Kopf releases its own first (it stops the progress timer); its patch's echo comes back here
+    await _patch_finalizers(body, False, logger)
 
 
 # --- owned Jobs and pods ---------------------------------------------------------------------
@@ -382,12 +542,16 @@ async def _owner_event(namespace: str, labels: dict, indices: dict, logger: Any)
         await reconcile_finetunejob(namespace, labels[children.JOB_LABEL], indices, logger)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+def _not_our_create_echo(type: str, body: kopf.Body, name: str, namespace: str, **_: Any) -> bool:
+    # The echo of our own create (the Job has not started): nothing to act on. As a filter, Kopf
+    # skips the handler invocation altogether.
+    return type == "DELETED" or (namespace, name) not in STATE.created or bool(body.get("status"))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED, when=_not_our_create_echo)
 async def job_event(type: str, name: str, namespace: str, labels: dict, logger: Any, **kwargs: Any) -> None:
     if type == "DELETED":
         STATE.created.discard((namespace, name))
-    elif (namespace, name) in STATE.created and not kwargs["body"].get("status"):
-        return  # the echo of our own create: the Job has not started, nothing to act on
     await _owner_event(namespace, labels, kwargs, logger)
 
 

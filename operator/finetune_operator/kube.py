@@ -50,7 +50,8 @@ class Client:
         self._session: Optional[aiohttp.ClientSession] = None
 
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
-                      params: Optional[dict] = None) -> Any:
+                      params: Optional[dict] = None, parse: bool = True) -> Any:
+        """The decoded JSON answer; with parse=False (the caller does not need it) None on success."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self.headers, timeout=aiohttp.ClientTimeout(total=60),
@@ -58,8 +59,10 @@ class Client:
         data = json.dumps(body) if body is not None else None
         async with self._session.request(method, self.server + path, data=data, params=params,
                                          headers={"Content-Type": content_type}) as resp:
-            text = await resp.text()
-            payload = json.loads(text) if text else {}
+            raw = await resp.read()
+            if resp.status < 400 and not parse:
+                return None
+            payload = json.loads(raw) if raw else {}
             if resp.status >= 400:
                 raise ApiError(resp.status, payload)
             return payload
@@ -79,7 +82,7 @@ class Client:
         meta = manifest["metadata"]
         path = path_of(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
         try:
-            await self.request("POST", path, manifest)
+            await self.request("POST", path, manifest, parse=False)
             return "created"
         except ApiError as exc:
             if exc.status != 409:
@@ -91,11 +94,11 @@ class Client:
             raise ApiError(409, {"message": f"{manifest['kind']} {meta['name']} exists and belongs to another owner"})
         return "adopted"
 
-    async def patch_status(self, obj: dict, status: dict) -> dict:
+    async def patch_status(self, obj: dict, status: dict, parse: bool = True) -> Optional[dict]:
         meta = obj["metadata"]
         path = path_of(obj.get("apiVersion", f"{GROUP}/{VERSION}"), obj["kind"], meta.get("namespace"),
                        meta["name"], "status")
-        return await self.request("PATCH", path, {"status": status}, "application/merge-patch+json")
+        return await self.request("PATCH", path, {"status": status}, "application/merge-patch+json", parse=parse)
 
     async def patch(self, api_version: str, kind: str, namespace: str, name: str, body: dict) -> dict:
         return await self.request("PATCH", path_of(api_version, kind, namespace, name), body,
@@ -120,6 +123,21 @@ class Client:
             if exc.status == 404:
                 return None
             raise
+
+
+def event_body(obj: dict, type_: str, reason: str, message: str, component: str, instance: str,
+               now: str) -> dict:
+    """A core/v1 Event about obj, as Kopf's poster writes it (kubectl describe shows it)."""
+    meta = obj["metadata"]
+    ref = {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta.get("name"),
+           "uid": meta.get("uid"), "namespace": meta.get("namespace")}
+    namespace = meta.get("namespace") or "default"
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"namespace": namespace, "generateName": "kopf-event-"},
+            "action": "Action?", "type": type_, "reason": reason, "message": message,
+            "reportingComponent": component, "reportingInstance": instance, "source": {"component": component},
+            "involvedObject": {**{k: v for k, v in ref.items() if v}, "namespace": namespace},
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": now}
 
 
 _client: Optional[Client] = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import threading
 import time
@@ -33,6 +34,10 @@ def _path(api_version: str, plural: str, namespace: Optional[str], name: Optiona
     return "/".join(parts)
 
 
+# The request being routed in this task (fast routing only).
+_ROUTING: contextvars.ContextVar = contextvars.ContextVar("routing", default=None)
+
+
 @attrs.define(kw_only=True)
 class ApiServerEmulator(kmock.KubernetesEmulator):
     """The emulator plus the bits of API-server behaviour operators rely on: metadata.generateName
@@ -48,18 +53,29 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # so the tests keep kmock's own routing.
     fast_routing: bool = attrs.field(default=False)
     _inflight: list = attrs.field(factory=list, init=False)
+    # time.monotonic() of the latest write request answered (the benchmark's "all writes done").
+    last_write_at: float = attrs.field(default=0.0, init=False)
 
     def __iter__(self):
         if not self.fast_routing:
             return super().__iter__()
-        return iter(list(self._inflight))
+        # kmock asks "is this request among those each reaction's filter sees?" (by identity), so
+        # the request being routed is all a routing decision needs: O(1) instead of O(in flight).
+        # Scanning every in-flight request made each request cost more the more were in flight,
+        # i.e. it charged an operator for its concurrency; an API server does not.
+        current = _ROUTING.get()
+        return iter([current] if current is not None else list(self._inflight))
 
     async def _handle(self, request):  # type: ignore[override]
         self._inflight.append(request)
+        token = _ROUTING.set(request)
         try:
             return await self._handle_tracked(request)
         finally:
+            _ROUTING.reset(token)
             self._inflight.remove(request)
+            if request.method in (kmock.method.POST, kmock.method.PATCH, kmock.method.PUT, kmock.method.DELETE):
+                self.last_write_at = time.monotonic()
 
     async def _handle_tracked(self, request):
         data = request.data if isinstance(request.data, dict) else None
