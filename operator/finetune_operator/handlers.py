@@ -21,7 +21,7 @@ import asyncio
 import datetime
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import aiohttp
 import kopf
@@ -64,6 +64,9 @@ class _State:
         # Events being posted in the background (see _post_events), a few at a time.
         self.event_tasks: set[asyncio.Task] = set()
         self.event_slots = asyncio.Semaphore(8)
+        # Reconciles that failed and wait to run again (see _retry_later), and how often they failed.
+        self.retry_tasks: dict[tuple, asyncio.Task] = {}
+        self.retries: dict[tuple, int] = {}
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -101,7 +104,8 @@ class _NoEventHandlerSuccessLines(logging.Filter):
     """Kopf logs "Handler 'x' succeeded." at INFO after every handler call: for our on-event
     handlers that is a JSON line per watch event saying nothing (a failure is still logged)."""
 
-    LINES = {f"Handler '{h}' succeeded." for h in ("finetunejob_event", "dataset_event", "job_event", "pod_event")}
+    LINES = {f"Handler '{h}' succeeded." for h in ("finetunejob_event", "dataset_event", "job_event", "pod_event",
+                                                     "policy_event")}
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg in self.LINES)
@@ -148,6 +152,8 @@ def login(**kwargs: Any) -> Optional[kopf.ConnectionInfo]:
 async def close_client(memo: kopf.Memo, **_: Any) -> None:
     if memo.get("expiry") is not None:
         memo["expiry"].cancel()
+    for task in list(STATE.retry_tasks.values()):  # the next operator start reconciles everything anyway
+        task.cancel()
     if STATE.event_tasks:  # let pending Events go out
         await asyncio.wait(list(STATE.event_tasks), timeout=5)
     try:
@@ -285,11 +291,65 @@ async def _post_events_now(body: dict, events: list[tuple[str, str, str]], now: 
                     await asyncio.sleep(delay)
 
 
+# --- retries ---------------------------------------------------------------------------------
+
+RETRY_DELAYS = (1, 2, 5, 10, 30, 60)
+
+
+def _retry_later(key: tuple, again: Callable[[], Awaitable[Any]], logger: Any, exc: Exception,
+                 body: Optional[dict] = None) -> None:
+    """Kopf does not retry on-event handlers: a reconcile that failed (the API server or storage
+    answered with an error) runs again after a growing delay, until it succeeds. Without this, an
+    object whose last event found trouble would wait for an event that may never come. The first
+    failure of a streak is also a Warning Event on the object, so `kubectl describe` says why it
+    does not move."""
+    attempt = STATE.retries.get(key, 0)
+    STATE.retries[key] = attempt + 1
+    delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+    message = f"reconcile failed ({type(exc).__name__}: {str(exc)[:300]}); retrying in {delay}s"
+    logger.warning(message)
+    if attempt == 0 and body is not None:
+        _post_events(body, [("Warning", "ReconcileError", message)])
+    _cancel_retry(key)
+
+    async def run() -> None:
+        await asyncio.sleep(delay)
+        STATE.retry_tasks.pop(key, None)
+        await again()
+
+    STATE.retry_tasks[key] = asyncio.create_task(run())
+
+
+def _cancel_retry(key: tuple) -> None:
+    task = STATE.retry_tasks.pop(key, None)
+    if task is not None and task is not asyncio.current_task():
+        task.cancel()
+
+
+def _succeeded(key: tuple) -> None:
+    STATE.retries.pop(key, None)
+
+
 # --- Datasets --------------------------------------------------------------------------------
 
 async def reconcile_dataset(namespace: str, name: str, indices: dict, logger: Any,
                             body: Optional[dict] = None) -> bool:
     """Reconcile one Dataset; True when its status changed (jobs waiting for it should look again)."""
+    key = ("Dataset", namespace, name)
+    try:
+        changed = await _reconcile_dataset(namespace, name, indices, logger, body)
+    except Exception as exc:
+        async def again() -> None:
+            if await reconcile_dataset(namespace, name, indices, logger):
+                await _wake_waiting_jobs(namespace, name, indices, logger)
+
+        _retry_later(key, again, logger, exc, body or _one(indices["datasets_idx"], (namespace, name)))
+        return False
+    _succeeded(key)
+    return changed
+
+
+async def _reconcile_dataset(namespace: str, name: str, indices: dict, logger: Any, body: Optional[dict]) -> bool:
     async with STATE.lock(("Dataset", namespace, name)):
         body = body or _one(indices["datasets_idx"], (namespace, name))
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -332,6 +392,8 @@ async def dataset_event(type: str, body: kopf.Body, namespace: str, name: str, l
     if type == "DELETED":
         STATE.written.pop(body["metadata"].get("uid"), None)
         metrics.forget("Dataset", namespace, name)
+        _cancel_retry(("Dataset", namespace, name))
+        STATE.retries.pop(("Dataset", namespace, name), None)
         return
     if await reconcile_dataset(namespace, name, kwargs, logger, _plain(body)):
         await _wake_waiting_jobs(namespace, name, kwargs, logger)
@@ -341,13 +403,20 @@ async def dataset_event(type: str, body: kopf.Body, namespace: str, name: str, l
 
 async def reconcile_finetunejob(namespace: str, name: str, indices: dict, logger: Any,
                                 body: Optional[dict] = None, read_progress: bool = False) -> None:
-    async with STATE.lock(("FineTuneJob", namespace, name)):
-        body = body or STATE.finetunejobs.get((namespace, name))
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        body = _with_written_status(body)
-        with metrics.reconcile_timer("FineTuneJob"):
-            await _reconcile_finetunejob(body, indices, logger, read_progress)
+    key = ("FineTuneJob", namespace, name)
+    try:
+        async with STATE.lock(key):
+            body = body or STATE.finetunejobs.get((namespace, name))
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            body = _with_written_status(body)
+            with metrics.reconcile_timer("FineTuneJob"):
+                await _reconcile_finetunejob(body, indices, logger, read_progress)
+    except Exception as exc:  # the retry reads the latest body (STATE.finetunejobs)
+        _retry_later(key, lambda: reconcile_finetunejob(namespace, name, indices, logger), logger, exc,
+                     STATE.finetunejobs.get((namespace, name)))
+        return
+    _succeeded(key)
 
 
 async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_progress: bool) -> None:
@@ -420,6 +489,8 @@ async def finetunejob_event(type: str, body: kopf.Body, namespace: str, name: st
         STATE.cleaned.discard(body["metadata"].get("uid"))
         STATE.locks.pop(("FineTuneJob", namespace, name), None)
         STATE.finetunejobs.pop((namespace, name), None)
+        _cancel_retry(("FineTuneJob", namespace, name))
+        STATE.retries.pop(("FineTuneJob", namespace, name), None)
         metrics.forget("FineTuneJob", namespace, name)
         return
     plain = _plain(body)

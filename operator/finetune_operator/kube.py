@@ -81,13 +81,21 @@ class Client:
         """
         meta = manifest["metadata"]
         path = path_of(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
-        try:
-            await self.request("POST", path, manifest, parse=False)
-            return "created"
-        except ApiError as exc:
-            if exc.status != 409:
-                raise
-        existing = await self.request("GET", f"{path}/{meta['name']}")
+        for _ in range(3):
+            try:
+                await self.request("POST", path, manifest, parse=False)
+                return "created"
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+            try:
+                existing = await self.request("GET", f"{path}/{meta['name']}")
+                break
+            except ApiError as exc:
+                if exc.status != 404:  # 404: deleted between our POST and GET (e.g. garbage collected)
+                    raise
+        else:
+            raise ApiError(409, {"message": f"{manifest['kind']} {meta['name']} keeps appearing and disappearing"})
         wanted = {o.get("uid") for o in meta.get("ownerReferences") or []}
         owners = {o.get("uid") for o in (existing.get("metadata") or {}).get("ownerReferences") or []}
         if wanted and not wanted & owners:

@@ -75,3 +75,28 @@ def test_trainer_failures_and_waiting_reasons(cluster, env, kubelet, operator):
     expected = {"ConfigurationError", "OOMKilled", "Unschedulable", "ErrImagePull"}
     wait_for(lambda: expected <= {e["reason"] for e in cluster.events() if e.get("type") == "Warning"}, 10,
              "Warning events")
+
+
+def test_a_failed_reconcile_is_retried_until_it_succeeds(cluster, env, kubelet, operator):
+    """Kopf does not retry event handlers: the operator does. A Job of someone else's (suspended,
+    unlabelled: nothing of it reaches the operator's watches) has the name the trainer Job needs;
+    the FineTuneJob cannot proceed (and says why in a Warning Event) until the clash is gone, then
+    converges without any new event about it."""
+    ready_dataset(cluster, env["bucket"])
+    cluster.request("POST", "/apis/batch/v1/namespaces/default/jobs",
+                    {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "clash-train-1"},
+                     "spec": {"suspend": True, "template": {"spec": {"containers": [
+                         {"name": "main", "image": "busybox", "command": ["true"]}], "restartPolicy": "Never"}}}})
+    cluster.create(finetunejob_manifest("clash", "ready", "s3://x/model", f"s3://{env['bucket']}/runs/clash"))
+    warning = wait_for(lambda: [e for e in cluster.events(name="clash") if e.get("reason") == "ReconcileError"], 30,
+                       "a ReconcileError Event")
+    assert "belongs to another owner" in warning[0]["message"] and warning[0]["type"] == "Warning"
+    assert status_of(cluster, "clash").get("phase") in (None, "Pending")
+    assert cluster.get("v1", "configmaps", "default", "clash-train-1") is None  # nothing half-made
+    cluster.request("DELETE", "/apis/batch/v1/namespaces/default/jobs/clash-train-1")
+    queued = wait_for(lambda: phase(cluster, "clash") in ("Queued", "Training") and status_of(cluster, "clash"), 30,
+                      "the retried reconcile")
+    assert queued["trainerJob"] == "clash-train-1"
+    job = cluster.get("batch/v1", "jobs", "default", "clash-train-1")
+    assert job["metadata"]["ownerReferences"][0]["name"] == "clash"
+    assert len([e for e in cluster.events(name="clash") if e.get("reason") == "ReconcileError"]) == 1
