@@ -445,6 +445,25 @@ def _history_entry(gov: dict) -> dict:
     return {k: v for k, v in entry.items() if v is not None}
 
 
+def _restart_governance(run: GovernanceRun, old_gov: dict, status: dict, plan: Plan, cond, to_phase) -> None:
+    """The effective policy changed since the last run: back to Evaluating, with nothing of the
+    earlier run's verdict left in conditions, promotion or phase."""
+    if status.get("phase") == "Evaluating" and status.get("governanceJob"):
+        plan.delete_jobs.append(status["governanceJob"])  # the old policy's run is moot
+    message = (f"the effective governance policy changed ({str(old_gov.get('policyDigest'))[:19]} -> "
+               f"{run.policy_digest[:19]}); running the checks again (run {run.number})")
+    if status.get("phase") == "Evaluating":  # otherwise to_phase below posts the Event
+        plan.events.append(("Normal", "GovernanceRerun", message))
+    cond("GovernancePassed", "Unknown", "PolicyChanged", message)
+    cond("Promoted", False, "PolicyChanged", message)
+    if get_condition(status.get("conditions") or [], "Failed"):
+        cond("Failed", False, "GovernanceRerun", message)
+    status.pop("completionTime", None)
+    status["promotion"] = {k: v for k, v in (status.get("promotion") or {}).items()
+                           if k == "alias"} | {"state": "Pending", "reason": "PolicyChanged"}
+    to_phase("Evaluating", message, "GovernanceRerun")
+
+
 def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, status: dict, plan: Plan,
               cond, to_phase, fail) -> dict:
     """Evaluating / AwaitingApproval: the governance Job, its report, and promotion."""
@@ -459,20 +478,7 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
                "history": list(old_gov.get("history") or [])}
         if run.rerun:
             gov["history"] = (gov["history"] + [_history_entry(old_gov)])[-HISTORY_LIMIT:]
-            if status.get("phase") == "Evaluating" and status.get("governanceJob"):
-                plan.delete_jobs.append(status["governanceJob"])  # the old policy's run is moot
-            message = (f"the effective governance policy changed ({str(old_gov.get('policyDigest'))[:19]} -> "
-                       f"{run.policy_digest[:19]}); running the checks again (run {run.number})")
-            if status.get("phase") == "Evaluating":  # otherwise to_phase below posts the Event
-                plan.events.append(("Normal", "GovernanceRerun", message))
-            cond("GovernancePassed", "Unknown", "PolicyChanged", message)
-            cond("Promoted", False, "PolicyChanged", message)
-            if get_condition(status.get("conditions") or [], "Failed"):
-                cond("Failed", False, "GovernanceRerun", message)
-            status.pop("completionTime", None)
-            status["promotion"] = {k: v for k, v in (status.get("promotion") or {}).items()
-                                   if k == "alias"} | {"state": "Pending", "reason": "PolicyChanged"}
-            to_phase("Evaluating", message, "GovernanceRerun")
+            _restart_governance(run, old_gov, status, plan, cond, to_phase)
     else:
         gov = dict(old_gov)
     gov.update(adapterDigest=digest, effectivePolicy=policy)
