@@ -124,9 +124,12 @@ def _check(value: Any, schema: dict[str, Any], path: str, old: Any, errors: list
         transition = "oldSelf" in rule["rule"]
         if transition and old is None:
             continue  # transition rules run on updates only
-        activation = {"self": celpy.json_to_cel(value)}
-        if transition:
-            activation["oldSelf"] = celpy.json_to_cel(old)
+        try:
+            activation = {"self": celpy.json_to_cel(value)}
+            if transition:
+                activation["oldSelf"] = celpy.json_to_cel(old)
+        except ValueError:  # an integer beyond int64 inside: already reported as a type error above
+            continue
         try:
             ok = bool(_cel_program(rule["rule"]).evaluate(activation))
         except celpy.CELEvalError as exc:  # the API server reports evaluation errors as Invalid too
