@@ -16,4 +16,17 @@ hack/setup-venv.sh
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export PATH="$PWD/hack/bin:$PATH"
-exec python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+
+# The real-cluster tier (tests/realcluster/): Kubernetes v1.36 from ../shared/k8s, started by the
+# tests themselves. CI gets a control plane of its own for this run, purged at the end; a developer's
+# run reuses the default one (left running: the next run starts in well under a second).
+# Without ../shared the tier skips and the run says so in one line.
+if [ -x ../shared/k8s/up.sh ]; then
+  export FINETUNE_K8S_FAKENODE_PYTHON="$PWD/.venv/bin/python"  # has kubernetes + yaml: no venv to build
+  if [ "${CI:-}" = true ] && [ -z "${FINETUNE_K8S_HOME:-}" ]; then
+    # Not under /tmp: fakenode gives every container a private /tmp.
+    export FINETUNE_K8S_HOME="${HOME:-/root}/.cache/finetune-k8s-ci-$$"
+    trap '../shared/k8s/down.sh --purge >/dev/null 2>&1 || true; rm -rf "$FINETUNE_K8S_HOME"' EXIT
+  fi
+fi
+python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -114,7 +114,9 @@ class ResourceSettings(ApiModel):
     """Where and on what the trainer runs."""
 
     model_config = ApiModel.model_config | _rules({
-        "rule": "self.nodes == 1 || self.gpusPerNode > 0",
+        # The API server also checks the schema's `default: {}` against this rule, before any nested
+        # default applies: every field the rule reads may be absent, and absent means its default.
+        "rule": "!has(self.nodes) || self.nodes == 1 || !has(self.gpusPerNode) || self.gpusPerNode > 0",
         "message": "resources.nodes > 1 requires resources.gpusPerNode >= 1",
     })
 
