@@ -33,7 +33,7 @@ class _WithFactoryDefaults(GenerateJsonSchema):
 _KEEP = {
     "type", "description", "properties", "required", "items", "enum", "default", "pattern",
     "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength",
-    "minItems", "maxItems", "additionalProperties", "format", "nullable",
+    "minItems", "maxItems", "minProperties", "maxProperties", "additionalProperties", "format", "nullable",
 }
 
 
@@ -109,7 +109,14 @@ def openapi_schema(kind: type[Resource]) -> dict[str, Any]:
     defs = raw.pop("$defs", {})
     schema = _minimal_object_defaults(_resolve(raw, defs))
     props = schema["properties"]
-    props["metadata"] = {"type": "object"}  # validated by the API server itself
+    # Validated by the API server itself (a DNS-1123 subdomain of <= 253 characters); a schema may only
+    # narrow metadata.name, which kinds whose name becomes a label value of their Jobs do (<= 63).
+    props["metadata"] = {"type": "object"}
+    if kind.NAME_MAX_LENGTH < 253:
+        props["metadata"]["properties"] = {"name": {
+            "type": "string", "maxLength": kind.NAME_MAX_LENGTH,
+            "description": f"Name of the object: a DNS-1123 subdomain of at most {kind.NAME_MAX_LENGTH} "
+                           "characters (it labels the Jobs the operator creates for it)."}}
     props["kind"] = {"type": "string", "description": props["kind"].get("description", "")}
     props["apiVersion"] = {"type": "string", "description": props["apiVersion"].get("description", "")}
     schema["required"] = ["spec"]

@@ -125,6 +125,8 @@ class Dataset(Resource):
     KIND: ClassVar[str] = "Dataset"
     PLURAL: ClassVar[str] = "datasets"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftds",)
+    # The operator labels its Jobs with this name (finetune.dev/...: <name>): label values are <= 63.
+    NAME_MAX_LENGTH: ClassVar[int] = 63
     PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Format", "type": "string", "jsonPath": ".spec.format"},

@@ -7,7 +7,9 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import Field
 
 from .governance import CheckResult, GovernanceSpec
-from .meta import DIGEST_PATTERN, DNS_LABEL_PATTERN, ApiModel, Condition, Resource, SecretRef, URI_PATTERN, age_column
+from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
+                   URI_PATTERN, age_column)
+from .scheduling import Affinity, Toleration, label_map_field
 
 Method = Literal["lora", "qlora", "dora"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -96,18 +98,10 @@ class TrainingSettings(ApiModel):
     keepCheckpoints: int = Field(2, ge=1, le=100, description="How many complete checkpoints to keep.")
 
 
-class Toleration(ApiModel):
-    """A pod toleration (core/v1 Toleration)."""
-
-    key: Optional[str] = Field(None, description="Taint key; empty with operator Exists matches all taints.")
-    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: Optional[str] = Field(None, description="Taint value for operator Equal.")
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
-        None, description="Taint effect to tolerate; empty matches all effects.")
-    tolerationSeconds: Optional[int] = Field(None, description="For NoExecute: how long the pod stays bound.")
-
-
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+#: domain/name: a DNS subdomain, then a qualified name's name part (<= 63 characters).
+GPU_RESOURCE_PATTERN = (r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 class ResourceSettings(ApiModel):
@@ -122,18 +116,28 @@ class ResourceSettings(ApiModel):
 
     gpusPerNode: int = Field(1, ge=0, le=16, description="GPUs per trainer pod; 0 runs on CPU (tests, tiny models).")
     nodes: int = Field(1, ge=1, le=64, description="Trainer pods (nodes).")
-    gpuResourceName: str = Field("nvidia.com/gpu", description="Extended resource name of the GPU.")
-    gpuNodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels the trainer pod requires.")
+    gpuResourceName: str = Field(
+        "nvidia.com/gpu", description="Extended resource name of the GPU: domain/name (e.g. nvidia.com/gpu, "
+        "amd.com/gpu), outside the kubernetes.io domain.",
+        pattern=GPU_RESOURCE_PATTERN, max_length=253,
+        json_schema_extra={"x-kubernetes-validations": [{
+            # The API server's IsExtendedResourceName: not a native (kubernetes.io/) resource, and
+            # "requests.<name>" must be a qualified name (so the domain is at most 244 characters).
+            "rule": "!self.contains('kubernetes.io/') && self.matches('^[^/]{1,244}/')",
+            "message": "must be an extended resource name outside the kubernetes.io domain "
+                       "(domain of at most 244 characters)"}]})
+    gpuNodeSelector: dict[str, str] = label_map_field("Node labels the trainer pod requires (label keys and values).")
     tolerations: Optional[list[Toleration]] = Field(
-        None, description="Tolerations; defaults to tolerating the usual nvidia.com/gpu taint when GPUs are requested.")
-    affinity: Optional[dict[str, Any]] = Field(
-        None, description="Pod affinity (core/v1 Affinity), passed through unchanged.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-    priorityClassName: Optional[str] = Field(None, description="PriorityClass of the trainer pod.")
+        None, max_length=32,
+        description="Tolerations; defaults to tolerating the usual nvidia.com/gpu taint when GPUs are requested.")
+    affinity: Optional[Affinity] = Field(None, description="Pod affinity of the trainer pod (core/v1 Affinity: "
+                                         "nodeAffinity, podAffinity, podAntiAffinity).")
+    priorityClassName: Optional[str] = Field(None, description="PriorityClass of the trainer pod (a DNS-1123 subdomain).",
+                                             pattern=DNS_SUBDOMAIN_PATTERN, max_length=253)
     cpu: Optional[str] = Field(None, pattern=QUANTITY_PATTERN, description="CPU request and limit (e.g. 8, 500m).")
     memory: Optional[str] = Field(None, pattern=QUANTITY_PATTERN, description="Memory request and limit (e.g. 64Gi).")
     queueName: Optional[str] = Field(
-        None, pattern=DNS_LABEL_PATTERN,
+        None, pattern=DNS_LABEL_PATTERN, max_length=63,
         description="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name so Kueue's quota and fair sharing apply.")
 
 
@@ -190,7 +194,8 @@ class FineTuneJobSpec(ApiModel):
         None, description="Checks and thresholds; may only tighten the GovernancePolicy that applies.")
     promotion: PromotionSettings = Field(default_factory=PromotionSettings, description="Promotion of the adapter.")
     suspend: bool = Field(False, description="Stop the trainer after a checkpoint; set back to false to resume from it.")
-    image: Optional[str] = Field(None, min_length=1, description="Trainer image, overriding the operator's default.")
+    image: Optional[str] = Field(None, min_length=1, max_length=1024, pattern=r"^\S+$",
+                                 description="Trainer image, overriding the operator's default (no whitespace).")
     backoffLimit: int = Field(3, ge=0, le=20, description="Retries of the trainer Job for transient failures.")
     activeDeadlineSeconds: Optional[int] = Field(None, ge=60, description="Deadline of the trainer Job.")
 
@@ -292,6 +297,8 @@ class FineTuneJob(Resource):
     KIND: ClassVar[str] = "FineTuneJob"
     PLURAL: ClassVar[str] = "finetunejobs"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftj",)
+    # The operator labels its Jobs with this name (finetune.dev/...: <name>): label values are <= 63.
+    NAME_MAX_LENGTH: ClassVar[int] = 63
     PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},

@@ -14,6 +14,21 @@ API_VERSION = f"{GROUP}/{VERSION}"
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?|file://\S+)$"
 DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+#: A DNS-1123 subdomain (names of most objects: Secrets, PriorityClasses, custom resources); <= 253 chars.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+#: A label key / taint key / resource name: [subdomain/]name, the name part <= 63 chars. The prefix's own
+#: limit (253) is a CEL rule (prefix_rule), since a bounded repetition of the subdomain is not a regex.
+QUALIFIED_NAME_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                          r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+QUALIFIED_NAME_MAX = 253 + 1 + 63
+#: A label value (also a taint value): empty, or <= 63 alphanumerics with -_. inside.
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+
+def prefix_rule(what: str) -> dict:
+    """CEL: the DNS prefix of a qualified name is at most 253 characters (the API server's limit)."""
+    return {"rule": "!self.contains('/') || self.matches('^[^/]{1,253}/')",
+            "message": f"{what}: the prefix before '/' must be no more than 253 characters"}
 
 
 class ApiModel(BaseModel):
@@ -34,7 +49,7 @@ class SecretRef(ApiModel):
         description="Name of a Secret in the object's namespace with the keys AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN). The values are passed to Jobs only "
         "through secretKeyRef and never appear in status, events or logs.",
-        pattern=DNS_LABEL_PATTERN.replace("([-a-z0-9]*", "([-a-z0-9.]*"),
+        pattern=DNS_SUBDOMAIN_PATTERN,
         max_length=253,
     )
 
@@ -67,6 +82,8 @@ class Resource(ApiModel):
     SHORT_NAMES: ClassVar[tuple[str, ...]]
     SCOPE: ClassVar[str] = "Namespaced"
     PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = ()
+    #: Longest metadata.name: the API server's 253, or 63 where the name becomes a label value.
+    NAME_MAX_LENGTH: ClassVar[int] = 253
 
     apiVersion: Literal["finetune.dev/v1alpha1"] = Field(API_VERSION, description="finetune.dev/v1alpha1")
     kind: str = Field(..., description="The kind of the object.")
