@@ -53,6 +53,8 @@ def test_pod_failure_policy_backoff_deadline():
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [3]
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # A SIGTERMed trainer checkpoints and exits 5: a new pod resumes, without spending the backoffLimit.
+    assert rules[2] == {"action": "Ignore", "onExitCodes": {"containerName": "main", "operator": "In", "values": [5]}}
     assert job["spec"]["backoffLimit"] == 5 and job["spec"]["activeDeadlineSeconds"] == 3600
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 

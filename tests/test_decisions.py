@@ -148,14 +148,122 @@ def test_oom_fails_with_advice_and_stops_retries():
     assert get_condition(plan.status["conditions"], "Failed")["reason"] == "OOMKilled"
 
 
-def test_suspend_deletes_running_job_and_resume_creates_next_attempt():
+def test_suspend_suspends_the_job_in_place_and_resume_unsuspends_it():
+    status = {**queued(), "phase": "Training", "startTime": "2026-01-01T00:00:00Z"}
+    inputs = decisions.JobInputs(dataset=ready_dataset(), trainer_job=job(active=1, startTime="2026-01-01T00:00:00Z"),
+                                 trainer_pods=[pod()])
+    plan = decisions.plan_finetunejob(ftj(status, suspend=True), inputs, CFG, NOW)
+    assert plan.status["phase"] == "Suspended" and not plan.delete_jobs
+    patch = plan.job_patches["j-train-1"]
+    assert patch["spec"] == {"suspend": True}
+    # The Job controller restarts startTime on resume: the GPU-hours so far (10 min x 1 GPU) go on the Job.
+    assert patch["metadata"]["annotations"][decisions.GPU_HOURS_BEFORE] == str(plan.status["gpuHours"]) == "0.1667"
+    assert get_condition(plan.status["conditions"], "Suspended")["status"] == "True"
+    # Once the Job shows it is suspended, nothing more is patched and the hours stay frozen.
+    suspended = job(active=0, startTime="2026-01-01T00:00:00Z")
+    suspended["suspended"] = True
+    later = decisions.plan_finetunejob(ftj(plan.status, suspend=True),
+                                       decisions.JobInputs(dataset=ready_dataset(), trainer_job=suspended),
+                                       CFG, "2026-01-01T05:00:00Z")
+    assert later.status is None and not later.job_patches
+
+    resumed = decisions.plan_finetunejob(ftj(plan.status), decisions.JobInputs(dataset=ready_dataset(),
+                                                                               trainer_job=suspended), CFG, NOW)
+    assert resumed.job_patches == {"j-train-1": {"spec": {"suspend": False}}}
+    assert resumed.status["trainerJob"] == "j-train-1" and resumed.status["phase"] == "Queued" and not resumed.create
+    assert get_condition(resumed.status["conditions"], "Suspended")["status"] == "False"
+    assert ("Normal", "Resumed", resumed.status["message"]) in resumed.events
+
+
+def test_suspend_of_a_kueue_job_deletes_it_and_resume_creates_next_attempt():
     status = {**queued(), "phase": "Training", "startTime": "2026-01-01T00:00:00Z"}
     inputs = decisions.JobInputs(dataset=ready_dataset(), trainer_job=job(active=1), trainer_pods=[pod()])
-    plan = decisions.plan_finetunejob(ftj(status, suspend=True), inputs, CFG, NOW)
-    assert plan.delete_jobs == ["j-train-1"] and plan.status["phase"] == "Suspended"
-    resumed = decisions.plan_finetunejob(ftj(plan.status), decisions.JobInputs(dataset=ready_dataset()), CFG, NOW)
+    spec = {"resources": {"gpusPerNode": 1, "queueName": "team-a"}}
+    plan = decisions.plan_finetunejob(ftj(status, suspend=True, **spec), inputs, CFG, NOW)
+    assert plan.delete_jobs == ["j-train-1"] and plan.status["phase"] == "Suspended" and not plan.job_patches
+    resumed = decisions.plan_finetunejob(ftj(plan.status, **spec), decisions.JobInputs(dataset=ready_dataset()),
+                                         CFG, NOW)
     assert resumed.status["trainerJob"] == "j-train-2" and resumed.status["phase"] == "Queued"
     assert get_condition(resumed.status["conditions"], "Suspended")["status"] == "False"
+
+
+def test_resume_of_a_job_that_finished_before_the_suspension_took_hold_is_judged():
+    status = {**queued(), "phase": "Suspended", "startTime": "2026-01-01T00:00:00Z"}
+    result = {"adapterURI": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 10}
+    plan = decisions.plan_finetunejob(ftj(status), decisions.JobInputs(
+        dataset=ready_dataset(), trainer_job=job(complete=True), result=result), CFG, NOW)
+    assert plan.status["phase"] == "Evaluating" and plan.status["adapter"]["digest"] == DIGEST
+    assert not plan.job_patches
+
+
+def test_unschedulable_pod_is_reported_with_the_schedulers_reason_not_as_running():
+    message = ("0/2 nodes are available: 1 Insufficient nvidia.com/gpu, 1 node(s) didn't match Pod's node "
+               "affinity/selector. preemption: 0/2 nodes are available: 2 Preemption is not helpful for scheduling.")
+    inputs = decisions.JobInputs(dataset=ready_dataset(), trainer_job=job(active=1),
+                                 trainer_pods=[pod("Pending", unschedulable=message)])
+    plan = decisions.plan_finetunejob(ftj(queued()), inputs, CFG, NOW)
+    assert plan.status["phase"] == "Queued" and message in plan.status["message"]
+    trained = get_condition(plan.status["conditions"], "Trained")
+    assert trained["reason"] == "Unschedulable" and message in trained["message"] and trained["observedGeneration"] == 1
+    assert ("Warning", "Unschedulable", plan.status["message"]) in plan.events
+    # A pod held back by a scheduling gate (Kueue) is waiting, not unschedulable.
+    gated = decisions.summarize_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+         "message": "Scheduling is blocked due to non-empty scheduling gates"}]}})
+    assert gated["unschedulable"] is None
+    state = decisions.job_state(job(active=1), [gated])
+    assert state.state == "Pending" and "SchedulingGated" in state.message
+
+
+PRIORITY_MESSAGE = 'pods "j-train-1-" is forbidden: no PriorityClass with name no-such-class was found'
+
+
+def test_permanent_and_transient_api_errors():
+    assert decisions.permanent_api_error(422, 'Job.batch "j" is invalid: spec.template.spec.affinity...')
+    assert decisions.permanent_api_error(400, "bad request")
+    assert decisions.permanent_api_error(403, PRIORITY_MESSAGE)
+    assert decisions.permanent_api_error(403, 'pods "x" is forbidden: violates PodSecurity "restricted:latest"')
+    for status, message in ((409, "conflict"), (429, "too many requests"), (500, "etcd"), (503, "unavailable"),
+                            (404, "not found"), (401, "Unauthorized"),
+                            (403, 'pods "x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=8'),
+                            (403, 'jobs.batch is forbidden: User "system:serviceaccount:op:op" cannot create '
+                                  'resource "jobs" in API group "batch" in the namespace "ns"')):
+        assert not decisions.permanent_api_error(status, message), (status, message)
+
+
+def test_rejected_child_fails_once_with_the_servers_message_and_a_new_generation_retries():
+    plan = decisions.plan_rejected(ftj(), "Job j-train-1 (its pod template)", PRIORITY_MESSAGE, NOW)
+    st = plan.status
+    assert st["phase"] == "Failed" and PRIORITY_MESSAGE in st["message"]
+    assert "spec.resources.priorityClassName" in st["message"]
+    failed = get_condition(st["conditions"], "Failed")
+    assert failed["reason"] == decisions.REJECTED and failed["observedGeneration"] == 1
+    assert plan.events == [("Warning", decisions.REJECTED, st["message"])]
+    # The same rejection again changes nothing and posts nothing.
+    again = decisions.plan_rejected(ftj(st), "Job j-train-1 (its pod template)", PRIORITY_MESSAGE, NOW)
+    assert again.status is None and not again.events
+    # The same generation is final...
+    stay = decisions.plan_finetunejob(ftj(st), decisions.JobInputs(dataset=ready_dataset()), CFG, NOW)
+    assert stay.status is None and not stay.create
+    # ...a new one (the spec was fixed) tries again: a trainer Job is planned.
+    fixed = ftj(st)
+    fixed["metadata"]["generation"] = 2
+    retry = decisions.plan_finetunejob(fixed, decisions.JobInputs(dataset=ready_dataset()), CFG, NOW)
+    assert retry.status["phase"] == "Queued" and [m["kind"] for m in retry.create] == ["ConfigMap", "Job"]
+    assert get_condition(retry.status["conditions"], "Failed")["status"] == "False"
+    assert "completionTime" not in retry.status
+    # An ordinary failure (the trainer failed) is not retried by a spec change.
+    trainer_failed = ftj({**st, "conditions": decisions.set_condition([], "Failed", True, "BackoffLimitExceeded",
+                                                                      "x", 1, NOW)})
+    trainer_failed["metadata"]["generation"] = 2
+    assert not decisions.plan_finetunejob(trainer_failed, decisions.JobInputs(dataset=ready_dataset()), CFG,
+                                          NOW).create
+
+
+def test_rejected_field_hints():
+    assert decisions.rejected_fields("spec.template.spec.affinity.nodeAffinity...operator: Unsupported value") == [
+        "spec.resources.affinity"]
+    assert decisions.rejected_fields("nothing we know") == []
 
 
 def signed_report(checks: list[dict]) -> dict:

@@ -223,6 +223,11 @@ def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: 
                                                   "values": [EXIT_CONFIG_ERROR]}},
             # Evictions, preemptions and node drains are not the trainer's fault.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # SIGTERM (a deleted pod, a suspended Job, a drained node without the DisruptionTarget
+            # condition): the trainer checkpointed and exited 5. Not a failure: the Job controller
+            # makes a new pod, which resumes, without spending spec.backoffLimit.
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [EXIT_PREEMPTED]}},
         ]},
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }

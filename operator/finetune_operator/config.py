@@ -52,6 +52,15 @@ class OperatorConfig:
     standalone: bool = False
     #: Extra environment for every Job container (non-secret settings only, e.g. HF_HUB_OFFLINE).
     job_env: dict[str, str] = field(default_factory=dict)
+    #: Dry-run each new Job's pod (POST pods?dryRun=All) before creating the Job, so a pod template
+    #: that admission refuses fails the FineTuneJob at once instead of leaving a Job without pods.
+    admission_check: bool = True
+
+
+def has_namespace_patterns(namespaces: tuple[str, ...]) -> bool:
+    """Whether any watched namespace is a Kopf pattern (a glob such as `team-*`, or a `!` exclusion):
+    Kopf needs its namespace scan to expand those."""
+    return any(any(ch in ns for ch in "*?[!") for ns in namespaces)
 
 
 # Environment variable -> field; parsed by the field's type.

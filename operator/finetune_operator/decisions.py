@@ -33,8 +33,13 @@ def summarize_pod(pod: dict) -> dict:
     summary: dict[str, Any] = {"name": pod["metadata"]["name"], "phase": status.get("phase", "Pending"),
                                "unschedulable": None, "waiting": None, "terminated": None,
                                "disrupted": bool(get_condition(status.get("conditions") or [], "DisruptionTarget"))}
-    if scheduled.get("status") == "False":
-        summary["unschedulable"] = scheduled.get("message") or scheduled.get("reason") or "unschedulable"
+    if scheduled.get("status") == "False" and scheduled.get("reason", "Unschedulable") == "Unschedulable":
+        # The scheduler's own verdict, e.g. "0/2 nodes are available: 1 Insufficient nvidia.com/gpu, ...".
+        # Other reasons (SchedulingGated: Kueue or another controller holds the pod back) are not a
+        # scheduling failure: the pod simply waits.
+        summary["unschedulable"] = scheduled.get("message") or "the scheduler found no node for the pod"
+    elif scheduled.get("status") == "False" and scheduled.get("reason"):
+        summary["gated"] = scheduled["reason"]
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         last = cs.get("lastState") or {}
@@ -99,6 +104,10 @@ def job_state(job: Optional[dict], pods: list[dict]) -> JobState:
         return JobState("Running", "Running", f"Job {job['name']} is running")
     if job["suspended"]:
         return JobState("Pending", "JobSuspended", f"Job {job['name']} is suspended (waiting for admission)")
+    for p in pods:
+        if p.get("gated") and p.get("phase") == "Pending":
+            return JobState("Pending", p["gated"], f"Job {job['name']}'s pod is held back from scheduling "
+                                                   f"({p['gated']})")
     return JobState("Pending", "Pending", f"Job {job['name']} is waiting for its pod to start")
 
 
@@ -110,6 +119,7 @@ class Plan:
     create: list[dict] = field(default_factory=list)  # manifests, created in order (ConfigMap before Job)
     delete_jobs: list[str] = field(default_factory=list)  # deleted with background propagation
     suspend_jobs: list[str] = field(default_factory=list)
+    job_patches: dict[str, dict] = field(default_factory=dict)  # Job name -> merge patch (suspend/resume)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     alias: Optional[tuple[str, dict]] = None  # (uri, record) to write before the status patch
 
@@ -198,6 +208,75 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
     return _finish(old, status, plan)
 
 
+# --- children the API server rejects ---------------------------------------------------------
+
+#: Failed condition reason of a FineTuneJob whose child the API server refused (retried on a new generation).
+REJECTED = "JobRejected"
+
+#: Words of a server message -> the FineTuneJob field that fills that part of the pod template.
+_FIELD_HINTS = (
+    ("priorityclass", "spec.resources.priorityClassName"),
+    ("affinity", "spec.resources.affinity"),
+    ("toleration", "spec.resources.tolerations"),
+    ("nodeselector", "spec.resources.gpuNodeSelector"),
+    ("queue-name", "spec.resources.queueName"),
+    ("image", "spec.image"),
+    ("activedeadlineseconds", "spec.activeDeadlineSeconds"),
+    ("backofflimit", "spec.backoffLimit"),
+    ("resources.requests", "spec.resources (cpu, memory, gpusPerNode)"),
+    ("resources.limits", "spec.resources (cpu, memory, gpusPerNode)"),
+    ("metadata.labels", "metadata.name (label values are at most 63 characters)"),
+)
+
+
+def permanent_api_error(status: int, message: str) -> bool:
+    """Whether an API error answering one of our writes will repeat until the spec changes.
+
+    400/413/422 (the object is invalid) and an admission plugin's 403 (no such PriorityClass, a
+    PodSecurity violation, a policy webhook) are permanent: retrying the same request forever only
+    hammers the server. Transient: conflicts (409), throttling (429), server errors (5xx), 401/404,
+    an exceeded ResourceQuota (frees up when other work finishes) and RBAC denials (the operator's
+    own permissions; fixed by an admin, not by the spec)."""
+    if status in (400, 413, 422):
+        return True
+    if status == 403:
+        text = message.lower()
+        return not ("exceeded quota" in text or " cannot " in text or "being terminated" in text)
+    return False
+
+
+def rejected_fields(message: str) -> list[str]:
+    """The FineTuneJob fields a server message about a child's pod template points at (a hint; the
+    server's own message, with its pod-template field path, is kept verbatim)."""
+    text = message.lower().replace("_", "")
+    found: list[str] = []
+    for word, field_name in _FIELD_HINTS:
+        if word in text and field_name not in found:
+            found.append(field_name)
+    return found
+
+
+def plan_rejected(ftj: dict, what: str, server_message: str, now: str) -> Plan:
+    """A child (`what`, e.g. "Job j-train-1") was refused by the API server with a permanent error:
+    Failed, with the server's message and the fields to look at, and a Warning Event. Nothing is
+    retried until the spec changes (plan_finetunejob retries on a new generation)."""
+    meta = ftj["metadata"]
+    generation = meta.get("generation") or 1
+    old = ftj.get("status") or {}
+    status = copy.deepcopy(old)
+    fields_ = rejected_fields(server_message)
+    hint = f" (check {', '.join(fields_)})" if fields_ else ""
+    message = f"the API server rejected {what}: {server_message[:600]}{hint}; fix the spec: a changed spec retries"
+    status.update(phase="Failed", message=message, observedGeneration=generation)
+    status.setdefault("completionTime", now)
+    status["conditions"] = set_condition(status.get("conditions") or [], "Failed", True, REJECTED, message,
+                                         generation, now)
+    plan = Plan()
+    if old.get("phase") != "Failed" or old.get("message") != message:
+        plan.events.append(("Warning", REJECTED, message))
+    return _finish(old, status, plan)
+
+
 # --- FineTuneJob ---------------------------------------------------------------------------
 
 ACTIVE_PHASES = ("Queued", "Training")
@@ -277,6 +356,14 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         cond("Failed", True, reason, message)
         to_phase("Failed", message, reason, warning=True)
 
+    failed = get_condition(old.get("conditions") or [], "Failed") or {}
+    if (phase == "Failed" and failed.get("reason") == REJECTED and failed.get("status") == "True"
+            and failed.get("observedGeneration") != generation):
+        # The API server rejected a child Job made from an earlier spec; this generation may fix it.
+        cond("Failed", False, "SpecChanged", f"the spec changed (generation {generation}); trying again")
+        status.pop("completionTime", None)
+        phase = "Evaluating" if (old.get("adapter") or {}).get("digest") else "Pending"
+        status["phase"] = phase
     if phase == "Succeeded" or (phase == "Failed" and not governance_rerun_due(ftj, inputs.policies, config)):
         return _finish(old, status, plan)
     if phase in ("AwaitingApproval", "Evaluating", "Failed"):
@@ -286,21 +373,44 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
     attempt = children.attempt_of(trainer_name)
     state = job_state(inputs.trainer_job, inputs.trainer_pods)
 
-    # Suspend: stop a running trainer (deleting the Job sends SIGTERM; the trainer checkpoints).
+    # Suspend: the trainer Job is suspended in place (Job .spec.suspend): the Job controller deletes
+    # its pod, the pod gets SIGTERM and the trainer writes a checkpoint and exits 5 (which the Job's
+    # podFailurePolicy ignores). Resuming unsuspends the same Job; its new pod resumes from the
+    # checkpoint. A Kueue-queued Job's .spec.suspend belongs to Kueue (admission), so that one is
+    # deleted instead and resuming starts the next attempt.
     if spec.get("suspend"):
-        if trainer_name and state.state not in ("Missing", "Succeeded", "Failed"):
-            plan.delete_jobs.append(trainer_name)
+        live = trainer_name and state.state not in ("Missing", "Succeeded", "Failed")
         hours = gpu_hours(ftj, inputs.trainer_job, now)
+        if phase == "Suspended" and old.get("gpuHours") is not None:
+            hours = old["gpuHours"]  # frozen while suspended: no GPU is held
         if hours is not None:
             status["gpuHours"] = hours
+        if live and (spec.get("resources") or {}).get("queueName"):
+            plan.delete_jobs.append(trainer_name)
+        elif live and not (inputs.trainer_job or {}).get("suspended"):
+            plan.job_patches[trainer_name] = {
+                "spec": {"suspend": True},
+                # The Job controller restarts .status.startTime on resume: the hours so far go here.
+                "metadata": {"annotations": {GPU_HOURS_BEFORE: str(status.get("gpuHours", 0) or 0)}}}
         cond("Suspended", True, "Suspended", "spec.suspend is true")
         to_phase("Suspended", "suspended by spec.suspend; set it to false to resume from the last checkpoint",
                  "Suspended")
         return _finish(old, status, plan)
-    if phase == "Suspended" or (trainer_name and state.state == "Missing" and phase == "Training"):
-        # Resume (or recover from a deleted Job): a new attempt resumes from the last checkpoint.
-        if phase == "Suspended":
-            cond("Suspended", False, "Resumed", "resumed; the trainer continues from its last checkpoint")
+    if phase == "Suspended":
+        cond("Suspended", False, "Resumed", "resumed; the trainer continues from its last checkpoint")
+        if trainer_name and state.state not in ("Missing", "Succeeded", "Failed"):
+            # Always sent on this transition (idempotent): the Job summary may lag behind our suspend patch.
+            plan.job_patches[trainer_name] = {"spec": {"suspend": False}}
+            message = f"resumed: trainer Job {trainer_name} continues from its last checkpoint"
+            cond("Trained", False, "Queued", message)
+            to_phase("Queued", message, "Resumed")
+            return _finish(old, status, plan)
+        if state.state in ("Succeeded", "Failed"):
+            phase = "Training"  # it finished before the suspension took hold: judged below as usual
+    if (phase == "Suspended" and state.state == "Missing") or (trainer_name and state.state == "Missing"
+                                                               and phase == "Training"):
+        # Resume after the Job was deleted (Kueue), or recover from a Job deleted behind our back:
+        # a new attempt resumes from the last checkpoint.
         attempt += 1
         trainer_name = None
         state = JobState("Missing")

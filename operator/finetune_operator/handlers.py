@@ -105,7 +105,7 @@ class _NoEventHandlerSuccessLines(logging.Filter):
     handlers that is a JSON line per watch event saying nothing (a failure is still logged)."""
 
     LINES = {f"Handler '{h}' succeeded." for h in ("finetunejob_event", "dataset_event", "job_event", "pod_event",
-                                                     "policy_event")}
+                                                     "policy_event")} | {"Timer 'refresh_progress' succeeded."}
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg in self.LINES)
@@ -125,7 +125,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if _QUIET not in logging.getLogger("kopf.objects").filters:
         logging.getLogger("kopf.objects").addFilter(_QUIET)
     settings.posting.level = logging.WARNING  # Kopf's own log lines are not Events; ours are posted explicitly
-    settings.scanning.disabled = True  # our resources are known; no cluster-wide CRD discovery needed
+    # Our resources are known: no cluster-wide CRD discovery. But Kopf also expands namespace globs
+    # (FINETUNE_NAMESPACES=team-*) by that scan: with it off, a glob silently serves nothing.
+    settings.scanning.disabled = not config_mod.has_namespace_patterns(CONFIG.namespaces)
     settings.posting.reporting_component = "finetune-operator"
     _EVENTS_REPORTER.update(component=settings.posting.reporting_component,
                             instance=settings.posting.reporting_instance)
@@ -143,6 +145,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.login()
 def login(**kwargs: Any) -> Optional[kopf.ConnectionInfo]:
     info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None and info.server == "https://kubernetes.default.svc":
+        import dataclasses
+        import os
+
+        # Kopf's service-account login hard-codes the Service's DNS name; in-cluster clients
+        # (client-go, the kubernetes package) use the address the kubelet sets, no DNS needed.
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+        if host and port:
+            info = dataclasses.replace(info, server=f"https://{f'[{host}]' if ':' in host else host}:{port}")
     if info is not None:
         kube.set_connection(info)
     return info
@@ -235,6 +246,8 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     # between, the status has no record of the Job yet, so the next reconcile creates or adopts both.
     outcomes = []
     for manifest in sorted(plan.create, key=lambda m: m["kind"] != "Job"):
+        if manifest["kind"] == "Job" and CONFIG.admission_check and (ns, manifest["metadata"]["name"]) not in STATE.created:
+            await client.admit_pod_template(manifest)
         outcome = await client.create_or_adopt(manifest)
         STATE.created.add((ns, manifest["metadata"]["name"]))
         outcomes.append(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
@@ -242,6 +255,8 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
         logger.info(", ".join(outcomes))  # one line per reconcile
     for name in plan.suspend_jobs:
         await client.patch("batch/v1", "Job", ns, name, {"spec": {"suspend": True}})
+    for name, job_patch in plan.job_patches.items():
+        await client.patch("batch/v1", "Job", ns, name, job_patch)
     for name in plan.delete_jobs:
         # Background propagation: the pod gets SIGTERM and the trainer writes a checkpoint.
         await client.delete("batch/v1", "Job", ns, name, propagation="Background")
@@ -413,10 +428,35 @@ async def reconcile_finetunejob(namespace: str, name: str, indices: dict, logger
             with metrics.reconcile_timer("FineTuneJob"):
                 await _reconcile_finetunejob(body, indices, logger, read_progress)
     except Exception as exc:  # the retry reads the latest body (STATE.finetunejobs)
+        if isinstance(exc, kube.ApiError) and decisions.permanent_api_error(exc.status, exc.message):
+            # Retrying the same request can only fail the same way: Failed until the spec changes.
+            await _rejected(key, exc, indices, logger)
+            return
         _retry_later(key, lambda: reconcile_finetunejob(namespace, name, indices, logger), logger, exc,
                      STATE.finetunejobs.get((namespace, name)))
         return
     _succeeded(key)
+
+
+async def _rejected(key: tuple, exc: "kube.ApiError", indices: dict, logger: Any) -> None:
+    _, namespace, name = key
+    _cancel_retry(key)
+    _succeeded(key)
+    try:
+        async with STATE.lock(key):
+            body = STATE.finetunejobs.get((namespace, name))
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            body = _with_written_status(body)
+            plan = decisions.plan_rejected(body, exc.what or "a child object", exc.message, now_iso())
+            logger.warning(f"{exc.what or 'a request'} rejected by the API server (HTTP {exc.status}): "
+                           f"{exc.message[:500]}; not retried until the spec changes")
+            await _apply(plan, body, logger)
+            if plan.status is not None:
+                metrics.job_phase(namespace, name, "Failed")
+    except Exception as again:  # e.g. the status patch itself failed: back to the retry loop
+        _retry_later(key, lambda: reconcile_finetunejob(namespace, name, indices, logger), logger, again,
+                     STATE.finetunejobs.get((namespace, name)))
 
 
 async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_progress: bool) -> None:
@@ -438,7 +478,7 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
         inputs.progress = await _read_json(f"{output}/progress.json")
     adapter_digest = (status.get("adapter") or {}).get("digest")
     adapter_uri = (status.get("adapter") or {}).get("uri")
-    if state.state == "Succeeded" and phase in ("Queued", "Training"):
+    if state.state == "Succeeded" and phase in ("Queued", "Training", "Suspended"):
         inputs.result = await _read_json(f"{output}/result.json")
         if inputs.result:
             adapter_digest, adapter_uri = inputs.result.get("digest"), inputs.result.get("adapterURI")

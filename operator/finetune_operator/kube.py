@@ -17,10 +17,17 @@ PLURALS = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePoli
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: Any):
+    def __init__(self, status: int, body: Any, what: str = ""):
         super().__init__(f"HTTP {status}: {body.get('message') if isinstance(body, dict) else body}")
         self.status = status
         self.body = body
+        #: The object the failed request was about ("Job j-train-1"), where the caller knows it.
+        self.what = what
+
+    @property
+    def message(self) -> str:
+        """The server's own message (a Status object's .message), e.g. naming the invalid field."""
+        return str(self.body.get("message") if isinstance(self.body, dict) else self.body)
 
 
 def path_of(api_version: str, kind: str, namespace: Optional[str], name: Optional[str] = None,
@@ -87,6 +94,7 @@ class Client:
                 return "created"
             except ApiError as exc:
                 if exc.status != 409:
+                    exc.what = f"{manifest['kind']} {meta['name']}"
                     raise
             try:
                 existing = await self.request("GET", f"{path}/{meta['name']}")
@@ -101,6 +109,25 @@ class Client:
         if wanted and not wanted & owners:
             raise ApiError(409, {"message": f"{manifest['kind']} {meta['name']} exists and belongs to another owner"})
         return "adopted"
+
+    async def admit_pod_template(self, job: dict) -> None:
+        """A server-side dry run of the Job's pod (POST pods?dryRun=All: validation and every
+        admission plugin and webhook, nothing stored). The Job API does not admit its pod template:
+        a template that admission refuses (e.g. a PriorityClass that does not exist) makes a Job
+        that the Job controller can never give a pod, and says so only in Events on the Job.
+        Raises ApiError (what: the Job) when the pod would be refused."""
+        meta = job["metadata"]
+        template = job["spec"]["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"generateName": f"{meta['name'][:50]}-", "namespace": meta.get("namespace"),
+                            "labels": dict((template.get("metadata") or {}).get("labels") or {})},
+               "spec": template["spec"]}
+        try:
+            await self.request("POST", path_of("v1", "Pod", meta.get("namespace")), pod,
+                               params={"dryRun": "All"}, parse=False)
+        except ApiError as exc:
+            exc.what = f"Job {meta['name']} (its pod template)"
+            raise
 
     async def patch_status(self, obj: dict, status: dict, parse: bool = True) -> Optional[dict]:
         meta = obj["metadata"]

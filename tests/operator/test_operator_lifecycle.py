@@ -32,25 +32,26 @@ def test_restart_mid_training_then_suspend_and_resume(cluster, env, kubelet, mod
         assert trainer_job_posts(cluster) == 1 and kubelet.started_jobs == ["life-train-1"]
         assert phase(cluster, "life") == "Training"
 
-        # Suspend: the Job is deleted, the pod gets SIGTERM, the trainer checkpoints and exits 5.
+        # Suspend: the Job is suspended in place (its pod gets SIGTERM; the trainer checkpoints and exits 5).
         cluster.update_spec("finetunejobs", "life", {"suspend": True})
         wait_for(lambda: phase(cluster, "life") == "Suspended", 30, "Suspended")
-        wait_for(lambda: cluster.get("batch/v1", "jobs", "default", "life-train-1") is None, 30)
+        wait_for(lambda: cluster.get("batch/v1", "jobs", "default", "life-train-1")["spec"].get("suspend"), 30,
+                 "Job .spec.suspend")
         wait_for(lambda: any(p.startswith("life-train-1") and code == 5 for p, code in kubelet.exit_codes.items()),
                  60, "exit code 5 after SIGTERM")
         assert any(k.startswith("checkpoints/") for k in storage.list_keys(output))
         assert get_condition(status_of(cluster, "life")["conditions"], "Suspended")["status"] == "True"
 
-        # Resume: a new attempt (deterministic name) continues from the checkpoint.
+        # Resume: the same Job is unsuspended; its new pod continues from the checkpoint.
         cluster.update_spec("finetunejobs", "life", {"suspend": False})
         done = wait_for(lambda: phase(cluster, "life") in ("Succeeded", "Failed") and status_of(cluster, "life"),
                         150, "finished")
     assert done["phase"] == "Succeeded", (done, kubelet.log("life-"))
-    assert done["trainerJob"] == "life-train-2" and kubelet.started_jobs[:2] == ["life-train-1", "life-train-2"]
-    assert "resumed from checkpoint" in kubelet.log("life-train-2")
+    assert done["trainerJob"] == "life-train-1" and kubelet.started_jobs[:2] == ["life-train-1", "life-train-1"]
+    assert "resumed from checkpoint" in kubelet.log("life-train-1")
     assert done["progress"]["totalSteps"] == 300 and done["adapter"]["digest"].startswith("sha256:")
     assert get_condition(done["conditions"], "Suspended")["status"] == "False"
-    assert trainer_job_posts(cluster) == 2
+    assert trainer_job_posts(cluster) == 1
 
 
 STAND_IN = """
