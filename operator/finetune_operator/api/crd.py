@@ -103,6 +103,16 @@ def _minimal_object_defaults(node: Any) -> Any:
     return node
 
 
+API_VERSION_DESCRIPTION = (
+    "APIVersion defines the versioned schema of this representation of an object. Servers should convert "
+    "recognized schemas to the latest internal value, and may reject unrecognized values. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#resources")
+KIND_DESCRIPTION = (
+    "Kind is a string value representing the REST resource this object represents. Servers may infer this "
+    "from the endpoint the client submits requests to. Cannot be updated. In CamelCase. More info: "
+    "https://git.k8s.io/community/contributors/devel/sig-architecture/api-conventions.md#types-kinds")
+
+
 def openapi_schema(kind: type[Resource]) -> dict[str, Any]:
     """The openAPIV3Schema of a kind."""
     raw = kind.model_json_schema(by_alias=True, mode="validation", schema_generator=_WithFactoryDefaults)
@@ -117,8 +127,10 @@ def openapi_schema(kind: type[Resource]) -> dict[str, Any]:
             "type": "string", "maxLength": kind.NAME_MAX_LENGTH,
             "description": f"Name of the object: a DNS-1123 subdomain of at most {kind.NAME_MAX_LENGTH} "
                            "characters (it labels the Jobs the operator creates for it)."}}
-    props["kind"] = {"type": "string", "description": props["kind"].get("description", "")}
-    props["apiVersion"] = {"type": "string", "description": props["apiVersion"].get("description", "")}
+    # The API server publishes (and `kubectl explain` shows) its standard text for these two, whatever
+    # a CRD says: say the same, so what we generate is what users see.
+    props["kind"] = {"type": "string", "description": KIND_DESCRIPTION}
+    props["apiVersion"] = {"type": "string", "description": API_VERSION_DESCRIPTION}
     schema["required"] = ["spec"]
     schema["description"] = (kind.__doc__ or "").strip()
     return schema

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field
 
-from .meta import ApiModel, Resource, URI_PATTERN, age_column
+from .meta import DNS_LABEL_PATTERN, ApiModel, Resource, URI_PATTERN, age_column
 
 CheckName = Literal["evaluation", "bias", "provenance", "pii", "explainability"]
 CHECK_NAMES: tuple[str, ...] = ("evaluation", "bias", "provenance", "pii", "explainability")
@@ -99,7 +99,10 @@ class GovernancePolicySpec(GovernanceSpec):
         default_factory=list,
         description="Namespaces this policy applies to; empty means every namespace. When several policies "
         "apply, the strictest value of each setting wins.",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        max_length=1024,
+        # Namespace names are DNS-1123 labels: anything else could never match.
+        json_schema_extra={"x-kubernetes-list-type": "set",
+                           "items": {"type": "string", "maxLength": 63, "pattern": DNS_LABEL_PATTERN}},
     )
 
 
