@@ -65,6 +65,19 @@ def one(objects: list[dict], kind: str) -> dict:
     return found[0]
 
 
+def is_hook(obj: dict) -> bool:
+    return "helm.sh/hook" in (obj["metadata"].get("annotations") or {})
+
+
+def release_objects(objects: list[dict]) -> list[dict]:
+    """What `helm install` keeps (without hooks: the uninstall hook's RBAC lives only while it runs)."""
+    return [o for o in objects if not is_hook(o)]
+
+
+def hook_objects(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if is_hook(o)]
+
+
 def operator_config(objects: list[dict]) -> dict:
     cm = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-config"))
     return yaml.safe_load(cm["data"]["config.yaml"])
@@ -265,7 +278,7 @@ NEEDED = {  # what the operator does (see issue): (group, resource) -> verbs
     ("finetune.dev", "governancepolicies"): {"get", "list", "watch"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "delete", "patch"},
     ("", "configmaps"): {"create", "get", "list", "watch", "delete", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list", "watch", "create"},  # create: the admission dry run of a Job's pod
     ("", "pods/log"): {"get"},
     ("", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
@@ -291,7 +304,7 @@ def test_rbac_has_no_wildcards_and_covers_what_the_operator_does(rendered, value
 
 
 def test_cluster_mode_binds_one_clusterrole(rendered):
-    objects = rendered["default"]
+    objects = release_objects(rendered["default"])
     assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
     binding = one(objects, "ClusterRoleBinding")
     sa = one(objects, "ServiceAccount")
@@ -303,7 +316,7 @@ def test_cluster_mode_binds_one_clusterrole(rendered):
 
 
 def test_namespaced_mode_grants_only_in_watched_namespaces(rendered):
-    objects = rendered["namespaced"]
+    objects = release_objects(rendered["namespaced"])
     roles = {r["metadata"]["namespace"]: r for r in of_kind(objects, "Role")}
     bindings = {b["metadata"]["namespace"]: b for b in of_kind(objects, "RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
@@ -323,9 +336,89 @@ def test_namespaced_mode_grants_only_in_watched_namespaces(rendered):
 def test_cluster_mode_with_a_namespace_list_peers_per_namespace(rendered):
     objects = rendered["cluster-some-namespaces"]
     assert [p["metadata"]["namespace"] for p in of_kind(objects, "KopfPeering")] == ["ml-prod"]
-    assert not of_kind(objects, "Role")
+    assert not of_kind(release_objects(objects), "Role")
     assert one(objects, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["ml-prod"]}
     assert one(objects, "ServiceMonitor")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+# --- the uninstall hook (release-finalizers) ----------------------------------------------------
+
+
+def hook_job(objects: list[dict]) -> dict:
+    return one(hook_objects(objects), "Job")
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_uninstall_hook_job_stops_the_operator_and_releases_its_finalizers(rendered, value_set):
+    from finetune_operator import cli
+
+    objects = rendered[value_set]
+    job, deploy = hook_job(objects), one(objects, "Deployment")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-delete"
+    assert set(annotations["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
+    # Its ServiceAccount and RBAC exist before it runs (a lower weight), and all go with it.
+    for other in hook_objects(objects):
+        meta = other["metadata"]
+        assert meta["annotations"]["helm.sh/hook"] == "pre-delete", other["kind"]
+        assert meta["annotations"]["helm.sh/hook-delete-policy"] == annotations["helm.sh/hook-delete-policy"]
+        if other is not job:
+            assert int(meta["annotations"]["helm.sh/hook-weight"]) < int(annotations["helm.sh/hook-weight"])
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (operator,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == operator["image"] and container["command"] == operator["command"] == \
+        ["finetune-operator"]
+    args = cli.build_parser().parse_args(container["args"])  # the operator's own command line accepts them
+    assert args.command == "release-finalizers"
+    assert args.stop_deployment == f"{NAMESPACE}/{deploy['metadata']['name']}"
+    assert args.namespaces is None  # the watched namespaces come from the operator's own config file
+    config_cm = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-config"))
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+    assert env["FINETUNE_CONFIG"] == f"{mount['mountPath']}/config.yaml"
+    assert next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"] == \
+        config_cm["metadata"]["name"]
+    # Its own ServiceAccount, not the operator's; its pod is not one of the operator's pods (the
+    # hook waits for those to go; the Service and the PDB must not select it).
+    hook_sa = one(hook_objects(objects), "ServiceAccount")
+    assert pod["serviceAccountName"] == hook_sa["metadata"]["name"] != \
+        deploy["spec"]["template"]["spec"]["serviceAccountName"]
+    selector = deploy["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert pod["restartPolicy"] == "Never" and job["spec"]["activeDeadlineSeconds"] > 0
+    assert container["securityContext"] == operator["securityContext"]
+    assert pod["securityContext"] == deploy["spec"]["template"]["spec"]["securityContext"]
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_uninstall_hook_rbac_is_minimal(rendered, value_set):
+    objects, values = rendered[value_set], values_of(value_set)
+    hooks = hook_objects(objects)
+    deploy = one(objects, "Deployment")
+    sa = one(hooks, "ServiceAccount")["metadata"]["name"]
+    for binding in of_kind(hooks, "RoleBinding") + of_kind(hooks, "ClusterRoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    roles = of_kind(hooks, "Role") + of_kind(hooks, "ClusterRole")
+    granted = {(r["metadata"].get("namespace"), g, res, tuple(rule.get("resourceNames") or ()), v)
+               for r in roles for rule in r["rules"] for g in rule["apiGroups"] for res in rule["resources"]
+               for v in rule["verbs"]}
+    watched = values["watch"]["namespaces"] or [None]  # None: cluster-wide (a ClusterRole)
+    expected = {(ns, "finetune.dev", "finetunejobs", (), v) for ns in watched for v in ("get", "list", "patch")}
+    expected |= {(NAMESPACE, "apps", "deployments/scale", (deploy["metadata"]["name"],), v) for v in ("get", "patch")}
+    expected |= {(NAMESPACE, "", "pods", (), "list")}
+    assert granted == expected
+
+
+def test_uninstall_hook_options(helm):
+    off = render(helm, "default", "--set", "uninstall.releaseFinalizers=false")
+    assert not hook_objects(off)
+    every = render(helm, "default", "--set", "uninstall.deleteAllCheckpoints=true",
+                   "--set", "uninstall.stopTimeoutSeconds=30")
+    args = hook_job(every)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--delete-all-checkpoints" in args and "--stop-timeout=30" in args
+    assert "--delete-all-checkpoints" not in hook_job(render(helm, "default"))["spec"]["template"]["spec"][
+        "containers"][0]["args"]
 
 
 # --- networking and monitoring -------------------------------------------------------------------

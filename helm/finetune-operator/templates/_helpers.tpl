@@ -85,10 +85,12 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, get, list, watch, delete, patch]
-# Pod state (scheduling, OOM, preemption) and the trainer's last log lines on failure.
+# Pod state (scheduling, OOM, preemption) and the trainer's last log lines on failure. `create`
+# only for the admission dry run of each new Job's pod (POST pods?dryRun=All; RBAC cannot tell a
+# dry run from a real create): no more power than `create` on Jobs, whose pods run the same way.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, create]
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
