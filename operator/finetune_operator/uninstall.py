@@ -133,7 +133,8 @@ def stop_deployment(api_client: Any, namespace: str, name: str, timeout: float, 
     apps = kubernetes.client.AppsV1Api(api_client)
     core = kubernetes.client.CoreV1Api(api_client)
     try:
-        scale = apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 0}})
+        scale = apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 0}},
+                                                       _content_type="application/merge-patch+json")
     except kubernetes.client.ApiException as exc:
         if exc.status == 404:
             say(f"Deployment {namespace}/{name} not found: no operator to stop")
@@ -156,12 +157,11 @@ def _list(api_client: Any, namespaces: tuple[str, ...]) -> list[dict]:
     import kubernetes
 
     custom = kubernetes.client.CustomObjectsApi(api_client)
-    if not namespaces:
-        return custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
     items: list[dict] = []
-    for ns in namespaces:
+    for ns in namespaces or (None,):  # None: every namespace
         try:
-            items += custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            items += (custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL) if ns else
+                      custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))["items"]
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:  # 404: the namespace (or the CRD) is gone: nothing to release there
                 raise
