@@ -118,6 +118,7 @@ def test_notes_tell_the_user_what_to_do_next(helm):
     assert f"kubectl -n {NAMESPACE} get pods" in notes
     assert 'Secret "finetune-s3"' in notes
     assert "kubectl apply -f dataset.yaml" in notes
+    assert f"helm uninstall {RELEASE} -n {NAMESPACE}` first stops it and" in notes
 
 
 # --- files the chart copies -------------------------------------------------------------------
