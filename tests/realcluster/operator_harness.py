@@ -14,6 +14,7 @@ FineTuneJobs of their own, and two operators acting on one object would fight ov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from realcluster.realk8s import REPO, RealCluster, wait_for
 
@@ -106,6 +107,30 @@ def operator_env(kubeconfig: str, s3_endpoint: str, bucket: str, prefix: str, **
     })
     env.update(extra)
     return env
+
+
+class Stack:
+    """What a module's tests share: the cluster, a bucket with the tiny model, one operator."""
+
+    def __init__(self, cluster: RealCluster, bucket: str, model_uri: str, op: Operator, prefix: str):
+        self.cluster, self.bucket, self.model_uri, self.op, self.prefix = cluster, bucket, model_uri, op, prefix
+
+
+@contextlib.contextmanager
+def operator_stack(cluster: RealCluster, s3_endpoint: str, model_dir: Path, log_dir: Path) -> Iterator[Stack]:
+    from finetune_trainer import storage
+    from trainer.helpers import upload_folder
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    model_uri = f"s3://{bucket}/models/tiny"
+    upload_folder(model_dir, model_uri)
+    prefix = run_prefix()
+    op = Operator(operator_env(cluster.kubeconfig, s3_endpoint, bucket, prefix), log_dir).start()
+    try:
+        yield Stack(cluster, bucket, model_uri, op, prefix)
+    finally:
+        op.stop()
 
 
 # --- namespaces, objects --------------------------------------------------------------------
@@ -244,6 +269,6 @@ def now() -> float:
     return time.monotonic()
 
 
-__all__ = ["API", "SECRET", "Operator", "operator_env", "new_namespace", "write_raw_dataset", "dataset_manifest",
+__all__ = ["API", "SECRET", "Operator", "Stack", "operator_stack", "operator_env", "new_namespace", "write_raw_dataset", "dataset_manifest",
            "ready_dataset", "finetunejob_manifest", "run_prefix", "ftj", "status", "wait_phase", "jobs", "pods", "events",
            "pod_logs", "ftctl", "ftctl_background", "stack_log_count", "poll", "now", "REPO"]

@@ -9,7 +9,6 @@ own). Tiny model, few steps. See operator_harness.py.
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 
@@ -20,25 +19,10 @@ from finetune_operator.conditions import get_condition
 from finetune_trainer import storage
 
 
-class Stack:
-    def __init__(self, cluster, bucket, model_uri, op, prefix):
-        self.cluster, self.bucket, self.model_uri, self.op, self.prefix = cluster, bucket, model_uri, op, prefix
-
-
 @pytest.fixture(scope="module")
 def stack(fakenode, crds, s3_server, tiny_model_dir, tmp_path_factory):
-    from trainer.helpers import upload_folder
-
-    bucket = f"t-{uuid.uuid4().hex[:12]}"
-    storage.s3_client().create_bucket(Bucket=bucket)
-    model_uri = f"s3://{bucket}/models/tiny"
-    upload_folder(tiny_model_dir, model_uri)
-    prefix = h.run_prefix()
-    op = h.Operator(h.operator_env(fakenode.kubeconfig, s3_server, bucket, prefix),
-                    tmp_path_factory.mktemp("operator"))
-    op.start()
-    yield Stack(fakenode, bucket, model_uri, op, prefix)
-    op.stop()
+    with h.operator_stack(fakenode, s3_server, tiny_model_dir, tmp_path_factory.mktemp("operator")) as st:
+        yield st
 
 
 @pytest.fixture()
