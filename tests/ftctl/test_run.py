@@ -7,11 +7,6 @@ session's tiny model; nothing of ours is mocked.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -135,47 +130,7 @@ def test_manual_promotion_awaits_approval_then_promotes_after_rerun(tiny_workdir
     assert (tiny_workdir / ".finetune" / "runs" / "manual-tiny" / "aliases" / "manual.json").exists()
 
 
-def _progress_step(run_dir: Path) -> int:
-    try:
-        return json.loads((run_dir / "progress.json").read_text()).get("step", 0)
-    except (OSError, ValueError):
-        return 0
-
-
-def test_ctrl_c_checkpoints_and_the_next_run_resumes(tmp_path, tiny_model_dir):
-    """SIGINT to ftctl -> SIGTERM to the trainer -> checkpoint, exit 130; the rerun resumes."""
-    dataset, job = quickstart_docs()
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "d.jsonl").write_text((REPO / "examples/quickstart/data/support-answers.jsonl").read_text())
-    dataset["spec"]["source"]["uri"] = "file://data/d.jsonl"
-    job["spec"]["baseModel"]["uri"] = f"file://{tiny_model_dir}"
-    job["spec"]["training"].update(maxSteps=400, maxSeqLength=64, batchSize=2, evalEverySteps=1000,
-                                   checkpointEverySteps=1000)
-    write_manifests(tmp_path / "run.yaml", fast_policy("provenance"), dataset, job)
-    run_dir = tmp_path / ".finetune" / "runs" / "support-assistant"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune_operator.ftctl.main", "run", "run.yaml",
-                             "--samples", "0"], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while _progress_step(run_dir) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-2000:] + err
-    assert "interrupted: the trainer wrote a checkpoint" in err and "Traceback" not in err
-    checkpoints = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
-    assert checkpoints, "SIGTERM should have made the trainer write a checkpoint"
-    stopped_at = max(int(name.split("-")[1]) for name in checkpoints)
-    assert 0 < stopped_at < 400
-
-    second = ftctl("run", "run.yaml", "--samples", "0", cwd=tmp_path)
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr
-    assert f"resuming from the checkpoint at step {stopped_at}" in second.stdout
-    log = (tmp_path / ".finetune" / "logs" / "support-assistant-train-1.log").read_text()
-    resumed = [json.loads(line) for line in log.splitlines() if '"event": "resume"' in line]
-    assert resumed and resumed[-1]["step"] == stopped_at
-    assert json.loads((run_dir / "progress.json").read_text())["step"] == 400
+# Ctrl-C and SIGTERM (checkpoint, exit code, nothing left running, resume): tests/ftctl/test_signals.py
 
 
 def test_run_on_s3_storage(tiny_workdir, bucket):

@@ -22,7 +22,7 @@ from rich.live import Live
 from rich.markup import escape
 
 from . import display
-from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_USAGE, FtctlError
+from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, FtctlError
 
 app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -46,16 +46,24 @@ def one_line_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .executor import SIGNALS, interrupt_exit_code, signals_handled
+
         try:
-            return fn(*args, **kwargs)
+            # SIGINT and SIGTERM both stop a running trainer with a checkpoint (executor.py).
+            with signals_handled():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except FtctlError as exc:
+            if exc.exit_code == EXIT_INTERRUPTED and SIGNALS.killed:
+                err_console.print(f"[yellow]warning:[/] {escape(SIGNALS.killed)}", soft_wrap=True)
             err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+            # An interruption exits 128 + the signal, as a shell reports it: 130 SIGINT, 143 SIGTERM.
+            raise typer.Exit(interrupt_exit_code(exc.exit_code) if exc.exit_code == EXIT_INTERRUPTED
+                             else exc.exit_code) from None
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM while no child was running
             err_console.print("[red]error:[/] interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupt_exit_code(EXIT_INTERRUPTED)) from None
         except Exception as exc:  # noqa: BLE001 - the promise is: no traceback for users
             if os.environ.get("FTCTL_DEBUG"):
                 raise
