@@ -50,8 +50,10 @@ def _fields_of_status(status: dict) -> tuple[set[str], list[str]]:
         if _SKIPPED_CEL in message:
             continue
         messages.append(f"{cause.get('field', '')}: {message}")
-        if cause.get("field") and cause["field"] != "<nil>":  # <nil>: a repeat of a type error
+        if cause.get("field") and cause["field"] != "<nil>":
             fields.add(_normalize(cause["field"]))
+        elif (m := re.search(r"must be of type integer \(default format\) in (\S+)", message)):
+            fields.add(_normalize(m.group(1)))  # the int64 format check names its field in the message
     text = status.get("message", "")
     if not fields and "strict decoding error" in text:
         fields |= {_normalize(m) for m in re.findall(r'unknown field "([^"]+)"', text)}
@@ -115,6 +117,17 @@ def disagreement(manifest: dict, ours: Verdict, theirs: Verdict) -> Optional[str
     if not ours.accepted and ours.fields != theirs.fields:
         return f"fields differ: ours {ours.short()} / server {theirs.short()}"
     return None
+
+
+def comparable(value: Any) -> Any:
+    """Numbers as floats: the server writes 6.5e16 back as 65000000000000000 (same number, other spelling)."""
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def manifest_summary(manifest: Any) -> str:

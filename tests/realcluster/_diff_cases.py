@@ -31,7 +31,7 @@ def example_manifests() -> dict[str, list[dict]]:
     return out
 
 
-def fuzzed_specs(kind, count: int) -> list[dict]:
+def fuzzed_specs(kind, count: int, derandomize: bool = True) -> list[dict]:
     """Specs hypothesis-jsonschema draws from the kind's spec schema (CEL rules are not in the JSON
     schema, so some of these break one: valid and invalid-ish both)."""
     from test_api_fuzz import _to_json_schema  # tests/ is on sys.path
@@ -40,7 +40,7 @@ def fuzzed_specs(kind, count: int) -> list[dict]:
                    **_to_json_schema(openapi_schema(kind)["properties"]["spec"])}
     drawn: list[dict] = []
 
-    @settings(max_examples=count, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+    @settings(max_examples=count, deadline=None, suppress_health_check=list(HealthCheck), derandomize=derandomize,
               database=None)
     @given(from_schema(spec_schema))
     def draw(spec):
@@ -100,6 +100,7 @@ def _bad_values(value: Any, schema: dict, rng: random.Random) -> list[Any]:
     bad: list[Any] = [wrong_type.get(t, 1), None]
     if t == "integer":
         bad.append(2.5)
+        bad.append(16.000000001)  # nearly integral: passes the type check, fails the int64 format check
         bad.append(2**63)  # beyond int64
     if "enum" in schema:
         bad.append("NotAValue")

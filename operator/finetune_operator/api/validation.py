@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Any, Optional
 
 import celpy
@@ -115,6 +116,21 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string"}.get(type(value), type(value).__name__)
 
 
+def _json_integer(value: float) -> bool:
+    """go-openapi's IsFloat64AJSONInteger, which the type check uses: within +-(2^53 - 1), and integral up
+    to a relative error of 1e-9 (so 16.000000001 passes as an integer; the int64 check then refuses it)."""
+    if not math.isfinite(value) or abs(value) > 2**53 - 1:
+        return False
+    whole = float(math.trunc(value))
+    if value == whole:
+        return True
+    return whole != 0 and abs(value - whole) / (abs(value) + abs(whole)) < 1e-9
+
+
+def _int64(value: float) -> bool:
+    return value.is_integer() and -(2**63) <= value < 2**63
+
+
 def _type_ok(value: Any, expected: str) -> bool:
     if expected == "object":
         return isinstance(value, dict)
@@ -125,8 +141,8 @@ def _type_ok(value: Any, expected: str) -> bool:
     if expected == "boolean":
         return isinstance(value, bool)
     if expected == "integer":  # the API server decodes integers as int64; 3.0 is an integer to it too
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
+        if isinstance(value, float):
+            return _json_integer(value)
         return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
     if expected == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -170,10 +186,11 @@ def _apply_defaults(value: Any, schema: dict[str, Any]) -> Any:
             if name in value:
                 value[name] = _apply_defaults(value[name], sub)
     elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
-        return {k: _apply_defaults(v, schema["additionalProperties"]) for k, v in value.items()}
+        sub = schema["additionalProperties"]  # nulls of map values are pruned too (list items are not)
+        return {k: _apply_defaults(v, sub) for k, v in value.items() if v is not None or sub.get("nullable")}
     elif isinstance(value, list) and "items" in schema:
         return [_apply_defaults(v, schema["items"]) for v in value]
-    elif schema.get("type") == "integer" and isinstance(value, float) and value.is_integer():
+    elif schema.get("type") == "integer" and isinstance(value, float) and _int64(value):
         return int(value)  # decoded as an int64 by the API server (and so seen by CEL rules)
     return value
 
@@ -281,6 +298,9 @@ def _check(value: Any, schema: dict[str, Any], path: str, errors: _Errors) -> No
         errors.add("type", path, f"Invalid value: \"{_json_type(value)}\": {path} in body must be of type "
                                  f"{expected}: \"{_json_type(value)}\"")
         return
+    if expected == "integer" and isinstance(value, float) and not _int64(value):
+        # Passed the type check (nearly integral) but is no int64: the server's format check says so.
+        errors.add("invalid", path, f"Invalid value: {value!r}: must be of type integer (default format)")
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(_fmt(v) for v in schema["enum"])
         errors.add("unsupported", path, f"Unsupported value: {_fmt(value)}: supported values: {allowed}")
@@ -332,11 +352,13 @@ def _list_invariants(value: Any, schema: dict[str, Any], path: str, errors: _Err
     """x-kubernetes-list-type set / map: no duplicate items (or keys), as ValidateListSetsAndMaps checks."""
     if isinstance(value, list):
         list_type = schema.get("x-kubernetes-list-type")
-        if list_type == "set":
+        if list_type == "set":  # each repeated value is reported once, at its first repeat
             seen: list[Any] = []
+            reported: list[Any] = []
             for i, item in enumerate(value):
-                if item in seen:
+                if item in seen and item not in reported:
                     errors.add("duplicate", f"{path}[{i}]", f"Duplicate value: {_fmt(item)}")
+                    reported.append(item)
                 seen.append(item)
         elif list_type == "map":
             keys = schema.get("x-kubernetes-list-map-keys", [])
