@@ -121,10 +121,6 @@ def _api_client():
     return kubernetes.config.new_client_from_config()
 
 
-def _status_of(exc: Exception) -> Optional[int]:
-    return getattr(exc, "status", None)
-
-
 def stop_deployment(api_client: Any, namespace: str, name: str, timeout: float, say: Callable[[str], None]) -> bool:
     """Scale the operator's Deployment to 0 and wait (bounded) until its pods are gone.
     True when none is left; a missing Deployment counts as stopped."""
