@@ -167,3 +167,99 @@ def test_import_operator_still_gives_the_standard_library():
                          cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert "site-packages" not in out and not out.startswith(str(REPO)), out
     assert out.endswith("operator.py")
+
+
+# --- the API server's ways, as validation.py mirrors them (each was seen on a real v1.36 API server;
+# tests/realcluster/test_validation_differential.py holds the two together) ---------------------
+
+def _fields(manifest, old=None) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(manifest, old=old)
+    return info.value.fields
+
+
+def test_unknown_fields_are_the_only_errors_reported():
+    """Strict decoding fails before any other check: a bad enum next to a typo is not reported."""
+    assert _fields(_job(method="full", lora={"rank": 8})) == ["spec.lora.rank"]
+    # An object where a list belongs has only unknown keys (the pruning walk), not a type error.
+    assert _fields(_job(governance={"required": {"not": "a list"}})) == ["spec.governance.required.not"]
+    assert _fields({**_job(), "metadata": {"name": "j", "labelz": {}}}) == ["metadata.labelz"]
+
+
+def test_nulls_are_pruned_before_defaulting_but_not_in_lists():
+    obj = validate_manifest(_job(lora=None, resources={"gpuNodeSelector": {"pool": None}}))
+    assert obj["spec"]["lora"]["r"] == 16 and obj["spec"]["resources"]["gpuNodeSelector"] == {}
+    assert _fields(_job(lora={"targetModules": [None]})) == ["spec.lora.targetModules[0]"]
+
+
+def test_cel_rules_are_skipped_after_a_blocking_error_only():
+    both = {"method": "qlora"}  # the qlora rule fails too
+    assert _fields(_job(**both, promotion={"mode": "x"})) == ["spec.promotion.mode"]  # enum: blocking
+    assert sorted(_fields(_job(**both, baseModel={"uri": "bad"}))) == ["spec.baseModel.uri", "spec.quantization"]
+
+
+def test_integers_as_the_api_server_reads_them():
+    assert validate_manifest(_job(lora={"r": 8.0}))["spec"]["lora"]["r"] == 8  # an int64 to the server
+    assert _fields(_job(lora={"r": 8.5})) == ["spec.lora.r"]
+    # Nearly integral passes the type check (go-openapi's 1e-9 relative error) but not the int64 check.
+    assert _fields(_job(training={"seed": 16.000000001})) == ["spec.training.seed"]
+    assert _fields(_job(training={"maxSteps": 2**63})) == ["spec.training.maxSteps"]
+
+
+def test_a_repeated_set_value_is_reported_once():
+    policy = {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy", "metadata": {"name": "p"},
+              "spec": {"required": ["pii", "pii", "pii", "bias", "bias"]}}
+    assert _fields(policy) == ["spec.required[1]", "spec.required[4]"]
+
+
+def test_patterns_have_go_regexp_semantics():
+    """RE2, like the API server: `$` is the end of the text, `\\s` only ASCII whitespace."""
+    assert _fields(_job(image="trainer:1\n")) == ["spec.image"]
+    validate_manifest(_job(image="trainer:1\u2003"))  # U+2003 is not whitespace to Go's \S
+
+
+def test_metadata_rules_of_custom_resources():
+    def meta(**m):
+        return {**_job(), "metadata": m}
+
+    assert _fields(meta(name="Upper")) == ["metadata.name"]
+    assert _fields(meta(name="a" * 64)) == ["metadata.name"]  # FineTuneJob names label their Jobs: <= 63
+    validate_manifest(meta(name="a" * 63))
+    validate_manifest(meta(name="dots.are.fine"))
+    validate_manifest(meta(generateName="job-"))
+    # The server makes a name from the prefix and checks it too.
+    assert sorted(_fields(meta(generateName="Job_"))) == ["metadata.generateName", "metadata.name"]
+    assert _fields(meta()) == ["metadata.name"]
+    assert _fields(meta(name="j", namespace="Team_A")) == ["metadata.namespace"]
+    assert _fields(meta(name="j", labels={"app": "has space"})) == ["metadata.labels"]
+    assert _fields(meta(name="j", annotations={"not a key": "x"})) == ["metadata.annotations"]
+    policy = {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy",
+              "metadata": {"name": "p" * 253, "namespace": "ignored-for-cluster-scope"}, "spec": {}}
+    validate_manifest(policy)  # cluster-scoped: 253 characters, and the namespace is cleared, not checked
+
+
+def test_status_is_ignored_on_create_except_unknown_fields():
+    validate_manifest({**_job(), "status": {"phase": "NotAPhase"}})
+    assert _fields({**_job(), "status": {"nope": 1}}) == ["status.nope"]
+
+
+def test_pass_through_scheduling_fields_are_checked():
+    res = lambda **r: _job(resources=r)  # noqa: E731
+    assert _fields(res(tolerations=[{"key": "a", "operator": "Exists", "value": "x"}])) == [
+        "spec.resources.tolerations[0].value"]
+    assert _fields(res(tolerations=[{"key": "a", "tolerationSeconds": 5}])) == ["spec.resources.tolerations[0].effect"]
+    assert _fields(res(tolerations=[{"value": "x"}])) == ["spec.resources.tolerations[0].operator"]
+    assert _fields(res(tolerations=[{"key": "p" * 254 + "/a", "operator": "Exists"}])) == [
+        "spec.resources.tolerations[0].key"]
+    assert _fields(res(priorityClassName="High")) == ["spec.resources.priorityClassName"]
+    assert _fields(res(gpuResourceName="kubernetes.io/gpu")) == ["spec.resources.gpuResourceName"]
+    assert _fields(res(gpuNodeSelector={"a b": "c"})) == ["spec.resources.gpuNodeSelector"]
+    assert _fields(res(affinity={"nodeAffinity": {"x": 1}})) == ["spec.resources.affinity.nodeAffinity.x"]
+    term = {"matchExpressions": [{"key": "gen", "operator": "Gt", "values": ["3", "4"]}]}
+    assert _fields(res(affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [term]}}})) == [
+        "spec.resources.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
+        ".matchExpressions[0].values"]
+    ok = validate_manifest(res(gpuResourceName="amd.com/gpu", priorityClassName="ml.high", tolerations=[
+        {"operator": "Exists"}, {"key": "sku", "value": "gpu", "effect": "NoExecute", "tolerationSeconds": 60}]))
+    assert ok["spec"]["resources"]["tolerations"][1]["operator"] == "Equal"

@@ -65,3 +65,25 @@ def test_schema_and_models_agree(kind):
 
     check()
     assert len(accepted) >= 5, "the fuzzer produced almost nothing the schema accepts"
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.KIND)
+def test_hostile_specs_get_an_error_naming_a_field_never_a_traceback(kind):
+    """One-field mutations of the examples (wrong types, bounds, patterns, enums, nulls, unknown and missing
+    fields, too many items): validate_manifest answers each with a verdict, and a rejection names fields.
+    (tests/realcluster/test_validation_differential.py sends the same kind of manifests to a real API server.)"""
+    from realcluster._diff_cases import example_manifests, mutations
+
+    spec_schema = openapi_schema(kind)["properties"]["spec"]
+    rejected = 0
+    for i, example in enumerate(example_manifests()[kind.KIND]):
+        for spec in mutations(example["spec"], spec_schema, 150, seed=i):
+            manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": kind.KIND, "metadata": {"name": "m"},
+                        "spec": spec}
+            try:
+                validate_manifest(manifest)
+            except ManifestError as exc:
+                rejected += 1
+                assert exc.fields and all(f.startswith("spec") for f in exc.fields), exc.errors
+                assert all(err.startswith(f) for err, f in zip(exc.errors, exc.fields))
+    assert rejected >= 100

@@ -132,3 +132,31 @@ def comparable(value: Any) -> Any:
 
 def manifest_summary(manifest: Any) -> str:
     return json.dumps(manifest, sort_keys=True, default=str)[:1500]
+
+
+def server_update_verdict(api_client, manifest: dict, namespace: str) -> Verdict:
+    """The server's verdict on replacing the stored object by `manifest` (PUT, dryRun=All)."""
+    kind = _KINDS[manifest["kind"]]
+    name = manifest["metadata"]["name"]
+    base = (f"/apis/{GROUP}/{VERSION}/{kind.PLURAL}" if kind.SCOPE == "Cluster"
+            else f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{kind.PLURAL}")
+    resp = api_client.rest_client.pool_manager.request(
+        "PUT", f"{api_client.configuration.host}{base}/{name}?dryRun=All&fieldValidation=Strict",
+        body=json.dumps(manifest).encode(), headers={**_auth_headers(api_client), "Content-Type": "application/json",
+                                                    "Accept": "application/json"},
+        timeout=30)
+    body = json.loads(resp.data or b"{}")
+    if resp.status == 200:
+        return Verdict(True, obj=body)
+    if resp.status in (400, 422):
+        fields, messages = _fields_of_status(body)
+        return Verdict(False, frozenset(fields), tuple(messages))
+    raise RuntimeError(f"unexpected answer {resp.status} from the API server: {resp.data[:2000]!r}")
+
+
+def our_update_verdict(manifest: dict, old: dict) -> Verdict:
+    try:
+        obj = validate_manifest(manifest, old=old)
+    except ManifestError as exc:
+        return Verdict(False, frozenset(_normalize(f) for f in exc.fields), tuple(exc.errors))
+    return Verdict(True, obj=obj)

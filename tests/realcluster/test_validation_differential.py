@@ -87,3 +87,42 @@ def test_validation_agrees_with_the_api_server(real_cluster, crds, namespace):
     # Both sides of the line are exercised, not just one.
     assert len(cases) >= 300 * SCALE
     assert accepted >= 40 * SCALE and len(cases) - accepted >= 200 * SCALE
+
+
+def test_updates_agree_with_the_api_server(real_cluster, crds, namespace):
+    """Replacing a stored FineTuneJob (PUT, dryRun=All): transition rules (immutable baseModel and
+    datasetRef) and every other check give the same verdict as the server's."""
+    import json
+
+    from realcluster._diff import our_update_verdict, server_update_verdict
+
+    kind = next(k for k in KINDS if k.KIND == "FineTuneJob")
+    spec_schema = openapi_schema(kind)["properties"]["spec"]
+    stored_spec = example_manifests()["FineTuneJob"][0]["spec"]
+    name = "update-target"
+    real_cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(_manifest(kind, stored_spec, name)))
+    stored = real_cluster.get("finetunejobs", name, namespace)
+    updates = [
+        _merge(stored_spec, {"baseModel": {"uri": "s3://models/other"}}),
+        _merge(stored_spec, {"baseModel": {"digest": "sha256:" + "1" * 64}}),
+        _merge(stored_spec, {"datasetRef": {"name": "other"}}),
+        _merge(stored_spec, {"training": {"learningRate": 0.001}, "suspend": True}),
+        _merge(stored_spec, {"baseModel": {"uri": "not a uri"}}),
+        _merge(stored_spec, {"promotion": {"approval": {"digest": "sha256:" + "2" * 64, "approvedBy": "me"}}}),
+    ] + mutations(stored_spec, spec_schema, 40, seed=SEED + 7)
+    api = real_cluster.python_client()
+    problems, accepted, verdicts = [], 0, []
+    for i, spec in enumerate(updates):
+        manifest = _manifest(kind, spec, name, {"name": name, "namespace": namespace,
+                                                "resourceVersion": stored["metadata"]["resourceVersion"]})
+        ours, theirs = our_update_verdict(manifest, stored), server_update_verdict(api, manifest, namespace)
+        accepted += theirs.accepted
+        verdicts.append(theirs)
+        why = disagreement(manifest, ours, theirs)
+        if why:
+            problems.append(f"update {i}: {why}\n    manifest: {manifest_summary(manifest)}")
+    assert not problems, f"{len(problems)} disagreements with the API server:\n" + "\n".join(problems[:25])
+    assert accepted >= 3 and len(updates) - accepted >= 20
+    # The transition rules did run: changing the model, its digest or the dataset is refused.
+    assert [sorted(v.fields) for v in verdicts[:3]] == [["spec.baseModel"], ["spec.baseModel"], ["spec.datasetRef"]]
+    assert verdicts[3].accepted and verdicts[5].accepted
