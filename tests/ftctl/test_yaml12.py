@@ -119,6 +119,7 @@ def test_field_lines_for_error_messages():
     ("a: 1\n\tb: 2\n", "f.yaml:2: not valid YAML:"),
     ("a: 1\nb: \x07\n", "f.yaml:2: not valid YAML: unacceptable character"),
     ("[" * 3000, "f.yaml: not valid YAML: nested too deeply"),
+    ("a: 1\n---\n%YAML 1.1\n---\nb: 2\n", "f.yaml:3: %YAML directive: kubectl cannot read a file with one"),
 ])
 def test_bad_yaml_is_one_line_naming_the_file_and_line(text, message):
     with pytest.raises(FtctlError) as err:

@@ -113,6 +113,7 @@ _DOT_FLOAT_RE = re.compile(r"\.[0-9]+([eE][-+]?[0-9]+)?")  # what Go's ParseFloa
 _GO_INT_RE = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+|0[0-7]*|[1-9][0-9]*)")  # ParseInt(s, 0)
 _TIMESTAMP_RE = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
                            r"([Tt ][0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\.[0-9]*)?(Z|[-+][0-9]{1,2}:[0-9]{2})?)?")
+_DIRECTIVE_RE = re.compile(r"^(%YAML|%TAG)[ \t]", re.MULTILINE)
 #: Values one document may expand to through aliases (go-yaml stops "excessive aliasing" too).
 MAX_VALUES = 1_000_000
 
@@ -358,6 +359,11 @@ def parse_documents(text: str, source: str = "<input>") -> list[Document]:
 
     Empty documents are dropped; an object with `items` (kind: List, FooList) is expanded
     into its items, like kubectl. Errors name the source and line, and are FtctlError."""
+    directive = _DIRECTIVE_RE.search(text)
+    if directive:  # kubectl splits the stream on `---` first and then fails on the directive's line
+        line = text.count("\n", 0, directive.start()) + 1
+        raise FtctlError(f"{source}:{line}: {directive.group(1)} directive: kubectl cannot read a file with one "
+                         "(remove the line; ftctl reads YAML as kubectl does)", EXIT_USAGE)
     loader = YAML(typ="safe", pure=True)
     loader.Resolver = _KeepPlainResolver
     docs: list[Document] = []
