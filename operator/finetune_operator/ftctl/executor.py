@@ -118,6 +118,8 @@ def kill_group(pgid: int) -> None:
 def _exited(proc: subprocess.Popen) -> bool:
     """Whether the child exited, without reaping it: while it is an unreaped zombie its pid, and
     so its process group id, cannot be reused, so kill_group afterwards hits only its own group."""
+    if not hasattr(os, "waitid"):  # macOS has no waitid: reap (a pid comes back only once pids wrap around)
+        return proc.poll() is not None
     try:
         return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # already reaped
