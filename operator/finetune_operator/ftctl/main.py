@@ -123,9 +123,9 @@ def run(
     """Run the pipeline locally: validate data, train, run governance checks, promote.
 
     Storage is file:// (relative paths resolve against the working directory; state goes to
-    .finetune/) or s3:// with the AWS_* environment. Ctrl-C checkpoints; run again to resume.
-    Exit codes: 0 done (promoted or awaiting approval), 1 failed, 2 invalid manifest,
-    3 promotion blocked by governance, 130 interrupted.
+    .finetune/) or s3:// with the AWS_* environment. Ctrl-C (or SIGTERM) checkpoints; run again
+    to resume. Exit codes: 0 done (promoted or awaiting approval), 1 failed, 2 invalid manifest,
+    3 promotion blocked by governance, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
     """
     _run(paths, tiny, samples)
 
