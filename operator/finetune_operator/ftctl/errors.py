@@ -16,3 +16,5 @@ EXIT_FAILED = 1  # the job failed, a dataset is invalid, or a cluster call faile
 EXIT_USAGE = 2  # bad arguments or manifests the API server would reject
 EXIT_BLOCKED = 3  # training succeeded but promotion is blocked by governance
 EXIT_INTERRUPTED = 130  # Ctrl-C: the trainer checkpointed; run again to resume
+#: SIGTERM does the same and exits 143: an interruption exits 128 + its signal (executor.py).
+EXIT_TERMINATED = 143
