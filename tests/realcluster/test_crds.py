@@ -115,14 +115,29 @@ def test_every_default_is_applied_by_the_server(real_cluster, crds, namespace, k
     real_cluster.kubectl("create", *args, "-f", "-", input=json.dumps(manifest))
     try:
         stored = real_cluster.get(kind.PLURAL, name, namespace if kind.SCOPE == "Namespaced" else None)
-    finally:
+    except Exception:
         if kind.SCOPE == "Cluster":
             real_cluster.kubectl("delete", kind.PLURAL, name, "--wait=false")
+        raise
     seen: list[str] = []
     _check_defaults(stored["spec"], spec, schema["properties"]["spec"], "spec", seen)
     assert len(seen) >= {"Dataset": 8, "FineTuneJob": 40, "GovernancePolicy": 10}[kind.KIND], seen
     # And validation.py defaults the same way.
     assert validate_manifest(manifest)["spec"] == stored["spec"]
+
+    # The status' defaults apply to what the operator writes through the status subresource.
+    status = _fill_optional_objects(schema["properties"]["status"])
+    args = ("-n", namespace) if kind.SCOPE == "Namespaced" else ()
+    try:
+        real_cluster.kubectl("patch", kind.PLURAL, name, *args, "--subresource=status", "--type=merge",
+                             "-p", json.dumps({"status": status}))
+        stored = real_cluster.get(kind.PLURAL, name, namespace if kind.SCOPE == "Namespaced" else None)
+    finally:
+        if kind.SCOPE == "Cluster":
+            real_cluster.kubectl("delete", kind.PLURAL, name, "--wait=false")
+    status_seen: list[str] = []
+    _check_defaults(stored["status"], status, schema["properties"]["status"], "status", status_seen)
+    assert len(status_seen) >= {"Dataset": 8, "FineTuneJob": 10, "GovernancePolicy": 1}[kind.KIND], status_seen
 
 
 # --- kubectl explain --------------------------------------------------------------------------

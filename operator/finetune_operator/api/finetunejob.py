@@ -44,7 +44,9 @@ class BaseModelRef(ApiModel):
 class DatasetRef(ApiModel):
     """A Dataset in the same namespace."""
 
-    name: str = Field(..., min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    # A Dataset's name is a DNS-1123 subdomain of at most 63 characters: a reference to anything else
+    # could never resolve.
+    name: str = Field(..., min_length=1, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN,
                       description="Name of a Dataset in the FineTuneJob's namespace.")
 
 
