@@ -238,6 +238,7 @@ def collate(batch: Batch, examples: Sequence[TokenizedExample], pad_id: int) -> 
         "labels": labels,
         "position_ids": position_ids,
         "segment_ids": segments,
+        "rows": batch,  # which examples each row holds (objective.PrefixCache looks their states up)
         "n_targets": int((labels != IGNORE).sum()),
         "n_tokens": int((segments > 0).sum()),
         # sum of squared example lengths: the attention term of the FLOP count (benchmarks, MFU)

@@ -25,7 +25,7 @@ import torch
 from . import adapter, checkpoint, data, model_io, storage
 from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from .logs import get_logger
-from .objective import evaluate, loss_sum
+from .objective import PrefixCache, cached_loss_sum, evaluate, loss_sum
 from .progress import ProgressReporter
 
 log = get_logger("train")
@@ -204,6 +204,22 @@ def _run(cfg, stop: StopFlag) -> int:
                             "trainable_params": sum(p.numel() for p in params), "device": device.type,
                             "precision": precision})
 
+    # Layers below the lowest adapted one hold nothing to train: run them once per example now
+    # instead of in every step (objective.PrefixCache; same loss and gradients).
+    # FINETUNE_PREFIX_CACHE=0 takes the ordinary path (benchmarks and the equivalence test compare both).
+    cache_started = time.perf_counter()
+    use_cache = state.step < n_steps and os.environ.get("FINETUNE_PREFIX_CACHE", "1") != "0"
+    prefix = PrefixCache.build(model, train_set, max_len=t.maxSeqLength, pad_id=tokenizer.pad_token_id,
+                               device=device, amp_dtype=amp_dtype) if use_cache else None
+    if prefix is not None:
+        log.info("frozen layers run once per example", extra={
+            "event": "prefix_cache", "layers": prefix.layers, "seconds": round(time.perf_counter() - cache_started, 2)})
+
+    def step_loss_sum(batch: dict) -> torch.Tensor:
+        if prefix is not None:
+            return cached_loss_sum(model, prefix, batch, device, amp_dtype)
+        return loss_sum(model, batch, device, amp_dtype)
+
     progress = ProgressReporter(output_uri=cfg.outputURI, namespace=cfg.job.namespace, job=cfg.job.name,
                                 total_steps=n_steps, interval_seconds=cfg.progressIntervalSeconds,
                                 metrics_port=cfg.metricsPort)
@@ -231,7 +247,7 @@ def _run(cfg, stop: StopFlag) -> int:
         step_loss = torch.zeros((), device=device)
         for batch in micro_batches:
             # Normalized by the whole step's target count, so accumulation equals one big batch.
-            loss = loss_sum(model, batch, device, amp_dtype) / n_targets
+            loss = step_loss_sum(batch) / n_targets
             scaler.scale(loss).backward()
             step_loss += loss.detach()
         scaler.unscale_(optimizer)
