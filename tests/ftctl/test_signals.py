@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from finetune_operator.ftctl.errors import EXIT_TERMINATED
 from finetune_operator.ftctl.executor import (SIGNALS, Interrupted, _exited, interrupt_exit_code, kill_group,
                                               signals_handled)
 
@@ -196,5 +197,5 @@ def test_a_signal_with_no_child_running_unwinds_with_its_exit_code():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises before this ends
     assert err.value.signum == signal.SIGTERM and isinstance(err.value, KeyboardInterrupt)
-    assert interrupt_exit_code() == 143
+    assert interrupt_exit_code() == EXIT_TERMINATED == 143
     assert signal.getsignal(signal.SIGTERM) == before
