@@ -399,3 +399,22 @@ def test_bad_pass_through_is_refused_at_apply_time_not_at_job_creation(real_clus
         assert proc.returncode == 0, f"the Pod API refuses {case} as well now: {proc.stderr}"
     else:
         assert proc.returncode != 0, f"the Pod API accepts {case}: the schema is stricter than it needs to be"
+
+
+def test_validation_job_of_a_longest_named_dataset_is_accepted(real_cluster, crds, namespace):
+    """A Dataset name of the longest length the schema takes (63) still gives a valid validation Job
+    (its name is shortened with a hash, and the name as a label value fits)."""
+    name = "d" * 40 + ".support." + "e" * 14
+    assert len(name) == 63
+    manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": "Dataset", "metadata": {"name": name},
+                "spec": {"source": {"uri": "s3://data/x.jsonl"}, "format": "chat", "provenance": {"origin": "t"}}}
+    ds = _server_create(real_cluster, manifest, namespace)
+    ds["metadata"].update(uid="0d0b6f1e-0000-4000-8000-000000000003", generation=1)
+    cm, job = children.validation_children(ds, OperatorConfig(artifact_store="s3://artifacts/store"))
+    assert len(job["metadata"]["name"]) <= 63
+    _server_create(real_cluster, job, namespace)
+    _server_create(real_cluster, cm, namespace)
+    too_long = {**manifest, "metadata": {"name": name + "x"}}
+    proc = real_cluster.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(too_long),
+                                check=False)
+    assert proc.returncode != 0 and "metadata.name: Too long" in proc.stderr, proc.stderr

@@ -31,6 +31,10 @@ def _constraints(node: dict[str, Any]) -> str:
         parts.append(f"max length {node['maxLength']}")
     if "minItems" in node:
         parts.append(f"min items {node['minItems']}")
+    if "maxItems" in node:
+        parts.append(f"max items {node['maxItems']}")
+    if "maxProperties" in node:
+        parts.append(f"max entries {node['maxProperties']}")
     if "pattern" in node:
         parts.append(f"pattern `{node['pattern']}`")
     if "default" in node:
@@ -70,6 +74,9 @@ def render(kinds) -> str:
             "",
             f"`apiVersion: {API_VERSION}` · scope: {kind.SCOPE} · plural: `{kind.PLURAL}` · "
             f"short names: {', '.join(f'`{s}`' for s in kind.SHORT_NAMES)} · category: `finetune`",
+            "",
+            f"`metadata.name`: a DNS-1123 subdomain of at most {kind.NAME_MAX_LENGTH} characters"
+            + (" (it labels the Jobs the operator creates for it)." if kind.NAME_MAX_LENGTH < 253 else "."),
             "",
         ]
         for part in ("spec", "status"):
