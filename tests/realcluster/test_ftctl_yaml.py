@@ -128,6 +128,10 @@ def test_the_api_server_defaults_what_ftctl_validated_to_the_same_objects(real_c
 def test_what_ftctl_rejects_for_a_field_the_api_server_rejects_for_it(real_cluster, crds, namespace, name, field):
     proc = real_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(CORPUS / name), check=False)
     assert proc.returncode != 0 and f"{field} in body must be of type" in proc.stderr, proc.stderr
+    with pytest.raises(FtctlError) as err:
+        load([CORPUS / name])
+    ours = str(err.value).split(" is invalid: ", 1)[1].split(" (and ")[0]
+    assert ours.startswith(field) and ours in proc.stderr, (ours, proc.stderr)  # the API server's very words
 
 
 @pytest.mark.parametrize("name, says", [("reject-infinity.yaml", "unsupported value: +Inf"),
