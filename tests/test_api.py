@@ -284,3 +284,10 @@ def test_every_default_validates_against_its_own_schema(kind):
         assert not errors, f"{path}: default {node['default']!r} is invalid: {errors.items}"
         count += 1
     assert count >= {"Dataset": 15, "FineTuneJob": 50, "GovernancePolicy": 15}[kind.KIND]
+
+
+def test_metadata_of_the_wrong_type_fails_alone_like_decoding():
+    assert _fields({**_job(method="x"), "metadata": {"name": 5}}) == ["metadata.name"]
+    assert _fields({**_job(), "metadata": "j"}) == ["metadata"]
+    assert _fields({**_job(), "metadata": {"name": "j", "labels": {"a": 1}}}) == ["metadata.labels"]
+    assert _fields({**_job(), "metadata": {"name": "j", "finalizers": ["a b"]}}) == ["metadata.finalizers"]

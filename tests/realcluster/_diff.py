@@ -55,6 +55,11 @@ def _fields_of_status(status: dict) -> tuple[set[str], list[str]]:
         elif (m := re.search(r"must be of type integer \(default format\) in (\S+)", message)):
             fields.add(_normalize(m.group(1)))  # the int64 format check names its field in the message
     text = status.get("message", "")
+    # A metadata field of the wrong type fails decoding into ObjectMeta: the message names it.
+    for go_field in re.findall(r"Go struct field ObjectMeta\.(\w+)", text):
+        fields.add(f"metadata.{go_field}")
+    if "Go value of type v1.ObjectMeta" in text:
+        fields.add("metadata")
     if not fields and "strict decoding error" in text:
         fields |= {_normalize(m) for m in re.findall(r'unknown field "([^"]+)"', text)}
         fields |= {_normalize(m) for m in re.findall(r'duplicate field "([^"]+)"', text)}

@@ -209,7 +209,7 @@ CEL_CASES: dict[str, list[dict]] = {
 }
 
 #: metadata variants: (metadata, what it tests). The namespace is left to the request.
-METADATA_CASES: list[dict] = [
+METADATA_CASES: list = [
     {"name": "UpperCase"},
     {"name": "a" * 64},
     {"name": "a" * 254},
@@ -225,4 +225,12 @@ METADATA_CASES: list[dict] = [
     {"name": "ok", "annotations": {"example.com/note": "anything at all: spaces, ünïcode"}},
     {"name": "ok", "annotations": {"not a key": "x"}},
     {"name": "ok", "unknownMeta": 1},
+    {"name": "ok", "labels": {"a": 1}},
+    {"name": "ok", "labels": ["a"]},
+    {"name": 5},
+    "not-an-object",
+    {"name": "ok", "finalizers": ["finetune.dev/cleanup", "a b"]},
+    {"name": "ok", "finalizers": ["plain"]},
+    {"name": "ok", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap"}]},
+    {"name": "ok", "annotations": {"a": "x" * 300000}},
 ]

@@ -231,16 +231,35 @@ def _qualified_name_errors(value: str) -> list[str]:
     return out
 
 
-def _check_metadata(meta: Any, kind: str, schema: dict[str, Any], errors: _Errors) -> None:
-    """ValidateObjectMeta as the API server applies it to a custom resource, plus the schema's narrowing."""
+def _metadata_type_errors(meta: Any) -> list[tuple[str, str]]:
+    """What fails to decode into metav1.ObjectMeta (the fields a manifest sets), as (field, message)."""
+    if meta is None:
+        return []
     if not isinstance(meta, dict):
-        errors.add("type", "metadata", f"Invalid value: {_fmt(meta)}: metadata in body must be of type object")
-        return
-    name, generate = meta.get("name"), meta.get("generateName")
-    for field in ("name", "generateName", "namespace"):
+        return [("metadata", f"Invalid value: {_fmt(meta)}: metadata must be an object (metav1.ObjectMeta)")]
+    out = []
+    for field in ("name", "generateName", "namespace", "uid", "resourceVersion"):
         if meta.get(field) is not None and not isinstance(meta[field], str):
-            errors.add("type", f"metadata.{field}", f"Invalid value: {_fmt(meta[field])}: must be a string")
-            return
+            out.append((f"metadata.{field}", f"Invalid value: {_fmt(meta[field])}: must be a string"))
+    for field in ("labels", "annotations"):
+        value = meta.get(field)
+        if value is not None and (not isinstance(value, dict)
+                                  or not all(isinstance(v, str) or v is None for v in value.values())):
+            out.append((f"metadata.{field}", f"Invalid value: {_fmt(value)}: must be a map of strings"))
+    for field in ("finalizers", "ownerReferences"):
+        value = meta.get(field)
+        item = str if field == "finalizers" else dict
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, item) for v in value)):
+            out.append((f"metadata.{field}",
+                        f"Invalid value: {_fmt(value)}: must be a list of {'strings' if item is str else 'objects'}"))
+    return out
+
+
+def _check_metadata(meta: Any, kind: str, schema: dict[str, Any], errors: _Errors) -> None:
+    """ValidateObjectMeta as the API server applies it to a custom resource, plus the schema's narrowing.
+    (Types were checked while decoding.)"""
+    meta = meta or {}
+    name, generate = meta.get("name"), meta.get("generateName")
     if not name and not generate:
         errors.add("required", "metadata.name", "Required value: name or generateName is required")
     if generate:
@@ -261,35 +280,28 @@ def _check_metadata(meta: Any, kind: str, schema: dict[str, Any], errors: _Error
     if namespace and _scope_of(kind) == "Namespaced":  # cluster-scoped objects: the server clears it
         if len(namespace) > 63 or not _matches(DNS_LABEL_PATTERN, namespace):
             errors.add("invalid", "metadata.namespace", f"Invalid value: {_fmt(namespace)}: {_LABEL_MSG}")
-    labels = meta.get("labels")
-    if labels is not None:
-        if not isinstance(labels, dict):
-            errors.add("type", "metadata.labels", f"Invalid value: {_fmt(labels)}: must be a map of strings")
-        else:
-            for key, value in labels.items():
-                for msg in _qualified_name_errors(str(key)):
-                    errors.add("invalid", "metadata.labels", f"Invalid value: {_fmt(key)}: {msg}")
-                if not isinstance(value, str):
-                    errors.add("type", "metadata.labels", f"Invalid value: {_fmt(value)}: must be a string")
-                elif len(value) > 63 or not _matches(LABEL_VALUE_PATTERN, value):
-                    errors.add("invalid", "metadata.labels",
-                               f"Invalid value: {_fmt(value)}: a valid label value must be an empty string or "
-                               "consist of at most 63 alphanumeric characters, '-', '_' or '.', and must start "
-                               "and end with an alphanumeric character")
-    annotations = meta.get("annotations")
-    if annotations is not None:
-        if not isinstance(annotations, dict):
-            errors.add("type", "metadata.annotations", f"Invalid value: {_fmt(annotations)}: must be a map of strings")
-        else:
-            for key, value in annotations.items():
-                for msg in _qualified_name_errors(str(key).lower()):
-                    errors.add("invalid", "metadata.annotations", f"Invalid value: {_fmt(key)}: {msg}")
-                if not isinstance(value, str):
-                    errors.add("type", "metadata.annotations", f"Invalid value: {_fmt(value)}: must be a string")
-            size = sum(len(str(k)) + len(str(v)) for k, v in annotations.items())
-            if size > _ANNOTATIONS_MAX_BYTES:
-                errors.add("toolong", "metadata.annotations",
-                           f"Too long: may not be more than {_ANNOTATIONS_MAX_BYTES} bytes")
+    for key, value in (meta.get("labels") or {}).items():
+        for msg in _qualified_name_errors(str(key)):
+            errors.add("invalid", "metadata.labels", f"Invalid value: {_fmt(key)}: {msg}")
+        if len(value or "") > 63 or not _matches(LABEL_VALUE_PATTERN, value or ""):
+            errors.add("invalid", "metadata.labels",
+                       f"Invalid value: {_fmt(value)}: a valid label value must be an empty string or consist of "
+                       "at most 63 alphanumeric characters, '-', '_' or '.', and must start and end with an "
+                       "alphanumeric character")
+    annotations = meta.get("annotations") or {}
+    for key in annotations:
+        for msg in _qualified_name_errors(str(key).lower()):
+            errors.add("invalid", "metadata.annotations", f"Invalid value: {_fmt(key)}: {msg}")
+    if sum(len(str(k)) + len(v or "") for k, v in annotations.items()) > _ANNOTATIONS_MAX_BYTES:
+        errors.add("toolong", "metadata.annotations", f"Too long: may not be more than {_ANNOTATIONS_MAX_BYTES} bytes")
+    for finalizer in meta.get("finalizers") or []:
+        for msg in _qualified_name_errors(finalizer):
+            errors.add("invalid", "metadata.finalizers", f"Invalid value: {_fmt(finalizer)}: {msg}")
+    for ref in meta.get("ownerReferences") or []:
+        # The server's paths here carry no index (metadata.ownerReferences.name).
+        for field in ("apiVersion", "kind", "name", "uid"):
+            if not ref.get(field):
+                errors.add("invalid", f"metadata.ownerReferences.{field}", 'Invalid value: "": must not be empty')
 
 
 def _check(value: Any, schema: dict[str, Any], path: str, errors: _Errors) -> None:
@@ -438,6 +450,10 @@ def validate_manifest(manifest: dict[str, Any], old: Optional[dict[str, Any]] = 
             unknown.append(name)
     if unknown:
         raise ManifestError([f'{u}: unknown field "{u}"' for u in unknown], unknown)
+    # metadata decodes into ObjectMeta (typed): a wrong type there fails the decoding, alone.
+    undecodable = _metadata_type_errors(manifest.get("metadata"))
+    if undecodable:
+        raise ManifestError([f"{f}: {m}" for f, m in undecodable], [f for f, _ in undecodable])
 
     # 2. Nulls and defaults.
     obj = _apply_defaults(copy.deepcopy(manifest), schema)
