@@ -454,3 +454,30 @@ def test_manual_approval_survives_a_rerun_only_for_the_same_digest():
                                  report=failed, manifest_ok=(True, "ok"), policies=[STRICT])
     plan = decisions.plan_finetunejob(ftj(rerun.status, promotion=manual), inputs, CFG, NOW)
     assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked" and plan.alias is None
+
+
+def test_namespace_patterns_need_kopfs_namespace_scan():
+    # With Kopf's scanning off (our default: no cluster-wide CRD discovery), a glob serves nothing.
+    from finetune_operator.config import has_namespace_patterns, load
+
+    assert has_namespace_patterns(("team-*",)) and has_namespace_patterns(("a", "!kube-system"))
+    assert not has_namespace_patterns(("team-a", "team-b")) and not has_namespace_patterns(())
+    assert load({"FINETUNE_NAMESPACES": "ftop-ab12-*"}).namespaces == ("ftop-ab12-*",)
+
+
+def test_rejected_validation_job_fails_the_dataset_generation_and_the_next_one_validates():
+    plan = decisions.plan_rejected(dataset(), "Job ds-validate-1 (its pod template)",
+                                   'pods "ds-validate-1-" is forbidden: violates PodSecurity "restricted:latest"', NOW)
+    st = plan.status
+    assert st["phase"] == "Failed" and "PodSecurity" in st["message"]
+    ready = get_condition(st["conditions"], "Ready")
+    assert ready["status"] == "False" and ready["reason"] == decisions.REJECTED
+    assert decisions.plan_dataset(dataset(st), None, [], None, CFG, NOW).status is None
+    nxt = decisions.plan_dataset(dataset(st, generation=2), None, [], None, CFG, NOW)
+    assert nxt.status["phase"] == "Validating" and [m["kind"] for m in nxt.create] == ["ConfigMap", "Job"]
+
+
+def test_rbac_denial_is_told_apart_from_an_admission_refusal():
+    assert decisions.rbac_denied('pods is forbidden: User "system:serviceaccount:op:op" cannot create resource '
+                                 '"pods" in API group "" in the namespace "ns"')
+    assert not decisions.rbac_denied(PRIORITY_MESSAGE)

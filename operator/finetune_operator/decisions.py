@@ -241,8 +241,14 @@ def permanent_api_error(status: int, message: str) -> bool:
         return True
     if status == 403:
         text = message.lower()
-        return not ("exceeded quota" in text or " cannot " in text or "being terminated" in text)
+        return not ("exceeded quota" in text or rbac_denied(message) or "being terminated" in text)
     return False
+
+
+def rbac_denied(message: str) -> bool:
+    """A 403 from RBAC (the operator's own permissions: `User "..." cannot create resource ...`),
+    as opposed to one from an admission plugin about the object."""
+    return " cannot " in message and "resource" in message
 
 
 def rejected_fields(message: str) -> list[str]:
@@ -257,9 +263,10 @@ def rejected_fields(message: str) -> list[str]:
 
 
 def plan_rejected(ftj: dict, what: str, server_message: str, now: str) -> Plan:
-    """A child (`what`, e.g. "Job j-train-1") was refused by the API server with a permanent error:
-    Failed, with the server's message and the fields to look at, and a Warning Event. Nothing is
-    retried until the spec changes (plan_finetunejob retries on a new generation)."""
+    """A child (`what`, e.g. "Job j-train-1") of a FineTuneJob or Dataset was refused by the API
+    server with a permanent error: Failed, with the server's message and the fields to look at, and
+    a Warning Event. Nothing is retried until the spec changes (plan_finetunejob and plan_dataset
+    act again on a new generation)."""
     meta = ftj["metadata"]
     generation = meta.get("generation") or 1
     old = ftj.get("status") or {}
@@ -268,9 +275,13 @@ def plan_rejected(ftj: dict, what: str, server_message: str, now: str) -> Plan:
     hint = f" (check {', '.join(fields_)})" if fields_ else ""
     message = f"the API server rejected {what}: {server_message[:600]}{hint}; fix the spec: a changed spec retries"
     status.update(phase="Failed", message=message, observedGeneration=generation)
-    status.setdefault("completionTime", now)
-    status["conditions"] = set_condition(status.get("conditions") or [], "Failed", True, REJECTED, message,
-                                         generation, now)
+    if ftj.get("kind") == "Dataset":  # Failed for this generation; plan_dataset validates the next one
+        status["conditions"] = set_condition(status.get("conditions") or [], "Ready", False, REJECTED, message,
+                                             generation, now)
+    else:
+        status.setdefault("completionTime", now)
+        status["conditions"] = set_condition(status.get("conditions") or [], "Failed", True, REJECTED, message,
+                                             generation, now)
     plan = Plan()
     if old.get("phase") != "Failed" or old.get("message") != message:
         plan.events.append(("Warning", REJECTED, message))

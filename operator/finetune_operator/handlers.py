@@ -67,6 +67,8 @@ class _State:
         # Reconciles that failed and wait to run again (see _retry_later), and how often they failed.
         self.retry_tasks: dict[tuple, asyncio.Task] = {}
         self.retries: dict[tuple, int] = {}
+        # Set when RBAC forbids the admission dry run of Job pods (see _apply): not tried again.
+        self.no_dry_run = False
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -246,8 +248,16 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     # between, the status has no record of the Job yet, so the next reconcile creates or adopts both.
     outcomes = []
     for manifest in sorted(plan.create, key=lambda m: m["kind"] != "Job"):
-        if manifest["kind"] == "Job" and CONFIG.admission_check and (ns, manifest["metadata"]["name"]) not in STATE.created:
-            await client.admit_pod_template(manifest)
+        if (manifest["kind"] == "Job" and CONFIG.admission_check and not STATE.no_dry_run
+                and (ns, manifest["metadata"]["name"]) not in STATE.created):
+            try:
+                await client.admit_pod_template(manifest)
+            except kube.ApiError as exc:
+                if not (exc.status == 403 and decisions.rbac_denied(exc.message)):
+                    raise
+                # An older chart's Role without `create` on pods: the check is an extra, not a gate.
+                STATE.no_dry_run = True
+                log.warning("no admission dry run of Job pods: the operator may not create pods (%s)", exc.message[:300])
         outcome = await client.create_or_adopt(manifest)
         STATE.created.add((ns, manifest["metadata"]["name"]))
         outcomes.append(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
@@ -358,7 +368,23 @@ async def reconcile_dataset(namespace: str, name: str, indices: dict, logger: An
             if await reconcile_dataset(namespace, name, indices, logger):
                 await _wake_waiting_jobs(namespace, name, indices, logger)
 
-        _retry_later(key, again, logger, exc, body or _one(indices["datasets_idx"], (namespace, name)))
+        current = body or _one(indices["datasets_idx"], (namespace, name))
+        if (isinstance(exc, kube.ApiError) and decisions.permanent_api_error(exc.status, exc.message)
+                and current is not None):
+            # The same request would fail the same way: Failed for this generation (see plan_rejected).
+            _cancel_retry(key)
+            _succeeded(key)
+            try:
+                async with STATE.lock(key):
+                    current = _with_written_status(current)
+                    logger.warning(f"{exc.what or 'a request'} rejected by the API server (HTTP {exc.status}): "
+                                   f"{exc.message[:500]}; not retried until the spec changes")
+                    await _apply(decisions.plan_rejected(current, exc.what or "a child object", exc.message,
+                                                         now_iso()), current, logger)
+                return True
+            except Exception as again_exc:
+                exc = again_exc
+        _retry_later(key, again, logger, exc, current)
         return False
     _succeeded(key)
     return changed

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import aiohttp.web
 import attrs
 import kmock
 import urllib3
@@ -89,6 +90,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 # Constant: enough for Kopf's JSON-patch "test" op; the emulator has no optimistic locking.
                 meta.setdefault("resourceVersion", "1")
                 meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                if (request.params or {}).get("dryRun"):
+                    # A server-side dry run (the operator admits a Job's pod template this way): answered,
+                    # never stored. The emulator validates nothing, so every dry run passes.
+                    return aiohttp.web.json_response(data, status=201)
             elif request.action == kmock.action.UPDATE and not request.subresource and "spec" in data:
                 try:
                     current = self.objects[request.resource, request.namespace, request.name]
