@@ -38,7 +38,11 @@ def login(**kwargs: Any) -> Optional[kopf.ConnectionInfo]:
 async def _write(method: str, path: str, body: dict, content_type: str = "application/json") -> None:
     info = _session["info"]
     if "http" not in _session:
-        _session["http"] = aiohttp.ClientSession(headers=info.as_http_headers())
+        # The same session as our operator's client (finetune_operator.kube.Client): the kubeconfig's
+        # CA and client certificate over HTTPS (a real kube-apiserver), 50 connections at most.
+        ssl = info.as_ssl_context() if info.server.startswith("https") else None
+        _session["http"] = aiohttp.ClientSession(headers=info.as_http_headers(),
+                                                 connector=aiohttp.TCPConnector(ssl=ssl, limit=50))
     async with _session["http"].request(method, info.server.rstrip("/") + path, json=body,
                                         headers={"Content-Type": content_type}) as resp:
         if resp.status >= 400 and resp.status != 409:

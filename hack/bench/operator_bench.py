@@ -13,11 +13,21 @@ the same API work), each in its own subprocess against its own fresh emulator, i
     OMP_NUM_THREADS=1 python hack/bench/operator_bench.py --jobs 1000
 
 Targets: time <= 1.3x the floor, <= 4 writes per job until Training, peak memory <= 250 MiB.
+
+With `--api real`, the same objects against a real Kubernetes v1.36 kube-apiserver + etcd started
+from ../shared/k8s in a home of its own (default ~/.cache/finetune-k8s-bench; never the shared test
+cluster), ours and the same-writes floor in one run, each on a fresh etcd with our CRDs; writes are
+counted from the apiserver's request counters, times from watch events (hack/bench/realapi.py):
+
+    OMP_NUM_THREADS=1 python hack/bench/operator_bench.py --api real --jobs 1000
+
+Targets there: time <= 1.15x the same-writes floor, <= 4 writes per job, peak memory <= 250 MiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -30,6 +40,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 
 from kube_emulator import Cluster  # noqa: E402
+
+import realapi  # noqa: E402  (hack/bench/, beside this file: the --api real side)
 
 API = "finetune.dev/v1alpha1"
 BENCH_AGENT = "operator-bench"
@@ -161,14 +173,168 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
         cluster.close()
 
 
+def operator_command(kind: str, kubeconfig: Path) -> tuple[list[str], dict]:
+    """The same `kopf run` for every operator, with the logging our Helm chart runs ours with
+    (`finetune-operator run`: JSON lines at INFO). Ours used to run with -q beside a floor at INFO."""
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1", "FINETUNE_METRICS_PORT": "0",
+           "FINETUNE_HEALTH_PORT": "0", "FINETUNE_ARTIFACT_STORE": "s3://bench/store"}
+    kopf_run = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json"]
+    cmd = (kopf_run + ["-m", "finetune_operator.handlers"] if kind == "operator" else
+           kopf_run + [str(REPO / "hack" / "bench" / "bare_operator.py")])
+    if kind == "bare-same-writes":
+        env["BARE_WRITES"] = "same"
+    if os.environ.get("BENCH_PROFILE"):  # e.g. BENCH_PROFILE=/tmp/op.prof: cProfile the operator process
+        cmd = [cmd[0], "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + f".{kind}"] + cmd[1:]
+    return cmd, env
+
+
+def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane", preapply: bool = False) -> dict:
+    """One operator against a fresh real kube-apiserver (empty etcd, our CRDs): the same objects as
+    `run`, the same clocks, writes from the apiserver's request counters (see realapi.py)."""
+    kubeconfig = plane.fresh()
+    api = realapi.Api(kubeconfig, BENCH_AGENT)
+    api.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}},
+                key="POST namespaces")
+    # A real cluster's ServiceAccount controller (in the controller-manager, not run here) creates
+    # each namespace's "default"; our operator's dry-run of a Job's pod needs it for admission.
+    api.request("POST", "/api/v1/namespaces/bench/serviceaccounts",
+                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}},
+                key="POST serviceaccounts")
+    ds = dataset()
+    status = ds.pop("status")  # the server ignores status on create (status subresource): patch it after
+    api.request("POST", f"/apis/{API}/namespaces/bench/datasets", ds, key="POST datasets")
+    api.request("PATCH", f"/apis/{API}/namespaces/bench/datasets/ds/status", {"status": status},
+                "application/merge-patch+json", key="PATCH datasets/status")
+    if preapply:  # everything exists before the operator starts: pure processing throughput
+        for i in range(jobs):
+            api.request("POST", f"/apis/{API}/namespaces/bench/finetunejobs", finetunejob(i), key="POST finetunejobs")
+    recorder = realapi.Recorder(api)
+    recorder.target_jobs = jobs
+    recorder.start()
+    metrics = api.metrics_text()
+    before, watching_before = realapi.request_counts(metrics), realapi.watchers(metrics, "finetunejobs")
+    own_before = collections.Counter(api.own_writes)
+    servers = plane.pids()
+    server_cpu_before = {name: realapi.proc_cpu_seconds(pid) for name, pid in servers.items()}
+    cmd, env = operator_command(kind, kubeconfig)
+    log = open(workdir / f"{kind}.log", "wb")
+    spawned = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not preapply:  # ready once it watches FineTuneJobs (the apiserver's open-watch gauge says so)
+            deadline = time.monotonic() + 60
+            while realapi.watchers(api.metrics_text(), "finetunejobs") <= watching_before:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{kind} did not start; see {workdir}/{kind}.log")
+                time.sleep(0.2)
+        started = time.monotonic()
+        for i in range(jobs if not preapply else 0):
+            api.request("POST", f"/apis/{API}/namespaces/bench/finetunejobs", finetunejob(i), key="POST finetunejobs")
+        last_apply = time.monotonic() if not preapply else spawned
+        while recorder.all_jobs_at is None:
+            if time.monotonic() - last_apply > 60 + jobs * 0.5 or proc.poll() is not None:
+                raise RuntimeError(f"{kind}: only {recorder.added_jobs} of {jobs} Jobs after "
+                                   f"{time.monotonic() - last_apply:.0f} s (watch events: {recorder.counts()}); "
+                                   f"see {workdir}/{kind}.log")
+            time.sleep(0.05)
+        # Let status patches and Events settle: 3 s without a watch event caused by the operator,
+        # and the apiserver's write counters unchanged over the last second of it.
+        while True:
+            while time.monotonic() - (recorder.last_operator_event() or 0) < 3:
+                time.sleep(0.5)
+            first = realapi.request_counts(api.metrics_text())
+            time.sleep(1)
+            after = realapi.request_counts(api.metrics_text())
+            if first == after:
+                break
+        all_writes = recorder.last_operator_event()
+        own = api.own_writes - own_before
+        by_kind = {k: v for k, v in sorted((after - before - own).items()) if v > 0}
+        writes = sum(v for k, v in by_kind.items() if not k.endswith("(dryRun)"))
+        dry_runs = sum(v for k, v in by_kind.items() if k.endswith("(dryRun)"))
+        origin = spawned if preapply else started
+        return {"kind": kind, "api": "real kube-apiserver v1.36 (etcd, no controllers)", "jobs": jobs,
+                "mode": "preapplied (from process start)" if preapply else "live",
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "apply_seconds": round(last_apply - started, 2),
+                "seconds_after_last_apply": round(recorder.all_jobs_at - last_apply, 2),
+                "seconds_from_first_apply": round(recorder.all_jobs_at - started, 2),
+                "seconds_until_all_writes": round(all_writes - origin, 2),
+                # stored writes; a dry run (POST ...?dryRun=All) is a write request the server serves
+                # through admission without storing anything, counted beside them
+                "writes_per_job": round(writes / jobs, 2),
+                "write_requests_per_job": round((writes + dry_runs) / jobs, 2), "writes": by_kind,
+                # cross-check of the counters: watch events seen, by type and resource
+                "watch_events": recorder.counts(),
+                "peak_rss_mib": round(peak_rss_mib(proc.pid), 1),
+                "operator_cpu_seconds": round(cpu_seconds(proc.pid), 2),
+                # kube-apiserver and etcd, from the operator's start until now (3-4 s of quiet included)
+                "server_cpu_seconds": {name: round(realapi.proc_cpu_seconds(pid) - server_cpu_before[name], 2)
+                                       for name, pid in servers.items()}}
+    finally:
+        recorder.stop()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main_real(ns: argparse.Namespace, workdir: Path) -> None:
+    """Ours and the same-writes floor (and the 1-Job floor with --with-bare) in one run, each on a
+    fresh etcd, then the ratios."""
+    plane = realapi.ControlPlane(ns.home)
+    kinds = [k for k in ("bare", "bare-same-writes", "operator")
+             if (ns.only in (None, k)) and (k != "bare" or ns.with_bare or ns.only == "bare")]
+    results = {}
+    try:
+        for kind in kinds:
+            results[kind] = run_real(kind, ns.jobs, workdir, plane, ns.preapply)
+            print(json.dumps(results[kind]), flush=True)
+    finally:
+        if not ns.keep_cluster:
+            plane.down()
+        else:
+            print(f"control plane kept: KUBECONFIG={plane.kubeconfig}", file=sys.stderr)
+    if "operator" in results and "bare-same-writes" in results:
+        ours, same = results["operator"], results["bare-same-writes"]
+        key = "seconds_after_last_apply" if ns.preapply else "seconds_from_first_apply"
+        ratio = ours[key] / max(same[key], 1e-9)
+        summary = {"api": "real", "compared": key,
+                   "time_ratio_vs_same_writes_floor": round(ratio, 2),
+                   "all_writes_ratio_vs_same_writes_floor": round(
+                       ours["seconds_until_all_writes"] / max(same["seconds_until_all_writes"], 1e-9), 2),
+                   "targets": {"time_ratio<=1.15": ratio <= 1.15, "writes<=4": ours["writes_per_job"] <= 4,
+                               "peak<=250MiB": ours["peak_rss_mib"] <= 250}}
+        if "bare" in results:
+            summary["time_ratio_vs_floor"] = round(ours[key] / max(results["bare"][key], 1e-9), 2)
+        print(json.dumps(summary))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--only", choices=["operator", "bare", "bare-same-writes"], default=None)
     parser.add_argument("--preapply", action="store_true",
                         help="create every FineTuneJob before the operator starts; time from process start")
+    parser.add_argument("--api", choices=["emulator", "real"], default="emulator",
+                        help="emulator (default): the API emulator in this process; real: a private "
+                             "Kubernetes v1.36 kube-apiserver + etcd from ../shared/k8s (ours vs the "
+                             "same-writes floor, each on a fresh etcd)")
+    parser.add_argument("--home", type=Path, default=None,
+                        help="--api real: the control plane's home (its etcd is purged before each run); "
+                             "default ~/.cache/finetune-k8s-bench, never the shared test cluster's")
+    parser.add_argument("--keep-cluster", action="store_true",
+                        help="--api real: leave the control plane running at the end (with the last run's objects)")
+    parser.add_argument("--with-bare", action="store_true", help="--api real: also run the 1-Job floor")
     ns = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="operator-bench-"))
+    if ns.api == "real":
+        ns.home = ns.home or realapi.DEFAULT_HOME
+        main_real(ns, workdir)
+        print(f"logs: {workdir}", file=sys.stderr)
+        return
     results = []
     for kind in ("bare", "operator", "bare-same-writes"):
         if ns.only in (None, kind):
