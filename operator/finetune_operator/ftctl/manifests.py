@@ -109,7 +109,8 @@ _WORDS[""] = ("!!null", None)
 #: go-yaml v2's resolveTable: the first character says what a plain scalar may be.
 _HINTS = {**{c: "S" for c in "+-"}, **{c: "D" for c in "0123456789"}, **{c: "M" for c in "yYnNtTfFoO~"}, ".": "."}
 _FLOAT_RE = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")  # go-yaml v2 yamlStyleFloat
-_DOT_FLOAT_RE = re.compile(r"\.[0-9]+([eE][-+]?[0-9]+)?")  # what Go's ParseFloat reads from a leading "."
+#: What Go's ParseFloat reads from a leading ".": underscores allowed between digits (.37_83).
+_DOT_FLOAT_RE = re.compile(r"\.[0-9](_?[0-9])*([eE][-+]?[0-9](_?[0-9])*)?")
 _GO_INT_RE = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+|0[0-7]*|[1-9][0-9]*)")  # ParseInt(s, 0)
 _TIMESTAMP_RE = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
                            r"([Tt ][0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\.[0-9]*)?(Z|[-+][0-9]{1,2}:[0-9]{2})?)?")
@@ -197,8 +198,8 @@ def resolve_scalar(tag: str, text: str) -> tuple[str, Any]:
     if tag != "!!str" and hint is not None:
         if text in _WORDS:
             resolved = _WORDS[text]
-        elif hint == "." and _DOT_FLOAT_RE.fullmatch(text):
-            resolved = ("!!float", float(text))
+        elif hint == "." and _DOT_FLOAT_RE.fullmatch(text) and not math.isinf(float(text.replace("_", ""))):
+            resolved = ("!!float", float(text.replace("_", "")))
         elif hint in ("D", "S"):
             plain = text.replace("_", "")
             number = _go_int(plain)
