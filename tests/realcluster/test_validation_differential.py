@@ -122,7 +122,7 @@ def test_updates_agree_with_the_api_server(real_cluster, crds, namespace):
         if why:
             problems.append(f"update {i}: {why}\n    manifest: {manifest_summary(manifest)}")
     assert not problems, f"{len(problems)} disagreements with the API server:\n" + "\n".join(problems[:25])
-    assert accepted >= 3 and len(updates) - accepted >= 20
+    assert accepted >= 2 and len(updates) - accepted >= 20
     # The transition rules did run: changing the model, its digest or the dataset is refused.
     assert [sorted(v.fields) for v in verdicts[:3]] == [["spec.baseModel"], ["spec.baseModel"], ["spec.datasetRef"]]
     assert verdicts[3].accepted and verdicts[5].accepted
