@@ -5,13 +5,18 @@ the tests; tests/realcluster/test_validation_differential.py holds it against a 
 Messages follow the API server's wording and always start with the field path. The server's order
 of work is mirrored because it decides which errors are reported:
 
-1. strict decoding (what `kubectl apply` asks for): unknown fields are the only errors reported;
-2. nulls of object fields are dropped (a field with a default then gets it), defaults are applied;
-3. metadata (name, generateName, namespace, labels, annotations) and the OpenAPI schema are checked;
+1. decoding, strict (what `kubectl apply` asks for): unknown fields are the only errors reported;
+   then metadata of the wrong type (it decodes into metav1.ObjectMeta), alone too;
+2. nulls of object and map fields are dropped (a field with a default then gets it), defaults applied;
+3. metadata (name, generateName, namespace, labels, annotations, finalizers, ownerReferences) and the
+   OpenAPI schema are checked, with Go's regexp semantics (RE2) and go-openapi's integer check;
 4. CEL rules (x-kubernetes-validations) run only when step 3 found no "blocking" error: a wrong type,
    a missing required field, an unsupported enum value, a too-long string or too many items/properties.
 
-On create the API server drops `status` (it is a subresource): only its unknown fields count.
+On create the API server drops `status` (it is a subresource): only its unknown fields count. With
+`old` (an update) transition rules run too. Not mirrored: validation ratcheting (on an update the
+server ignores errors of fields left unchanged, which only matters for objects stored under an older,
+looser schema).
 """
 
 from __future__ import annotations
