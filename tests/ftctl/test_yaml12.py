@@ -114,6 +114,8 @@ def test_field_lines_for_error_messages():
     ("a: *nope\n", "f.yaml:1: not valid YAML: found undefined alias 'nope'"),
     ("a: !!int abc\n", "f.yaml:1: cannot decode !!str `abc` as a !!int"),
     ("a: !!binary '%%%'\n", "f.yaml:1: !!binary value contains invalid base64 data"),
+    ("a: !!timestamp 2023-02-29\n", "f.yaml:1: cannot decode !!str `2023-02-29` as a !!timestamp"),
+    ("a: !!timestamp 2024-01-01T10:00:00\n", "f.yaml:1: cannot decode !!str `2024-01-01T10:00:00` as a !!timestamp"),
     ("<<: 5\n", "f.yaml:1: map merge requires map or sequence of maps"),
     ("kind: [unclosed\n", "f.yaml:2: not valid YAML: while parsing a flow sequence at line 1: expected ',' or ']'"),
     ("a: 1\n\tb: 2\n", "f.yaml:2: not valid YAML:"),

@@ -162,7 +162,8 @@ def test_what_ftctl_rejects_for_a_field_the_api_server_rejects_for_it(real_clust
 @pytest.mark.parametrize("name, says", [("reject-infinity.yaml", "unsupported value: +Inf"),
                                         ("reject-null-key.yaml", "unsupported map key"),
                                         ("reject-recursive-anchor.yaml", "anchor 'loop' value contains itself"),
-                                        ("reject-yaml-directive.yaml", "error converting YAML to JSON")])
+                                        ("reject-yaml-directive.yaml", "error converting YAML to JSON"),
+                                        ("reject-timestamp-tag.yaml", "cannot decode !!str `2023-02-29` as a !!timestamp")])
 def test_what_ftctl_cannot_parse_kubectl_cannot_either(real_cluster, crds, name, says):
     proc = real_cluster.kubectl("create", "--dry-run=client", "-o", "json", "-f", str(CORPUS / name), check=False)
     assert proc.returncode != 0 and says in proc.stderr, proc.stderr

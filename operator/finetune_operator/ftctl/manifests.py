@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import math
 import re
 import struct
@@ -112,8 +113,11 @@ _FLOAT_RE = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")  
 #: What Go's ParseFloat reads from a leading ".": underscores allowed between digits (.37_83).
 _DOT_FLOAT_RE = re.compile(r"\.[0-9](_?[0-9])*([eE][-+]?[0-9](_?[0-9])*)?")
 _GO_INT_RE = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[bB][01]+|0[oO][0-7]+|0[0-7]*|[1-9][0-9]*)")  # ParseInt(s, 0)
-_TIMESTAMP_RE = re.compile(r"[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}"
-                           r"([Tt ][0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\.[0-9]*)?(Z|[-+][0-9]{1,2}:[0-9]{2})?)?")
+#: go-yaml v2's timestamp layouts (time.Parse): 2006-1-2T15:4:5.999999999Z07:00 (or t), the same with a
+#: space and no zone, and 2006-1-2.
+_TIMESTAMP_RE = re.compile(r"([0-9]{4})-([0-9]{1,2})-([0-9]{1,2})(?:(?:[Tt]([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})"
+                           r"(?:\.[0-9]+)?(?:Z|[-+]([0-9]{2}):([0-9]{2})))|(?: ([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})"
+                           r"(?:\.[0-9]+)?))?")
 _DIRECTIVE_RE = re.compile(r"^(%YAML|%TAG)[ \t]", re.MULTILINE)
 #: Values one document may expand to through aliases (go-yaml stops "excessive aliasing" too).
 MAX_VALUES = 1_000_000
@@ -181,6 +185,21 @@ def _go_int(text: str) -> Optional[int]:
     return None
 
 
+def _is_timestamp(text: str) -> bool:
+    """Whether Go's time.Parse takes `text` in one of go-yaml's layouts (a real date and time)."""
+    match = _TIMESTAMP_RE.fullmatch(text)
+    if match is None:
+        return False
+    year, month, day, *clock = (int(g) if g is not None else None for g in match.groups())
+    try:
+        datetime.date(year, month, day)
+    except ValueError:
+        return False
+    hour, minute, second, zone_h, zone_m = (clock[0:3] if clock[0] is not None else clock[5:8]) + clock[3:5]
+    return ((hour is None or (hour < 24 and minute < 60 and second < 60))
+            and (zone_h is None or (zone_h < 24 and zone_m < 60)))
+
+
 def resolve_scalar(tag: str, text: str) -> tuple[str, Any]:
     """go-yaml v2's resolve(): (tag, value) of a scalar; tag "" is a plain one without a tag.
 
@@ -203,7 +222,7 @@ def resolve_scalar(tag: str, text: str) -> tuple[str, Any]:
         elif hint in ("D", "S"):
             plain = text.replace("_", "")
             number = _go_int(plain)
-            if tag in ("", "!!timestamp") and _TIMESTAMP_RE.fullmatch(text):
+            if tag in ("", "!!timestamp") and _is_timestamp(text):
                 resolved = ("!!timestamp", text)
             elif number is not None:
                 resolved = ("!!int", number)
