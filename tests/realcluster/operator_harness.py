@@ -143,6 +143,19 @@ def new_namespace(cluster: RealCluster, prefix: str) -> str:
     return ns
 
 
+def delete_namespace(cluster: RealCluster, namespace: str, timeout: int = 60) -> None:
+    """Delete a test namespace without leaving it Terminating on the shared control plane: our
+    objects first, while the operator still runs to release their finalizers (it deletes the
+    checkpoints); whatever still holds a finalizer after `timeout` is released by hand."""
+    cluster.kubectl("delete", "finetunejobs,datasets", "--all", "-n", namespace, "--wait=true",
+                    f"--timeout={timeout}s", check=False, timeout=timeout + 30)
+    for kind in ("finetunejobs", "datasets"):
+        for obj in cluster.list(kind, namespace):
+            cluster.kubectl("patch", kind, obj["metadata"]["name"], "-n", namespace, "--type=merge",
+                            "-p", '{"metadata": {"finalizers": null}}', check=False)
+    cluster.delete_namespace(namespace)
+
+
 def write_raw_dataset(bucket: str, n: int = 40, key: Optional[str] = None) -> str:
     from finetune_trainer import storage
     from trainer.helpers import synthetic_record
@@ -270,5 +283,5 @@ def now() -> float:
 
 
 __all__ = ["API", "SECRET", "Operator", "Stack", "operator_stack", "operator_env", "new_namespace", "write_raw_dataset", "dataset_manifest",
-           "ready_dataset", "finetunejob_manifest", "run_prefix", "ftj", "status", "wait_phase", "jobs", "pods", "events",
+           "ready_dataset", "finetunejob_manifest", "run_prefix", "delete_namespace", "ftj", "status", "wait_phase", "jobs", "pods", "events",
            "pod_logs", "ftctl", "ftctl_background", "stack_log_count", "poll", "now", "REPO"]

@@ -29,7 +29,7 @@ def stack(fakenode, crds, s3_server, tiny_model_dir, tmp_path_factory):
 def ns(stack):
     name = h.new_namespace(stack.cluster, stack.prefix)
     yield name
-    stack.cluster.delete_namespace(name)
+    h.delete_namespace(stack.cluster, name)
 
 
 def test_dataset_validated_by_a_job_that_fakenode_runs(stack, ns):

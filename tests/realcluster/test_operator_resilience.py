@@ -20,7 +20,7 @@ from realcluster.realk8s import wait_for
 from finetune_operator.conditions import get_condition
 from finetune_trainer import storage
 
-STEPS = 48
+STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def stack(fakenode, crds, s3_server, tiny_model_dir, tmp_path_factory):
 def ns(stack):
     name = h.new_namespace(stack.cluster, stack.prefix)
     yield name
-    stack.cluster.delete_namespace(name)
+    h.delete_namespace(stack.cluster, name)
 
 
 def start_slow_job(stack, ns, name: str) -> str:
@@ -71,9 +71,11 @@ def test_operator_sigkilled_mid_training_makes_no_second_job(stack, ns):
     assert sorted(before) == ["crash-train-1", "ready-validate-1"], before
 
     stack.op.kill()  # SIGKILL: no cleanup handler, nothing flushed
-    assert not stack.op.alive()
-    time.sleep(3)  # the trainer keeps running meanwhile
-    stack.op.start()
+    try:
+        assert not stack.op.alive()
+        time.sleep(3)  # the trainer keeps running meanwhile
+    finally:
+        stack.op.start()
 
     done = h.wait_phase(c, ns, "crash", ("Succeeded", "Failed"), 180, stack.op)
     assert done["phase"] == "Succeeded", done
