@@ -208,8 +208,7 @@ def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane",
     if preapply:  # everything exists before the operator starts: pure processing throughput
         for i in range(jobs):
             api.request("POST", f"/apis/{API}/namespaces/bench/finetunejobs", finetunejob(i), key="POST finetunejobs")
-    recorder = realapi.Recorder(api)
-    recorder.target_jobs = jobs
+    recorder = realapi.Recorder(kubeconfig, jobs)
     recorder.start()
     metrics = api.metrics_text()
     before, watching_before = realapi.request_counts(metrics), realapi.watchers(metrics, "finetunejobs")
@@ -233,8 +232,8 @@ def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane",
         last_apply = time.monotonic() if not preapply else spawned
         while recorder.all_jobs_at is None:
             if time.monotonic() - last_apply > 60 + jobs * 0.5 or proc.poll() is not None:
-                raise RuntimeError(f"{kind}: only {recorder.added_jobs} of {jobs} Jobs after "
-                                   f"{time.monotonic() - last_apply:.0f} s (watch events: {recorder.counts()}); "
+                raise RuntimeError(f"{kind}: only {recorder.added_jobs.value} of {jobs} Jobs after "
+                                   f"{time.monotonic() - last_apply:.0f} s (watch events: {recorder.stop()}); "
                                    f"see {workdir}/{kind}.log")
             time.sleep(0.05)
         # Let status patches and Events settle: 3 s without a watch event caused by the operator,
@@ -265,14 +264,14 @@ def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane",
                 "writes_per_job": round(writes / jobs, 2),
                 "write_requests_per_job": round((writes + dry_runs) / jobs, 2), "writes": by_kind,
                 # cross-check of the counters: watch events seen, by type and resource
-                "watch_events": recorder.counts(),
+                "watch_events": recorder.stop(),
                 "peak_rss_mib": round(peak_rss_mib(proc.pid), 1),
                 "operator_cpu_seconds": round(cpu_seconds(proc.pid), 2),
                 # kube-apiserver and etcd, from the operator's start until now (3-4 s of quiet included)
                 "server_cpu_seconds": {name: round(realapi.proc_cpu_seconds(pid) - server_cpu_before[name], 2)
                                        for name, pid in servers.items()}}
     finally:
-        recorder.stop()
+        recorder.stop()  # again after a failure: a second stop answers at once
         proc.terminate()
         try:
             proc.wait(30)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -168,77 +169,132 @@ class Recorder:
     """Metadata-only watches (all namespaces: the etcd is fresh, nothing else is there) that record
     when each watch event arrived: the Jobs' ADDED events time "every Job exists", and the last
     event caused by the operator (a Job, ConfigMap or Event, a FineTuneJob's status) times "all
-    writes done"."""
+    writes done".
+
+    The watches run in a process of their own: in this one they shared the GIL with the applies,
+    fell behind under load, and the apiserver closed the slow watch (it drops a watcher whose buffer
+    stays full), so events went missing. A watch the server ends anyway is resumed from the last
+    resourceVersion seen (counted in `resumed`). Times are CLOCK_MONOTONIC, the same in both processes."""
 
     RESOURCES = {"jobs": "/apis/batch/v1/jobs", "configmaps": "/api/v1/configmaps",
                  "events": "/api/v1/events", "finetunejobs": "/apis/finetune.dev/v1alpha1/finetunejobs"}
 
-    def __init__(self, api: Api):
-        self.api = api
-        self.lock = threading.Lock()
-        self.events: list[tuple[float, str, str]] = []  # (monotonic time, resource, watch event type)
-        self.added_jobs = 0
-        self.all_jobs_at: Optional[float] = None
-        self.target_jobs = 0
-        self._stop = False
-        self._responses: list[requests.Response] = []
-        self._threads = [threading.Thread(target=self._watch, args=(name, path), daemon=True, name=f"watch-{name}")
-                         for name, path in self.RESOURCES.items()]
-        self.ready = threading.Barrier(len(self._threads) + 1)
+    def __init__(self, kubeconfig: Path, target_jobs: int):
+        ctx = multiprocessing.get_context("spawn")  # no copy of this process's threads and sockets
+        self.added_jobs = ctx.Value("l", 0, lock=False)
+        self._all_jobs_at = ctx.Value("d", 0.0, lock=False)
+        self._last_operator_event = ctx.Value("d", 0.0, lock=False)
+        self._ready = ctx.Event()
+        self._stop = ctx.Event()
+        self._parent, child = ctx.Pipe()
+        self._counts: Optional[dict] = None
+        self._proc = ctx.Process(target=_record, daemon=True, name="bench-recorder",
+                                 args=(str(kubeconfig), target_jobs, self.added_jobs, self._all_jobs_at,
+                                       self._last_operator_event, self._ready, self._stop, child))
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
-        self.ready.wait(60)
+        self._proc.start()
+        if not self._ready.wait(60):
+            raise RuntimeError("the watches did not start in 60 s")
 
-    def _watch(self, name: str, path: str) -> None:
-        try:
-            session = self.api.new_session()
-            listed = session.get(self.api.server + path, params={"limit": 1},
-                                 headers={"Accept": METADATA_LIST_ACCEPT}, timeout=60)
-            listed.raise_for_status()
-            rv = listed.json()["metadata"]["resourceVersion"]
-            resp = session.get(self.api.server + path, stream=True, timeout=(60, None),
-                               params={"watch": "1", "resourceVersion": rv, "timeoutSeconds": "3600"},
-                               headers={"Accept": METADATA_ACCEPT})
-            resp.raise_for_status()
-            self._responses.append(resp)
-        except BaseException:
-            self.ready.abort()  # start() fails at once, not after its timeout
-            raise
-        self.ready.wait(60)
-        try:
-            for line in resp.iter_lines(chunk_size=None):
-                now = time.monotonic()
-                if self._stop:
-                    return
-                if not line:
-                    continue
-                kind = json.loads(line).get("type", "?")
-                with self.lock:
-                    self.events.append((now, name, kind))
-                    if name == "jobs" and kind == "ADDED":
-                        self.added_jobs += 1
-                        if self.added_jobs == self.target_jobs:
-                            self.all_jobs_at = now
-        except (requests.RequestException, AttributeError, ValueError):
-            if not self._stop:
-                raise
+    @property
+    def all_jobs_at(self) -> Optional[float]:
+        return self._all_jobs_at.value or None
 
     def last_operator_event(self) -> Optional[float]:
         """When the last change the operator made arrived (a FineTuneJob's ADDED is the benchmark's)."""
-        with self.lock:
-            times = [t for t, name, kind in self.events if not (name == "finetunejobs" and kind == "ADDED")]
-        return max(times) if times else None
+        return self._last_operator_event.value or None
 
-    def counts(self) -> dict[str, int]:
-        with self.lock:
-            return dict(collections.Counter(f"{kind} {name}" for _, name, kind in self.events))
+    def stop(self) -> dict[str, int]:
+        """Stop the watches; their event counts by type and resource (and watches resumed)."""
+        if self._counts is None:
+            self._stop.set()
+            try:
+                self._counts = self._parent.recv() if self._parent.poll(30) else {"error": "no answer"}
+            except EOFError:
+                self._counts = {"error": "the recorder exited"}
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+        return self._counts
 
-    def stop(self) -> None:
-        # Not resp.close(): closing an SSL socket another thread reads from blocks. The streams end
-        # when the control plane stops (the next run purges it); the threads are daemons.
-        self._stop = True
+
+def _record(kubeconfig: str, target_jobs: int, added_jobs: Any, all_jobs_at: Any, last_operator_event: Any,
+            ready: Any, stop: Any, conn: Any) -> None:
+    api = Api(Path(kubeconfig), "operator-bench-recorder")
+    lock = threading.Lock()
+    counts: collections.Counter[str] = collections.Counter()
+    errors: list[str] = []
+    started = threading.Barrier(len(Recorder.RESOURCES) + 1)
+
+    def watch(name: str, path: str) -> None:
+        session = api.new_session()
+        try:
+            listed = session.get(api.server + path, params={"limit": 1},
+                                 headers={"Accept": METADATA_LIST_ACCEPT}, timeout=60)
+            listed.raise_for_status()
+            rv = listed.json()["metadata"]["resourceVersion"]
+        except BaseException as exc:
+            errors.append(f"{name}: {exc}")
+            started.abort()
+            raise
+        first = True
+        tries = 0
+        while not stop.is_set():
+            resp = session.get(api.server + path, stream=True, timeout=(60, None),
+                               params={"watch": "1", "resourceVersion": rv, "timeoutSeconds": "3600",
+                                       "allowWatchBookmarks": "true"},
+                               headers={"Accept": METADATA_ACCEPT})
+            if resp.status_code == 429 and tries < 60:  # a new resource's watch cache is still filling
+                tries += 1
+                resp.close()
+                time.sleep(float(resp.headers.get("Retry-After", "1")))
+                continue
+            resp.raise_for_status()
+            if first:
+                started.wait(60)
+                first = False
+            else:
+                with lock:
+                    counts[f"resumed {name}"] += 1
+            try:
+                for line in resp.iter_lines(chunk_size=None):
+                    now = time.monotonic()
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    kind = event.get("type", "?")
+                    if kind == "ERROR":  # e.g. 410 Gone: resuming is not possible, say so
+                        errors.append(f"{name}: {event.get('object')}")
+                        return
+                    rv = event["object"]["metadata"]["resourceVersion"]
+                    if kind == "BOOKMARK":
+                        continue
+                    with lock:
+                        counts[f"{kind} {name}"] += 1
+                        if not (name == "finetunejobs" and kind == "ADDED"):
+                            last_operator_event.value = now
+                        if name == "jobs" and kind == "ADDED":
+                            added_jobs.value += 1
+                            if added_jobs.value == target_jobs:
+                                all_jobs_at.value = now
+            except requests.RequestException:
+                pass  # the stream broke: resume from rv
+
+    for name, path in Recorder.RESOURCES.items():
+        threading.Thread(target=watch, args=(name, path), daemon=True, name=f"watch-{name}").start()
+    try:
+        started.wait(60)
+    except threading.BrokenBarrierError:
+        conn.send({"error": "; ".join(errors)})
+        return
+    ready.set()
+    stop.wait()
+    with lock:
+        out = dict(counts)
+    if errors:
+        out["errors"] = "; ".join(errors)
+    conn.send(out)
 
 
 def proc_cpu_seconds(pid: int) -> float:
