@@ -36,13 +36,19 @@ def ns(stack):
     h.delete_namespace(stack.cluster, name)
 
 
-def start_slow_job(stack, ns, name: str) -> str:
+def start_slow_job(stack, ns, name: str, **spec) -> str:
     c = stack.cluster
     h.ready_dataset(c, stack.bucket, ns)
     output = f"s3://{stack.bucket}/runs/{ns}/{name}"
     c.apply(h.finetunejob_manifest(name, ns, "ready", stack.model_uri, output,
-                                   training={"maxSteps": STEPS, "checkpointEverySteps": 4}))
+                                   training={"maxSteps": STEPS, "checkpointEverySteps": 4}, **spec))
     return output
+
+
+def seconds(stamp: str) -> float:
+    import datetime
+
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def wait_step(stack, ns, name: str, at_least: int, timeout: float = 120) -> int:
@@ -114,8 +120,9 @@ def test_deleted_trainer_pod_is_replaced_and_resumes_from_its_checkpoint(stack, 
 
 
 def test_suspend_stops_the_pod_and_resume_continues_from_the_checkpoint(stack, ns):
+    """A GPU job (gpu-node-1), so GPU-hours count: the time suspended is not billed."""
     c = stack.cluster
-    output = start_slow_job(stack, ns, "pause")
+    output = start_slow_job(stack, ns, "pause", resources={"gpusPerNode": 1})
     wait_step(stack, ns, "pause", 6)
     c.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": true}}')
 
@@ -125,11 +132,16 @@ def test_suspend_stops_the_pod_and_resume_continues_from_the_checkpoint(stack, n
                     what="Job .spec.suspend")
     wait_for(lambda: not h.pods(c, ns, "pause-train-1"), timeout=60, what="the trainer pod gone")
     assert any(k.startswith("checkpoints/") for k in storage.list_keys(output))
-    time.sleep(2)
-    assert h.status(c, ns, "pause")["phase"] == "Suspended" and not h.pods(c, ns, "pause-train-1")
+    held = 8.0
+    time.sleep(held)  # suspended: no pod, no GPU-hours
+    st = h.status(c, ns, "pause")
+    assert st["phase"] == "Suspended" and not h.pods(c, ns, "pause-train-1")
+    resumed_at = time.time()
 
     c.kubectl("patch", "ftj", "pause", "-n", ns, "--type=merge", "-p", '{"spec": {"suspend": false}}')
-    pod = wait_for(lambda: h.pods(c, ns, "pause-train-1"), timeout=60, what="a pod after resume")[0]
+    pod = wait_for(lambda: [p for p in h.pods(c, ns, "pause-train-1") if p["spec"].get("nodeName")], timeout=60,
+                   what="a pod scheduled after resume")[0]
+    assert pod["spec"]["nodeName"] == "gpu-node-1"
     done = h.wait_phase(c, ns, "pause", ("Succeeded", "Failed"), 180, stack.op)
     assert done["phase"] == "Succeeded", done
     assert get_condition(done["conditions"], "Suspended")["status"] == "False"
@@ -137,5 +149,11 @@ def test_suspend_stops_the_pod_and_resume_continues_from_the_checkpoint(stack, n
     assert sorted(k for k in h.jobs(c, ns) if "-train-" in k) == ["pause-train-1"]
     resumed = trainer_log_events(h.pod_logs(c, ns, pod["metadata"]["name"]), "resume")
     assert resumed and resumed[0]["step"] > 0
-    assert not c.get("job", "pause-train-1", ns)["status"].get("failed")
-    assert done["gpuHours"] == 0  # a CPU job: no GPU-hours, suspended or not
+    job = c.get("job", "pause-train-1", ns)
+    assert not job["status"].get("failed")
+    # The Job controller restarted the Job's startTime on resume; the hours before the suspension
+    # were kept on the Job, so GPU-hours cover the two running stretches and not the suspension.
+    assert seconds(job["status"]["startTime"]) >= resumed_at - 2
+    wall = seconds(job["status"]["completionTime"]) - seconds(done["startTime"])
+    billed = done["gpuHours"] * 3600
+    assert 0 < billed < wall - held * 0.75, (billed, wall)
