@@ -166,7 +166,7 @@ def _unknown_fields(value: Any, schema: Optional[dict[str, Any]], path: str, out
         props = (schema or {}).get("properties", {})
         extra = (schema or {}).get("additionalProperties")
         for name, sub in value.items():
-            where = f"{path}.{name}" if path else name
+            where = f"{path}.{name}" if path else str(name)
             if name in props:
                 _unknown_fields(sub, props[name], where, out)
             elif isinstance(extra, dict):
@@ -452,7 +452,7 @@ def validate_manifest(manifest: dict[str, Any], old: Optional[dict[str, Any]] = 
         elif name in body_schema:
             _unknown_fields(sub, body_schema[name], name, unknown)
         elif name not in ("apiVersion", "kind", "metadata"):
-            unknown.append(name)
+            unknown.append(str(name))
     if unknown:
         raise ManifestError([f'{u}: unknown field "{u}"' for u in unknown], unknown)
     # metadata decodes into ObjectMeta (typed): a wrong type there fails the decoding, alone.
