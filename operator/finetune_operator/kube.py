@@ -133,11 +133,19 @@ class Client:
         meta = obj["metadata"]
         path = path_of(obj.get("apiVersion", f"{GROUP}/{VERSION}"), obj["kind"], meta.get("namespace"),
                        meta["name"], "status")
-        return await self.request("PATCH", path, {"status": status}, "application/merge-patch+json", parse=parse)
+        try:
+            return await self.request("PATCH", path, {"status": status}, "application/merge-patch+json", parse=parse)
+        except ApiError as exc:
+            exc.what = f"the status of {obj['kind']} {meta['name']}"
+            raise
 
     async def patch(self, api_version: str, kind: str, namespace: str, name: str, body: dict) -> dict:
-        return await self.request("PATCH", path_of(api_version, kind, namespace, name), body,
-                                  "application/merge-patch+json")
+        try:
+            return await self.request("PATCH", path_of(api_version, kind, namespace, name), body,
+                                      "application/merge-patch+json")
+        except ApiError as exc:
+            exc.what = f"a patch of {kind} {name}"
+            raise
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str,
                      propagation: str = "Background") -> bool:
