@@ -319,8 +319,9 @@ def test_release_cleans_up_and_removes_only_our_finalizers(real_cluster, crds, n
     assert any(f"deleted checkpoints under s3://{bucket}/deleting/checkpoints" in line for line in lines)
     # Idempotent: nothing left to do.
     assert uninstall.release(real_cluster.python_client(), (namespace,), say=lines.append)["released"] == 0
-    real_cluster.kubectl("patch", "finetunejob", "deleting", "-n", namespace, "--type=json",
-                         "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+    for name in ("deleting", "untouched"):  # let the namespace go when the fixture deletes it
+        real_cluster.kubectl("patch", "finetunejob", name, "-n", namespace, "--type=json",
+                             "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
 
 
 def test_release_patch_is_refused_when_the_finalizers_changed_and_release_rereads(real_cluster, crds, namespace):
@@ -343,6 +344,8 @@ def test_release_patch_is_refused_when_the_finalizers_changed_and_release_reread
     counts = uninstall.release(real_cluster.python_client(), (namespace,), say=lambda _: None)
     assert counts["released"] == 1
     assert finalizers_of(real_cluster, namespace, "racy") == ["example.com/first"]
+    real_cluster.kubectl("patch", "finetunejob", "racy", "-n", namespace, "--type=json",
+                         "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
 
 
 def test_release_goes_on_when_storage_is_unreachable(real_cluster, crds, namespace, monkeypatch):
