@@ -58,7 +58,7 @@ def test_submit_validates_locally_then_creates_and_updates(k8s, tmp_path):
     assert "dataset.finetune.dev/support-answers created" in result.output
     assert "finetunejob.finetune.dev/support-assistant created" in result.output
     job = get_job(k8s, "support-assistant")
-    assert job["spec"]["training"]["maxSteps"] == 30
+    assert job["spec"]["training"]["maxSteps"] == 60
     assert job["spec"]["backoffLimit"] == 3  # defaulted like the API server would
 
     again = cli(k8s, "submit", "-f", str(REPO / "examples" / "quickstart"))

