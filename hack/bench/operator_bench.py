@@ -47,6 +47,7 @@ import realapi  # noqa: E402  (hack/bench/, beside this file: the --api real sid
 
 API = "finetune.dev/v1alpha1"
 BENCH_AGENT = "operator-bench"
+READ_VERBS = ("GET", "LIST", "WATCH")
 
 
 def dataset() -> dict:
@@ -100,17 +101,7 @@ def run(kind: str, jobs: int, workdir: Path, preapply: bool = False) -> dict:
     cluster = Cluster(fast_routing=True)
     cluster.user_agent = BENCH_AGENT
     kubeconfig = cluster.write_kubeconfig(workdir / f"kubeconfig-{kind}")
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "OMP_NUM_THREADS": "1", "FINETUNE_METRICS_PORT": "0",
-           "FINETUNE_HEALTH_PORT": "0", "FINETUNE_ARTIFACT_STORE": "s3://bench/store"}
-    # The same flags for both, and the logging our Helm chart runs with (`finetune-operator run`:
-    # JSON lines at INFO). Ours used to run with -q (quiet) beside a floor logging at INFO.
-    kopf_run = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--log-format", "json"]
-    cmd = (kopf_run + ["-m", "finetune_operator.handlers"] if kind == "operator" else
-           kopf_run + [str(REPO / "hack" / "bench" / "bare_operator.py")])
-    if kind == "bare-same-writes":
-        env["BARE_WRITES"] = "same"
-    if os.environ.get("BENCH_PROFILE"):  # e.g. BENCH_PROFILE=/tmp/op.prof: cProfile the operator process
-        cmd = [cmd[0], "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + f".{kind}"] + cmd[1:]
+    cmd, env = operator_command(kind, kubeconfig)
     cluster.create(dataset())
     if preapply:  # everything exists before the operator starts: pure processing throughput
         for i in range(jobs):
@@ -215,6 +206,7 @@ def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane",
     recorder.start()
     metrics = api.metrics_text()
     before, watching_before = realapi.request_counts(metrics), realapi.watchers(metrics, "finetunejobs")
+    reads_before = realapi.request_counts(metrics, READ_VERBS)
     own_before = collections.Counter(api.own_writes)
     servers = plane.pids()
     server_cpu_before = {name: realapi.proc_cpu_seconds(pid) for name, pid in servers.items()}
@@ -248,9 +240,11 @@ def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane",
                 time.sleep(0.5)
             first = realapi.request_counts(api.metrics_text())
             time.sleep(1)
-            after = realapi.request_counts(api.metrics_text())
+            metrics = api.metrics_text()
+            after = realapi.request_counts(metrics)
             if first == after:
                 break
+        reads = realapi.request_counts(metrics, READ_VERBS) - reads_before
         all_writes = recorder.last_operator_event()
         own = api.own_writes - own_before
         by_kind = {k: v for k, v in sorted((after - before - own).items()) if v > 0}
@@ -269,6 +263,8 @@ def run_real(kind: str, jobs: int, workdir: Path, plane: "realapi.ControlPlane",
                 # through admission without storing anything, counted beside them
                 "writes_per_job": round(writes / jobs, 2),
                 "write_requests_per_job": round((writes + dry_runs) / jobs, 2), "writes": by_kind,
+                # the operator's reads (the recorder's own LIST and WATCH are already running)
+                "reads": {k: v for k, v in sorted(reads.items()) if v > 0},
                 # cross-check of the counters: watch events seen, by type and resource
                 "watch_events": recorder.stop(),
                 "peak_rss_mib": round(peak_rss_mib(proc.pid), 1),

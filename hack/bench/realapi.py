@@ -135,8 +135,8 @@ class Api:
 _LABELS = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def request_counts(metrics: str) -> collections.Counter[str]:
-    """Write requests from clients outside the apiserver, keyed "VERB resource[/subresource]"
+def request_counts(metrics: str, verbs: tuple[str, ...] = WRITE_VERBS) -> collections.Counter[str]:
+    """Requests (writes by default) from clients outside the apiserver, keyed "VERB resource[/subresource]"
     (every answer code: a 409 or a 422 is a request the server had to serve too)."""
     out: collections.Counter[str] = collections.Counter()
     for line in metrics.splitlines():
@@ -144,7 +144,7 @@ def request_counts(metrics: str) -> collections.Counter[str]:
             continue
         labels_part, _, value = line.rpartition("} ")
         labels = dict(_LABELS.findall(labels_part))
-        if labels.get("verb") not in WRITE_VERBS or labels.get("system_client"):
+        if labels.get("verb") not in verbs or labels.get("system_client") or not labels.get("resource"):
             continue
         key = f"{labels['verb']} {labels.get('resource', '?')}" + (
             f"/{labels['subresource']}" if labels.get("subresource") else "") + (
