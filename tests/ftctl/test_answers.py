@@ -89,3 +89,17 @@ def test_tiny_adapts_the_top_layer_where_the_job_names_layers(tmp_path):
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     assert shrink_for_tiny({**spec, "lora": {"targetModules": ["all-linear"]}}, tmp_path)["lora"] == {
         "targetModules": ["all-linear"]}
+
+
+def test_batched_greedy_answers_equal_one_prompt_at_a_time(tiny_model_dir):
+    """Left padding (hidden by the attention mask) must not change a greedy answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True, dtype=torch.float32).eval()
+    prompts = [tok(text)["input_ids"] for text in ("What is r?", "How do I pause a training run of mine?", "Hi")]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is padded
+    batched = answers.generate(model, tok, prompts, max_new_tokens=12)
+    alone = [answers.generate(model, tok, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone and any(batched)

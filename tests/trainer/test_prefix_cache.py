@@ -89,3 +89,34 @@ def test_a_training_run_with_the_cache_matches_one_without(tiny_model_dir, tmp_p
         results[mode] = json.loads(storage.read_text(f"file://{tmp_path}/out-{mode}/result.json"))["metrics"]
     assert results["1"]["trainLoss"] == pytest.approx(results["0"]["trainLoss"], rel=1e-4)
     assert results["1"]["evalLoss"] == pytest.approx(results["0"]["evalLoss"], rel=1e-4)
+
+
+def test_scoring_with_the_adapter_on_then_off_shares_the_prefix_and_matches(tiny_model_dir):
+    """Governance's pattern (bias probes, eval loss): the same examples with the adapter, then without.
+    The reference numbers are one full forward pass per example (objective.loss_sum)."""
+    model = _model(tiny_model_dir, UPPER_LAYER).eval()
+    tok, exs = _examples(tiny_model_dir)
+    cpu = torch.device("cpu")
+    kw = dict(max_len=256, pad_id=tok.pad_token_id, device=cpu)
+    assert objective.adapter_free_prefix(model) == 1
+    assert objective.adapter_free_prefix(_model(tiny_model_dir, ["all-linear"])) == 0
+
+    def one_by_one() -> tuple[list[float], float]:
+        with torch.no_grad():
+            singles = [data.collate([[i]], exs, tok.pad_token_id) for i in range(len(exs))]
+            sums = [float(objective.loss_sum(model, b, cpu)) for b in singles]
+        counts = [b["n_targets"] for b in singles]
+        return [-s / c for s, c in zip(sums, counts)], sum(sums) / sum(counts)
+
+    on = objective.example_logprobs(model, exs, **kw)
+    cache = objective._shared["cache"]
+    with model.disable_adapter():
+        off = objective.example_logprobs(model, exs, **kw)
+        assert objective._shared["cache"] is cache  # reused, not rebuilt
+        loss_off = objective.evaluate(model, exs, batch_size=4, packing=True, **kw)
+        ref_off, ref_loss_off = one_by_one()
+    ref_on, _ = one_by_one()
+    assert on != pytest.approx(off, rel=1e-3)  # the adapter matters on this model
+    assert on == pytest.approx(ref_on, rel=1e-5)
+    assert off == pytest.approx(ref_off, rel=1e-5)
+    assert loss_off == pytest.approx(ref_loss_off, rel=1e-5)
