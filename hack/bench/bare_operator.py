@@ -85,6 +85,14 @@ else:
             "source": {"component": "bare"}, "firstTimestamp": now, "lastTimestamp": now})
 
 
+if os.environ.get("BARE_WATCH_JOBS"):
+    # An experiment: also watch the Jobs (as ours does, for its Jobs index), to see what receiving
+    # 1,000 full Job objects costs; the handler does nothing.
+    @kopf.on.event("batch", "v1", "jobs")
+    async def job_seen(**_: Any) -> None:
+        pass
+
+
 @kopf.on.cleanup()
 async def close(**_: Any) -> None:
     if "http" in _session:

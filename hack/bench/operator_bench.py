@@ -298,7 +298,7 @@ def main_real(ns: argparse.Namespace, workdir: Path) -> None:
                 print(json.dumps(results[kind][-1]), flush=True)
     finally:
         if not ns.keep_cluster:
-            plane.down()
+            plane.down(purge=True)  # the binaries stay in the home; the next run starts a fresh etcd anyway
         else:
             print(f"control plane kept: KUBECONFIG={plane.kubeconfig}", file=sys.stderr)
     if results.get("operator") and results.get("bare-same-writes"):

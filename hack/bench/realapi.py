@@ -72,8 +72,8 @@ class ControlPlane:
                        check=True, stdout=subprocess.DEVNULL)
         return self.kubeconfig
 
-    def down(self) -> None:
-        self._script("down.sh")
+    def down(self, purge: bool = False) -> None:
+        self._script("down.sh", *(["--purge"] if purge else []))
 
     def pids(self) -> dict[str, int]:
         """The server processes (their CPU time is the API side's work for one operator)."""
