@@ -7,7 +7,9 @@ With BARE_WRITES=same it makes the writes our operator must make until a job is 
 (POST Job, POST ConfigMap, PATCH status, POST Event), level-triggered on events like ours and with
 no Kopf bookkeeping write, and still nothing else (no indices, no other watches, no decisions):
 the floor for the same API work, which tells the framework's and the API's share of the time
-from our code's share.
+from our code's share. BARE_WATCH_JOBS=1 also watches Jobs (a handler that does nothing), as ours
+does for its Jobs index: an experiment. It speaks to the emulator over HTTP and to a real
+kube-apiserver over HTTPS with the kubeconfig's client certificate (operator_bench.py --api real).
 """
 
 from __future__ import annotations
