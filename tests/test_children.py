@@ -123,3 +123,17 @@ def test_config_from_env_and_yaml(tmp_path):
     assert "--peering" in peered and int(peered[peered.index("--priority") + 1]) > 0
     fixed = kopf_args(load({"FINETUNE_PEERING_PRIORITY": "7"}))
     assert fixed[fixed.index("--priority") + 1] == "7"
+
+
+def test_pod_template_shape_ignores_names_and_sees_what_admission_sees():
+    def shape(name: str = "job1", namespace: str = "team", attempt: int = 1, **spec) -> str:
+        obj = ftj(**spec)
+        obj["metadata"].update(name=name, namespace=namespace, uid=f"uid-{name}")
+        return children.pod_template_shape(trainer(obj, attempt)[1])
+
+    same = shape()
+    assert shape(name="another-job", attempt=2) == same  # Job and ConfigMap names, label values
+    assert shape(namespace="other-team") != same  # admission (quota, policies) is per namespace
+    assert shape(resources={"priorityClassName": "training"}) != same
+    assert shape(resources={"gpusPerNode": 2}) != same
+    assert shape(image="registry.example/other:2") != same

@@ -239,6 +239,19 @@ def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: 
             "spec": spec}
 
 
+def pod_template_shape(job: dict) -> str:
+    """What admission sees of a Job's pod, minus what differs from one Job to the next (names: the
+    ConfigMap volume, label values): jobs of one namespace with the same shape are admitted or
+    refused alike, so the operator dry-runs one pod per shape instead of one per Job."""
+    meta, template = job["metadata"], job["spec"]["template"]
+    spec = dict(template["spec"])
+    spec["volumes"] = [{**v, "configMap": {**v["configMap"], "name": ""}} if "configMap" in v else v
+                       for v in spec.get("volumes") or []]
+    labels = sorted(((template.get("metadata") or {}).get("labels") or {}))
+    text = json.dumps([meta.get("namespace"), labels, spec], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def validation_children(dataset: dict, config: OperatorConfig) -> tuple[dict, dict]:
     """The validation Job and its ConfigMap for the Dataset's current generation."""
     meta = dataset["metadata"]
