@@ -90,6 +90,10 @@ def use_threads(console: Console) -> int:
     idle = None if os.environ.get("OMP_NUM_THREADS") else idle_cpus()
     threads, why = choose_threads(dict(os.environ), cpus, idle)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the trainer subprocesses inherit it
+    import sys
+
+    if "torch" in sys.modules:  # already imported (e.g. by a test): it read the variable then
+        sys.modules["torch"].set_num_threads(threads)
     console.print(f"torch threads: {threads} ({why})", markup=False, soft_wrap=True)
     return threads
 
