@@ -71,6 +71,7 @@ class _State:
         self.no_dry_run = False
         # Pod-template shapes admitted by a dry run, with when that answer expires (see _admit).
         self.admitted: dict[str, float] = {}
+        self.admitting: dict[str, asyncio.Future] = {}  # dry runs in flight, by shape
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -289,18 +290,26 @@ async def _admit(client: Any, job: dict) -> None:
     floor with a dry run per Job)."""
     if not CONFIG.admission_check or STATE.no_dry_run:
         return
-    shape, now = children.pod_template_shape(job), asyncio.get_running_loop().time()
-    if STATE.admitted.get(shape, 0.0) > now:
+    shape, loop = children.pod_template_shape(job), asyncio.get_running_loop()
+    if STATE.admitted.get(shape, 0.0) > loop.time():
         return
+    # Reconciles of many new jobs run at once: the first of a shape asks, the others wait for its
+    # answer (a refusal is raised in each of them: each FineTuneJob fails with the server's words).
+    asking = STATE.admitting.get(shape)
+    if asking is None:
+        asking = STATE.admitting[shape] = asyncio.ensure_future(client.admit_pod_template(job))
+        asking.add_done_callback(lambda _: STATE.admitting.pop(shape, None))
     try:
-        await client.admit_pod_template(job)
+        await asyncio.shield(asking)
     except kube.ApiError as exc:
         if not (exc.status == 403 and decisions.rbac_denied(exc.message)):
-            raise
+            # The server's answer, about this job's Job (the shared request named the first one's).
+            raise kube.ApiError(exc.status, exc.body, f"Job {job['metadata']['name']} (its pod template)") from None
         # An older chart's Role without `create` on pods: the check is an extra, not a gate.
         STATE.no_dry_run = True
         log.warning("no admission dry run of Job pods: the operator may not create pods (%s)", exc.message[:300])
         return
+    now = loop.time()
     if len(STATE.admitted) > 10_000:  # shapes are few; this only bounds memory against odd churn
         STATE.admitted = {k: t for k, t in STATE.admitted.items() if t > now}
     STATE.admitted[shape] = now + ADMITTED_FOR_SECONDS
