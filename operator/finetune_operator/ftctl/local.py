@@ -60,7 +60,8 @@ def choose_threads(env: dict, cpus: int, idle: Optional[float]) -> tuple[int, st
     if idle is None:
         return 1, f"{cpus} CPUs, idle time unknown (no /proc/stat): 1 thread"
     threads = max(1, min(cpus, int(idle + 0.3)))
-    return threads, f"{idle:.1f} of {cpus} CPUs idle over the last 0.5 s"
+    return threads, (f"{idle:.1f} of {cpus} CPUs idle over the last 0.5 s: one thread per idle CPU, as a "
+                     "busy one would slow every step; OMP_NUM_THREADS overrides")
 
 
 def idle_cpus(seconds: float = 0.5) -> Optional[float]:
