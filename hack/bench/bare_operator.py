@@ -8,7 +8,10 @@ With BARE_WRITES=same it makes the writes our operator must make until a job is 
 no Kopf bookkeeping write, and still nothing else (no indices, no other watches, no decisions):
 the floor for the same API work, which tells the framework's and the API's share of the time
 from our code's share. BARE_WATCH_JOBS=1 also watches Jobs (a handler that does nothing), as ours
-does for its Jobs index: an experiment. It speaks to the emulator over HTTP and to a real
+does for its Jobs index: an experiment. BARE_WRITES=identical is the strictest floor: the same four
+requests with byte-identical bodies (the trainer Job and ConfigMap built by
+finetune_operator.children from the same configuration, the same status and Event), and a watch on
+Jobs (an operator must see its children): what remains between it and ours is our code alone. It speaks to the emulator over HTTP and to a real
 kube-apiserver over HTTPS with the kubeconfig's client certificate (operator_bench.py --api real).
 """
 
@@ -59,21 +62,34 @@ def _job(body: kopf.Body, name: str) -> dict:
     return job
 
 
-if os.environ.get("BARE_WRITES") != "same":
+if os.environ.get("BARE_WRITES") not in ("same", "identical"):
     @kopf.on.create("finetune.dev", "v1alpha1", "finetunejobs")
     async def create_job(body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
         await _write("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", _job(body, name))
 else:
+    def _children(body: kopf.Body, name: str) -> tuple[dict, dict]:
+        if os.environ.get("BARE_WRITES") != "identical":
+            cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-train-1"},
+                  "data": {"job.json": "{}"}}
+            kopf.adopt(cm, owner=body)
+            return _job(body, name), cm
+        from finetune_operator import children, config  # the objects ours creates, byte for byte
+
+        if "config" not in _session:  # read once, as ours does at startup
+            _session["config"] = config.load()
+        obj = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec")}
+        train_cfg = children.trainer_config(obj, "s3://bench/validated", "chat", "sha256:" + "0" * 64, 10.0)
+        cm, job = children.trainer_children(obj, 1, train_cfg, _session["config"])
+        return job, cm
+
     @kopf.on.event("finetune.dev", "v1alpha1", "finetunejobs")
     async def create_children(type: str, body: kopf.Body, name: str, namespace: str, **_: Any) -> None:
         uid = body["metadata"]["uid"]
         if type == "DELETED" or body.get("status") or uid in _done:
             return  # the echo of our status patch, or a replayed event of an object already handled
         _done.add(uid)
-        await _write("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", _job(body, name))
-        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-train-1"},
-              "data": {"job.json": "{}"}}
-        kopf.adopt(cm, owner=body)
+        job, cm = _children(body, name)
+        await _write("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
         await _write("POST", f"/api/v1/namespaces/{namespace}/configmaps", cm)
         await _write("PATCH", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status",
                      {"status": {"phase": "Queued", "trainerJob": f"{name}-train-1"}},
@@ -87,7 +103,7 @@ else:
             "source": {"component": "bare"}, "firstTimestamp": now, "lastTimestamp": now})
 
 
-if os.environ.get("BARE_WATCH_JOBS"):
+if os.environ.get("BARE_WATCH_JOBS") or os.environ.get("BARE_WRITES") == "identical":
     # An experiment: also watch the Jobs (as ours does, for its Jobs index), to see what receiving
     # 1,000 full Job objects costs; the handler does nothing.
     @kopf.on.event("batch", "v1", "jobs")

@@ -176,6 +176,8 @@ def operator_command(kind: str, kubeconfig: Path) -> tuple[list[str], dict]:
            kopf_run + [str(REPO / "hack" / "bench" / "bare_operator.py")])
     if kind == "bare-same-writes":
         env["BARE_WRITES"] = "same"
+    if kind == "bare-identical-writes":
+        env["BARE_WRITES"] = "identical"
     if os.environ.get("BENCH_PROFILE"):  # e.g. BENCH_PROFILE=/tmp/op.prof: cProfile the operator process
         cmd = [cmd[0], "-m", "cProfile", "-o", os.environ["BENCH_PROFILE"] + f".{kind}"] + cmd[1:]
     return cmd, env
@@ -287,8 +289,9 @@ def main_real(ns: argparse.Namespace, workdir: Path) -> None:
     fresh etcd, alternating --repeat times (the machine is shared: its load drifts between runs, so
     pairs run back to back), then the ratios: per pair and of the medians."""
     plane = realapi.ControlPlane(ns.home)
-    kinds = [k for k in ("bare", "bare-same-writes", "operator")
-             if (ns.only in (None, k)) and (k != "bare" or ns.with_bare or ns.only == "bare")]
+    optional = {"bare": ns.with_bare, "bare-identical-writes": ns.with_identical}
+    kinds = [k for k in ("bare", "bare-same-writes", "bare-identical-writes", "operator")
+             if (ns.only in (None, k)) and (optional.get(k, True) or ns.only == k)]
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     ours_env = dict(kv.split("=", 1) for kv in ns.ours_env)
     try:
@@ -324,6 +327,15 @@ def main_real(ns: argparse.Namespace, workdir: Path) -> None:
             "targets": {"time_ratio<=1.15": ratio <= 1.15,
                         "writes<=4": max(r["writes_per_job"] for r in ours) <= 4,
                         "peak<=250MiB": max(r["peak_rss_mib"] for r in ours) <= 250}}
+        if results.get("bare-identical-writes"):
+            ident = results["bare-identical-writes"]
+            ratio_identical = med("operator", lambda r: r[key]) / max(med("bare-identical-writes", lambda r: r[key]), 1e-9)
+            summary["time_ratio_vs_identical_writes_floor"] = round(ratio_identical, 2)
+            summary["time_ratios_per_pair_vs_identical"] = [round(o[key] / max(b[key], 1e-9), 2)
+                                                           for o, b in zip(ours, ident)]
+            summary["cpu_ratio_vs_identical_writes_floor"] = round(
+                med("operator", cpu) / max(med("bare-identical-writes", cpu), 1e-9), 2)
+            summary["targets"]["time_ratio_vs_identical<=1.15"] = ratio_identical <= 1.15
         if results.get("bare"):
             summary["time_ratio_vs_floor"] = round(
                 med("operator", lambda r: r[key]) / max(med("bare", lambda r: r[key]), 1e-9), 2)
@@ -333,7 +345,8 @@ def main_real(ns: argparse.Namespace, workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--only", choices=["operator", "bare", "bare-same-writes"], default=None)
+    parser.add_argument("--only", choices=["operator", "bare", "bare-same-writes", "bare-identical-writes"],
+                        default=None)
     parser.add_argument("--preapply", action="store_true",
                         help="create every FineTuneJob before the operator starts; time from process start")
     parser.add_argument("--api", choices=["emulator", "real"], default="emulator",
@@ -348,6 +361,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="--api real: run the operators this many times, alternating")
     parser.add_argument("--with-bare", action="store_true", help="--api real: also run the 1-Job floor")
+    parser.add_argument("--with-identical", action="store_true",
+                        help="--api real: also run the identical-writes floor (byte-identical children, Jobs watched)")
     parser.add_argument("--ours-env", action="append", default=[], metavar="NAME=VALUE",
                         help="--api real: extra environment for our operator only (an experiment, e.g. "
                              "FINETUNE_ADMISSION_CHECK=false); recorded in its result")
