@@ -73,7 +73,7 @@ def test_unknown_idle_time_means_one_thread():
 
 
 def test_tiny_adapts_the_top_layer_where_the_job_names_layers(tmp_path):
-    """--tiny: SmolLM2's layers.22-29 targets become the 2-layer tiny model's top layer."""
+    """--tiny: SmolLM2's layers 22-29 become the 2-layer tiny model's top layer."""
     from pathlib import Path
 
     import yaml
@@ -82,11 +82,10 @@ def test_tiny_adapts_the_top_layer_where_the_job_names_layers(tmp_path):
     from finetune_operator.ftctl.local import shrink_for_tiny
 
     spec = yaml.safe_load((Path(__file__).parents[2] / "examples/quickstart/finetunejob.yaml").read_text())["spec"]
+    assert spec["lora"]["layersToTransform"] == list(range(22, 30))
     tiny = shrink_for_tiny(spec, tmp_path)
-    top = models.TINY_SHAPE["layers"] - 1
-    assert tiny["lora"]["targetModules"] == [f"layers.{top}.{m}" for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert tiny["lora"]["layersToTransform"] == [models.TINY_SHAPE["layers"] - 1]
+    assert tiny["lora"]["targetModules"] == spec["lora"]["targetModules"]
     assert shrink_for_tiny({**spec, "lora": {"targetModules": ["all-linear"]}}, tmp_path)["lora"] == {
         "targetModules": ["all-linear"]}
 

@@ -35,7 +35,7 @@ def write_run(tmp_path: Path, tiny_model_dir: Path) -> Path:
     (tmp_path / "data" / "d.jsonl").write_text((REPO / "examples/quickstart/data/support-answers.jsonl").read_text())
     dataset["spec"]["source"]["uri"] = "file://data/d.jsonl"
     job["spec"]["baseModel"]["uri"] = f"file://{tiny_model_dir}"
-    job["spec"]["lora"]["targetModules"] = ["all-linear"]  # the quickstart names layers 22-29; tiny has 2
+    job["spec"]["lora"] = {"targetModules": ["all-linear"]}  # the quickstart adapts layers 22-29; tiny has 2
     job["spec"]["training"].update(maxSteps=STEPS, maxSeqLength=64, batchSize=2, evalEverySteps=1000,
                                    checkpointEverySteps=1000)
     write_manifests(tmp_path / "run.yaml", fast_policy("provenance"), dataset, job)

@@ -120,3 +120,17 @@ def test_scoring_with_the_adapter_on_then_off_shares_the_prefix_and_matches(tiny
     assert on == pytest.approx(ref_on, rel=1e-5)
     assert off == pytest.approx(ref_off, rel=1e-5)
     assert loss_off == pytest.approx(ref_loss_off, rel=1e-5)
+
+
+def test_layers_to_transform_adapts_only_those_layers_and_freezes_the_rest(tiny_model_dir):
+    """lora.layersToTransform (peft layers_to_transform): the same modules, in the named layers only,
+    so the layers below are a frozen prefix the trainer can run once."""
+    from finetune_operator.api.finetunejob import LoraSettings
+
+    base = model_io.load_base_model(tiny_model_dir, precision="fp32", device=torch.device("cpu"))
+    settings = LoraSettings(r=4, alpha=8, targetModules=["q_proj", "v_proj"], layersToTransform=[1])
+    model = model_io.build_peft_model(base, "lora", settings, "file:///tiny")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".layers.1." in n for n in trained), sorted(trained)
+    assert {n.split(".layers.1.")[1].split(".lora_")[0] for n in trained} == {"self_attn.q_proj", "self_attn.v_proj"}
+    assert objective.frozen_prefix_layers(model) == 1

@@ -169,6 +169,7 @@ def lora_config(method: str, lora):
     return LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        layers_to_transform=list(lora.layersToTransform) if lora.layersToTransform else None,
         use_dora=method == "dora", bias="none", task_type="CAUSAL_LM",
     )
 

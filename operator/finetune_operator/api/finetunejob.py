@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field
 
@@ -53,6 +53,12 @@ class DatasetRef(ApiModel):
 class LoraSettings(ApiModel):
     """LoRA adapter shape (peft LoraConfig)."""
 
+    model_config = ApiModel.model_config | _rules({
+        "rule": "!has(self.layersToTransform) || !has(self.targetModules) || self.targetModules != ['all-linear']",
+        "message": "lora.layersToTransform needs module names in lora.targetModules (e.g. q_proj, v_proj), not all-linear",
+        "fieldPath": ".layersToTransform", "reason": "FieldValueInvalid",
+    })
+
     r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update matrices.")
     alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input, in [0, 1).")
@@ -60,6 +66,12 @@ class LoraSettings(ApiModel):
         default_factory=lambda: ["all-linear"], min_length=1,
         description="Module names to adapt (e.g. q_proj, v_proj), or [all-linear] for every linear layer "
         "except the output head.")
+    layersToTransform: Optional[list[Annotated[int, Field(ge=0, le=1023)]]] = Field(
+        None, min_length=1, max_length=1024,
+        description="Only these decoder layers (indices from 0) get adapters (peft layers_to_transform); "
+        "unset: every layer. Adapting only the top layers lets the trainer run the frozen layers below "
+        "once per example instead of in every step.",
+        json_schema_extra={"x-kubernetes-list-type": "set"})
 
 
 class Quantization(ApiModel):

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,8 +36,6 @@ TINY_TRAINING = {"maxSteps": 8, "maxSeqLength": 128, "batchSize": 4, "evalEveryS
                  "checkpointEverySteps": 4, "gradientAccumulationSteps": 1}
 TINY_FIXED = {"gradientCheckpointing": False, "precision": "fp32"}
 TINY_SUFFIX = "-tiny"
-#: A LoRA target inside one numbered decoder layer ("layers.22.mlp.up_proj").
-LAYER_TARGET = re.compile(r"^(?:.*\.)?layers\.\d+\.")
 #: Names of the parts of a phase in the timing table (the trainer's "done" log line, answers.py).
 TRAIN_PARTS = {"load": "load model and data", "prefix_cache": "frozen layers once per example",
                "steps": "optimizer steps", "eval": "eval loss", "export": "write adapter"}
@@ -136,12 +133,10 @@ def shrink_for_tiny(spec: dict, tiny_model: Path) -> dict:
     if spec.get("quantization"):
         spec["quantization"]["computeDtype"] = "float32"
     lora = spec.get("lora") or {}
-    if any(LAYER_TARGET.match(t) for t in lora.get("targetModules") or []):
-        # Targets in named layers (the quickstart adapts SmolLM2's top 8 of 30) become the same
-        # modules of the tiny model's top layer: the tiny run takes the same frozen-prefix path.
-        top = models.TINY_SHAPE["layers"] - 1
-        lora["targetModules"] = list(dict.fromkeys(LAYER_TARGET.sub(f"layers.{top}.", t)
-                                                   for t in lora["targetModules"]))
+    if lora.get("layersToTransform"):
+        # Only some layers adapted (the quickstart adapts SmolLM2's top 8 of 30): the tiny model's top
+        # layer instead, so the tiny run takes the same frozen-prefix path.
+        lora["layersToTransform"] = [models.TINY_SHAPE["layers"] - 1]
     return spec
 
 
