@@ -62,3 +62,48 @@ def test_prune_keeps_the_newest_complete_checkpoints(bucket):
     folders = {name.split("/")[0] for name in storage.list_keys(checkpoint.checkpoints_uri(output))}
     assert folders == {"step-00000006", "step-00000008", "step-00000010"}
     assert checkpoint.list_steps(output) == [8, 6]
+
+
+class _Payload:
+    """What an attacker with write access to the checkpoint prefix would plant: unpickling it runs code."""
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.flag}",))
+
+
+def test_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(bucket, tmp_path):
+    """The marker's sha256 can be forged by whoever writes the files, so integrity is not the defence:
+    every .pt file is read with weights_only=True, and one that needs a class is refused."""
+    import json
+
+    output = f"s3://{bucket}/run"
+    save_at(output, 2, 0.25)
+    uri, _ = save_at(output, 4, 0.5)
+    flag = tmp_path / "pwned"
+    evil = tmp_path / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [], "x": _Payload(str(flag))}, evil)
+    storage.upload_file(evil, storage.join(uri, "optimizer.pt"))
+    marker = json.loads(storage.read_text(storage.join(uri, checkpoint.MARKER)))
+    marker["files"]["optimizer.pt"] = {"sha256": storage.sha256_file(evil), "size": evil.stat().st_size}
+    storage.write_text(storage.join(uri, checkpoint.MARKER), json.dumps(marker))
+
+    loaded = checkpoint.load_latest(output)
+    assert not flag.exists(), "the pickle payload ran"
+    assert loaded is not None and loaded.state.step == 2  # the forged one is skipped, the older one resumes
+
+
+def test_rng_state_holds_only_tensors_and_plain_values(tmp_path):
+    import numpy as np
+
+    np.random.seed(7)
+    path = tmp_path / "rng.pt"
+    torch.save(checkpoint.rng_state(), path)
+    expected = np.random.rand()
+    np.random.seed(99)
+    checkpoint.set_rng_state(torch.load(path, weights_only=True))
+    assert np.random.rand() == expected

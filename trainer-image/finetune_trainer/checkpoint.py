@@ -51,7 +51,12 @@ def step_uri(output_uri: str, step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state in types `torch.load(weights_only=True)` reads (tensors, tuples,
+    numbers, strings): numpy's key array travels as a tensor, so no pickle is ever needed."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                      int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -59,7 +64,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -116,6 +122,16 @@ def _download_verified(uri: str, dest: Path) -> bool:
         return False
 
 
+def _load_tensors_only(path: Path):
+    """torch.load with weights_only=True: tensors and plain containers only. A file that needs any
+    other class (a pickle payload that would run code in the trainer pod) is refused, not loaded."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # pickle.UnpicklingError, or anything a crafted file provokes
+        raise ValueError(f"{path.name} holds more than tensors and plain values ({type(exc).__name__}); "
+                         "refused: checkpoints are loaded without unpickling code") from None
+
+
 @dataclass
 class Loaded:
     state: TrainState
@@ -136,16 +152,20 @@ def load_latest(output_uri: str) -> Optional[Loaded]:
             tmp_path = Path(tmp)
             if not _download_verified(uri, tmp_path):
                 continue
-            raw = json.loads((tmp_path / "state.json").read_text())
-            fields = TrainState.__dataclass_fields__
-            return Loaded(
-                state=TrainState(**{k: v for k, v in raw.items() if k in fields}),
-                adapter_state=load_file(str(tmp_path / "adapter.safetensors")),
-                optimizer=torch.load(tmp_path / "optimizer.pt", weights_only=False),
-                scheduler=torch.load(tmp_path / "scheduler.pt", weights_only=False),
-                rng=torch.load(tmp_path / "rng.pt", weights_only=False),
-                uri=uri,
-            )
+            try:
+                raw = json.loads((tmp_path / "state.json").read_text())
+                fields = TrainState.__dataclass_fields__
+                return Loaded(
+                    state=TrainState(**{k: v for k, v in raw.items() if k in fields}),
+                    adapter_state=load_file(str(tmp_path / "adapter.safetensors")),
+                    optimizer=_load_tensors_only(tmp_path / "optimizer.pt"),
+                    scheduler=_load_tensors_only(tmp_path / "scheduler.pt"),
+                    rng=_load_tensors_only(tmp_path / "rng.pt"),
+                    uri=uri,
+                )
+            except (ValueError, TypeError, OSError) as exc:  # refused or malformed: try an older one
+                log.warning(f"checkpoint refused: {exc}", extra={"event": "checkpoint_refused", "uri": uri})
+                continue
     return None
 
 
