@@ -481,3 +481,46 @@ def test_rbac_denial_is_told_apart_from_an_admission_refusal():
     assert decisions.rbac_denied('pods is forbidden: User "system:serviceaccount:op:op" cannot create resource '
                                  '"pods" in API group "" in the namespace "ns"')
     assert not decisions.rbac_denied(PRIORITY_MESSAGE)
+
+
+# --- bounded messages ------------------------------------------------------------------------
+
+HUGE = "x" * (4 << 20)  # a 4 MB message: a validator quoting a 4 MB line, a pod's termination message
+
+
+def huge_invalid_report() -> dict:
+    return {"valid": False, "reason": "Malformed" + "Y" * 5000, "message": HUGE, "stats": {"examples": 0},
+            "invalidLineNumbers": [1]}
+
+
+def test_bounded_is_short_says_how_long_and_is_idempotent():
+    from finetune_operator.conditions import MESSAGE_LIMIT, bounded
+
+    cut = bounded(HUGE)
+    assert len(cut) <= MESSAGE_LIMIT and cut.endswith(f"{len(HUGE)} characters in all")
+    assert bounded(cut) == cut and bounded("short") == "short"
+
+
+def test_a_4mb_message_leaves_a_small_status_and_event_and_a_stable_plan():
+    import json
+
+    plan = decisions.plan_dataset(dataset(), job("ds-validate-1", failed_reason="PodFailurePolicy"), [],
+                                  huge_invalid_report(), CFG, NOW)
+    assert plan.status["phase"] == "Invalid"
+    assert len(json.dumps(plan.status)) < 8192, "the status patch must stay far below the API server's limit"
+    assert all(len(message) <= 1024 for _, _, message in plan.events)
+    # The next reconcile sees its own (bounded) status and has nothing new to say.
+    again = decisions.plan_dataset(dataset(plan.status), job("ds-validate-1", failed_reason="PodFailurePolicy"),
+                                   [], huge_invalid_report(), CFG, NOW)
+    assert again.status is None or (again.status == plan.status and not again.events)
+
+
+def test_a_4mb_job_failure_message_is_bounded_in_the_finetunejob_status():
+    import json
+
+    state = decisions.job_state(decisions.summarize_job(
+        {"metadata": {"name": "j-train-1"},
+         "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                    "message": HUGE}]}}), [])
+    assert state.state == "Failed" and len(state.message) <= 1024
+    assert len(json.dumps(decisions.plan_rejected(ftj(), "Job j-train-1", HUGE, NOW).status)) < 8192

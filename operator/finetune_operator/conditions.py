@@ -11,6 +11,22 @@ def now_iso(now: Optional[datetime.datetime] = None) -> str:
     return now.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: The longest message copied into a status or an Event (characters). Messages come from pods,
+#: Jobs, the API server and reports a user's data shapes: a 4 MB one would make the status patch
+#: exceed the API server's request limit, and the object would never leave its phase.
+MESSAGE_LIMIT = 1024
+
+
+def bounded(message: object, limit: int = MESSAGE_LIMIT) -> str:
+    """`message` cut to at most `limit` characters, saying how much was left out. Idempotent (a
+    bounded message is returned as it is), so comparing a new message with the stored one works."""
+    text = str(message)
+    if len(text) <= limit:
+        return text
+    suffix = f"… {len(text)} characters in all"
+    return text[:max(limit - len(suffix), 0)] + suffix
+
+
 def set_condition(conditions: list[dict], type_: str, status: bool | str, reason: str, message: str,
                   generation: int, now: str) -> list[dict]:
     """Return a new list with one condition set.
@@ -19,6 +35,7 @@ def set_condition(conditions: list[dict], type_: str, status: bool | str, reason
     so a reason or message update does not look like a new transition.
     """
     status_str = status if isinstance(status, str) else ("True" if status else "False")
+    message = bounded(message)
     out: list[dict] = []
     found = False
     for cond in conditions or []:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import children, governance
-from .conditions import get_condition, set_condition
+from .conditions import bounded, get_condition, set_condition
 from .config import OperatorConfig
 
 # --- observations of Jobs and pods --------------------------------------------------------
@@ -72,6 +73,9 @@ class JobState:
     reason: str = ""
     message: str = ""
     oom: bool = False
+
+    def __post_init__(self) -> None:  # pod, Job and scheduler messages end up in status and Events
+        object.__setattr__(self, "message", bounded(self.message))
 
 
 def job_state(job: Optional[dict], pods: list[dict]) -> JobState:
@@ -156,13 +160,14 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
     try:
         output = children.dataset_output_uri(dataset, config)
     except ValueError as exc:
-        status.update(phase="Failed", observedGeneration=generation, message=str(exc))
+        status.update(phase="Failed", observedGeneration=generation, message=bounded(exc))
         status["conditions"] = set_condition(conds, "Ready", False, "NoOutputLocation", str(exc), generation, now)
-        plan.events.append(("Warning", "NoOutputLocation", str(exc)))
+        plan.events.append(("Warning", "NoOutputLocation", bounded(exc)))
         return _finish(old, status, plan)
     state = job_state(validation_job, pods)
 
     def to_phase(phase: str, ready: bool, reason: str, message: str) -> None:
+        message, reason = bounded(message), bounded(reason, 128)  # the report is shaped by the user's data
         status.update(phase=phase, message=message, validationJob=name)
         if phase != "Validating":
             status["observedGeneration"] = generation
@@ -197,8 +202,9 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
         else:
             status.pop("digest", None)
             lines = status["invalidLineNumbers"]
-            message = report.get("message") or "the data is invalid"
-            if lines and str(lines[0]) not in message:
+            # Room for the line numbers after a long message: they say where to look.
+            message = bounded(report.get("message") or "the data is invalid", 900)
+            if lines and not re.search(rf"\b{int(lines[0])}\b", message):  # unless the message names it
                 message += f" (first offending lines: {', '.join(map(str, lines[:5]))})"
             to_phase("Invalid", False, report.get("reason") or "Invalid", message)
     elif state.state == "Succeeded":
@@ -273,7 +279,8 @@ def plan_rejected(ftj: dict, what: str, server_message: str, now: str) -> Plan:
     status = copy.deepcopy(old)
     fields_ = rejected_fields(server_message)
     hint = f" (check {', '.join(fields_)})" if fields_ else ""
-    message = f"the API server rejected {what}: {server_message[:600]}{hint}; fix the spec: a changed spec retries"
+    message = bounded(f"the API server rejected {what}: {bounded(server_message, 600)}{hint}; "
+                      "fix the spec: a changed spec retries")
     status.update(phase="Failed", message=message, observedGeneration=generation)
     if ftj.get("kind") == "Dataset":  # Failed for this generation; plan_dataset validates the next one
         status["conditions"] = set_condition(status.get("conditions") or [], "Ready", False, REJECTED, message,
@@ -356,6 +363,7 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
                                              generation, now)
 
     def to_phase(new_phase: str, message: str, reason: str = "", warning: bool = False) -> None:
+        message = bounded(message)
         status["phase"] = new_phase
         status["message"] = message
         if new_phase in ("Succeeded", "Failed") and not status.get("completionTime"):

@@ -30,7 +30,7 @@ from finetune_trainer import storage
 
 from . import children, config as config_mod, decisions, kube, metrics
 from .api.meta import GROUP, VERSION
-from .conditions import now_iso
+from .conditions import bounded, now_iso
 
 log = logging.getLogger("finetune_operator")
 
@@ -334,7 +334,7 @@ async def _post_events_now(body: dict, events: list[tuple[str, str, str]], now: 
     client = kube.client()
     async with STATE.event_slots:
         for type_, reason, message in events:
-            event = kube.event_body(body, type_, reason, message[:1000], _EVENTS_REPORTER["component"],
+            event = kube.event_body(body, type_, reason, bounded(message), _EVENTS_REPORTER["component"],
                                     _EVENTS_REPORTER["instance"], now)
             for delay in (1, 2, 4, None):
                 try:
