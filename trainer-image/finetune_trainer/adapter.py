@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -100,33 +99,59 @@ def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics
     return result
 
 
+#: A manifest is a few KiB (file hashes, the job's config, metrics); a store serving more is hostile.
+MANIFEST_MAX_BYTES = 4 << 20
+
+
+def _plain_name(fname: Any) -> bool:
+    """A manifest entry names a file inside the adapter folder: relative, no `..`, no empty parts."""
+    return isinstance(fname, str) and bool(fname) and not fname.startswith("/") and \
+        all(part not in ("", ".", "..") for part in fname.split("/"))
+
+
 def verify(adapter_uri: str) -> tuple[bool, str]:
     """Check every file of an adapter folder against its manifest (and the folder name, when it
-    is a digest). Returns (ok, message); never raises for a missing or broken adapter."""
+    is a digest). Returns (ok, message); never raises for a missing or broken adapter.
+
+    Files are hashed while they stream in (storage.iter_chunks, CHUNK_SIZE at a time): nothing is
+    written to disk and memory stays at about one chunk whatever the adapter's size. The store is
+    not trusted: a file is never read past its manifest size + one chunk (a bucket may serve an
+    endless object), and the manifest itself past MANIFEST_MAX_BYTES."""
     try:
-        manifest_bytes = storage.read_bytes(storage.join(adapter_uri, MANIFEST))
+        manifest_bytes = storage.read_bytes_limited(storage.join(adapter_uri, MANIFEST), MANIFEST_MAX_BYTES)
     except FileNotFoundError:
         return False, f"{adapter_uri}: no {MANIFEST} (not a complete adapter)"
+    except ValueError:
+        return False, f"{adapter_uri}/{MANIFEST}: larger than {MANIFEST_MAX_BYTES} bytes (not a valid manifest)"
     hexdigest = hashlib.sha256(manifest_bytes).hexdigest()
     name = storage.parse(adapter_uri).key.rstrip("/").rsplit("/", 1)[-1]
     if _HEX.match(name) and name != hexdigest:
         return False, f"{adapter_uri}: {MANIFEST} digest sha256:{hexdigest} does not match the folder name"
     try:
         files = json.loads(manifest_bytes)["files"]
+        if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+            raise TypeError("files")
     except (ValueError, KeyError, TypeError):
         return False, f"{adapter_uri}/{MANIFEST}: not a valid manifest"
-    with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
-        for fname, meta in sorted(files.items()):
-            local = Path(tmp) / "f"
-            try:
-                local.write_bytes(storage.read_bytes(storage.join(adapter_uri, fname)))
-            except FileNotFoundError:
-                return False, f"{adapter_uri}/{fname}: listed in the manifest but missing"
-            size = local.stat().st_size
-            if size != meta.get("size"):
-                return False, f"{adapter_uri}/{fname}: size {size} != manifest {meta.get('size')}"
-            if storage.sha256_file(local) != meta.get("sha256"):
-                return False, f"{adapter_uri}/{fname}: sha256 does not match the manifest"
+    for fname, meta in sorted(files.items()):
+        if not _plain_name(fname):
+            return False, f"{adapter_uri}/{MANIFEST}: file name {fname!r} is not a plain relative path"
+        size = meta.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            return False, f"{adapter_uri}/{MANIFEST}: {fname}: size {size!r} is not a byte count"
+        chunks = storage.iter_chunks(storage.join(adapter_uri, fname))
+        try:
+            sha, read = storage.sha256_stream(chunks, limit=size)
+        except FileNotFoundError:
+            return False, f"{adapter_uri}/{fname}: listed in the manifest but missing"
+        finally:
+            chunks.close()  # stopped early (a longer file): drop the connection, never drain it
+        if read > size:
+            return False, f"{adapter_uri}/{fname}: size > {size} != manifest {size} (stopped reading at {read} bytes)"
+        if read != size:
+            return False, f"{adapter_uri}/{fname}: size {read} != manifest {size}"
+        if sha != meta.get("sha256"):
+            return False, f"{adapter_uri}/{fname}: sha256 does not match the manifest"
     return True, f"{adapter_uri}: {len(files)} files match manifest sha256:{hexdigest}"
 
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 from .errors import ConfigError, TransientError
@@ -60,18 +60,22 @@ def join(uri: str, *parts: str) -> str:
     return parse(uri).join(*parts).uri
 
 
-_S3_CLIENT = None
+_S3_CLIENTS: dict[bool, Any] = {}
 
 
-def s3_client():
-    """A boto3 S3 client configured from the environment, with bounded retries."""
-    global _S3_CLIENT
-    if _S3_CLIENT is None:
+def s3_client(validate_checksums: bool = True):
+    """A boto3 S3 client configured from the environment, with bounded retries.
+
+    validate_checksums=False: a client that does not check S3's own CRC of what it serves, for
+    readers that hash the bytes themselves against a digest they trust (iter_chunks' callers):
+    that check is the stronger one, and moto (the S3 server of the tests) serves a wrong CRC for
+    an object copied from a multipart upload, which boto3 would refuse at the end of the read."""
+    if validate_checksums not in _S3_CLIENTS:
         import boto3
         from botocore.config import Config
 
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        _S3_CLIENT = boto3.client(
+        _S3_CLIENTS[validate_checksums] = boto3.client(
             "s3",
             endpoint_url=endpoint or None,
             region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
@@ -80,15 +84,15 @@ def s3_client():
                 connect_timeout=float(os.environ.get("FINETUNE_S3_CONNECT_TIMEOUT", "5")),
                 read_timeout=60,
                 s3={"addressing_style": "path"},
+                response_checksum_validation="when_supported" if validate_checksums else "when_required",
             ),
         )
-    return _S3_CLIENT
+    return _S3_CLIENTS[validate_checksums]
 
 
 def reset_client() -> None:
-    """Forget the cached client (tests change the environment between runs)."""
-    global _S3_CLIENT
-    _S3_CLIENT = None
+    """Forget the cached clients (tests change the environment between runs)."""
+    _S3_CLIENTS.clear()
 
 
 def _s3_call(fn, *args, **kwargs):
@@ -115,6 +119,71 @@ def read_bytes(uri: str) -> bytes:
         return Path(loc.key).read_bytes()
     body = _s3_call(s3_client().get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
     return body.read()
+
+
+#: Read size of the streaming helpers: memory stays at about one chunk whatever the object's size.
+CHUNK_SIZE = 1 << 20
+
+
+def iter_chunks(uri: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The object's bytes as chunks of at most chunk_size, read as they are consumed (nothing is
+    buffered beyond one chunk, nothing written to disk). Stop consuming and the read stops: close
+    the generator (or let it go) and the S3 connection is closed rather than drained, so a caller
+    that has seen enough never pulls the rest of a huge or endless object. FileNotFoundError for a
+    missing object, TransientError when S3 drops the stream half-way.
+
+    Meant for callers that hash what they read (sha256_stream) and compare it with a digest they
+    trust: S3's own CRC is not checked (see s3_client)."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        with open(loc.key, "rb") as fh:
+            yield from iter(lambda: fh.read(chunk_size), b"")
+        return
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    body = _s3_call(s3_client(validate_checksums=False).get_object, Bucket=loc.bucket, Key=loc.key)["Body"]
+    try:
+        while True:
+            try:
+                chunk = body.read(chunk_size)
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError) as exc:
+                raise TransientError(f"S3 stream of {uri} broke off: {exc}") from exc
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        body.close()
+
+
+def sha256_stream(chunks: Iterable[bytes], limit: Optional[int] = None) -> tuple[str, int]:
+    """(sha256 hex, bytes read) of a chunk stream, hashed while reading. With `limit`, reading stops
+    at the first chunk that takes the count past it: a count > limit then means "longer than
+    limit" (the true length is unknown, the hash is of the part read), and at most limit + one
+    chunk was ever read."""
+    h, n = hashlib.sha256(), 0
+    for chunk in chunks:
+        h.update(chunk)
+        n += len(chunk)
+        if limit is not None and n > limit:
+            break
+    return h.hexdigest(), n
+
+
+def read_bytes_limited(uri: str, limit: int) -> bytes:
+    """The whole object when it holds at most `limit` bytes; ValueError (naming the limit) when it
+    is longer -- after reading at most limit + one chunk, whatever the store serves."""
+    parts, n = [], 0
+    gen = iter_chunks(uri)
+    try:
+        for chunk in gen:
+            parts.append(chunk)
+            n += len(chunk)
+            if n > limit:
+                raise ValueError(f"{uri}: longer than {limit} bytes")
+    finally:
+        gen.close()
+    return b"".join(parts)
 
 
 def read_text(uri: str) -> str:
@@ -195,6 +264,17 @@ def delete_prefix(uri: str) -> None:
     for i in range(0, len(keys), 1000):
         batch = [{"Key": k} for k in keys[i:i + 1000]]
         _s3_call(s3_client().delete_objects, Bucket=loc.bucket, Delete={"Objects": batch})
+
+
+def download_file(uri: str, dest: Path) -> None:
+    """Copy one object (or local file) to dest; FileNotFoundError when it does not exist."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        shutil.copyfile(loc.key, dest)
+        return
+    if not exists(uri):
+        raise FileNotFoundError(uri)
+    _s3_call(s3_client().download_file, loc.bucket, loc.key, str(dest))
 
 
 def download_folder(uri: str, dest: Path) -> Path:
