@@ -67,7 +67,71 @@ def test_restricted_security_context_and_writable_emptydirs():
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["seccompProfile"] == {"type": "RuntimeDefault"}
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {"/tmp", "/cache", "/dev/shm", children.CONFIG_DIR} <= mounts
-    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    sizes = {v["name"]: v["emptyDir"] for v in pod["volumes"] if "emptyDir" in v}
+    assert sizes == {"tmp": {"sizeLimit": "20Gi"}, "cache": {"sizeLimit": "200Gi"},
+                     "dshm": {"medium": "Memory", "sizeLimit": "8Gi"}}  # every emptyDir is bounded
+    # No pod talks to the API server: no token to steal; the trainer has time to checkpoint on SIGTERM.
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] == 300
+
+
+def test_job_pod_limits_come_from_the_configuration():
+    cfg = OperatorConfig(tmp_size_limit="1Gi", shm_size_limit="256Mi", termination_grace_seconds=45)
+    _, job = children.trainer_children(ftj(), 1, children.trainer_config(ftj(), "s3://d", "chat", None, 15), cfg)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 45
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "256Mi"}} in pod["volumes"]
+
+
+def test_governance_job_runs_the_platform_image_in_the_operator_namespace():
+    cfg = OperatorConfig(trainer_image="platform/trainer:1", namespace="ft-system", s3_credentials_secret="ops-s3",
+                         signing_secret="ft-signing")
+    hostile = ftj(image="attacker/image:latest", output={"uri": "s3://out/run1", "credentials": {"name": "team-s3"}},
+                  resources={"gpusPerNode": 4, "queueName": "team-queue", "priorityClassName": "high"})
+    hostile["metadata"]["uid"] = "uid-1"
+    gov_cfg = {"job": {"name": "job1"}, "governanceInputs": {"run": 1}}
+    (job,) = children.governance_children(hostile, "team-job1-gov-x", gov_cfg, cfg)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert job["metadata"]["namespace"] == "ft-system" and "ownerReferences" not in job["metadata"]
+    assert job["metadata"]["labels"][children.JOB_NAMESPACE_LABEL] == hostile["metadata"]["namespace"]
+    assert job["metadata"]["labels"][children.JOB_UID_LABEL] == "uid-1"
+    assert container["image"] == "platform/trainer:1"  # never spec.image
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    assert secrets == {"ops-s3"}  # the platform's credentials, in the operator's namespace
+    signing = next(v for v in pod["volumes"] if v["name"] == "signing")
+    assert signing["secret"]["secretName"] == "ft-signing"
+    assert signing["secret"]["items"] == [{"key": "signing.key", "path": "signing.key"}]
+    assert {"name": "FINETUNE_SIGNING_KEYS", "value": children.SIGNING_DIR} in container["env"]
+    # The config travels in the Job itself (no ConfigMap to leave behind in the operator's namespace).
+    annotation = job["spec"]["template"]["metadata"]["annotations"][children.CONFIG_ANNOTATION]
+    assert json.loads(annotation) == gov_cfg
+    assert pod["automountServiceAccountToken"] is False
+    assert pod.get("priorityClassName") == "high" and children.KUEUE_QUEUE not in job["metadata"]["labels"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["spec"]["ttlSecondsAfterFinished"] == children.GOVERNANCE_TTL_SECONDS
+
+
+def test_governance_job_names_differ_between_namespaces():
+    a = children.governance_job_name("job", "sha256:a", "sha256:p", 1, "team-a")
+    b = children.governance_job_name("job", "sha256:a", "sha256:p", 1, "team-b")
+    long = children.governance_job_name("j" * 63, "sha256:a", "sha256:p", 1, "n" * 63)
+    assert a != b and len(long) <= 63
+
+
+def test_job_network_policy_allows_dns_and_the_object_store_only():
+    policy = children.job_network_policy("team", OperatorConfig(s3_endpoint="http://minio.storage:9000"))
+    spec = policy["spec"]
+    assert policy["metadata"]["name"] == children.JOB_NETWORK_POLICY and spec["policyTypes"] == ["Ingress", "Egress"]
+    ports = [p for rule in spec["egress"] for p in rule["ports"]]
+    assert {(p["protocol"], p["port"]) for p in ports} == {("UDP", 53), ("TCP", 53), ("TCP", 9000)}
+    assert all("to" not in rule for rule in spec["egress"])
+    assert spec["ingress"] == [{"ports": [{"protocol": "TCP", "port": 9400}]}]
+    custom = children.job_network_policy("team", OperatorConfig(job_egress=(
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 443}]},)))
+    assert custom["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert children._s3_port(None) == 443 and children._s3_port("http://s3") == 80
 
 
 def test_credentials_only_through_secret_key_ref():
@@ -118,7 +182,9 @@ def test_config_from_env_and_yaml(tmp_path):
     from finetune_operator.cli import kopf_args
 
     args = kopf_args(cfg)
-    assert "--standalone" in args and args.count("--namespace") == 2
+    # The watched namespaces, and the operator's own (its governance Jobs run there).
+    assert "--standalone" in args and [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == [
+        "x", "y", "finetune-system"]
     peered = kopf_args(load({}))
     assert "--peering" in peered and int(peered[peered.index("--priority") + 1]) > 0
     fixed = kopf_args(load({"FINETUNE_PEERING_PRIORITY": "7"}))

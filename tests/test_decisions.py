@@ -5,10 +5,12 @@ from __future__ import annotations
 from finetune_operator import decisions, governance
 from finetune_operator.conditions import get_condition
 from finetune_operator.config import OperatorConfig
+from testutil import sign_report, make_keyring
 
 CFG = OperatorConfig(artifact_store="s3://store", default_governance={"required": []})
 NOW = "2026-01-01T00:10:00Z"
 DIGEST = "sha256:" + "ab" * 32
+KEYS = make_keyring()
 
 
 def dataset(status=None, generation=1, **spec) -> dict:
@@ -266,9 +268,12 @@ def test_rejected_field_hints():
     assert decisions.rejected_fields("nothing we know") == []
 
 
-def signed_report(checks: list[dict]) -> dict:
-    report = {"adapterDigest": DIGEST, "checks": checks, "policy": {"required": []}}
-    return {**report, "sha256": governance.report_digest(report)}
+def signed_report(checks: list[dict], cfg: OperatorConfig = CFG) -> dict:
+    """Run 1's report under the configuration's default policy, as the governance command signs it."""
+    policy, _ = decisions.effective_policy(ftj({}), [], cfg)
+    report = {"adapterDigest": DIGEST, "checks": checks, "policy": policy, "run": 1,
+              "policyDigest": governance.policy_digest(policy), "job": {"uid": "j-uid"}}
+    return sign_report(report, KEYS)
 
 
 def test_trained_evaluates_and_promotes_or_awaits_approval():
@@ -281,7 +286,7 @@ def test_trained_evaluates_and_promotes_or_awaits_approval():
     assert gov_job["spec"]["template"]["spec"]["containers"][0]["command"][1] == "governance"
     evaluating = plan.status
     inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(gov_job["metadata"]["name"], complete=True),
-                                 report=signed_report([]), manifest_ok=(True, "ok"))
+                                 keys=KEYS, report=signed_report([]), manifest_ok=(True, "ok"))
     done = decisions.plan_finetunejob(ftj(evaluating), inputs, CFG, NOW)
     assert done.status["phase"] == "Succeeded" and done.status["promotion"]["state"] == "Promoted"
     assert done.alias[0] == "s3://out/j/aliases/j.json" and done.alias[1]["adapterDigest"] == DIGEST
@@ -305,8 +310,8 @@ def test_trained_evaluates_and_promotes_or_awaits_approval():
 def test_failed_required_check_blocks_promotion():
     evaluating = {**queued(), "phase": "Evaluating", "adapter": {"uri": "s3://out/j/adapters/ab", "digest": DIGEST}}
     cfg = OperatorConfig(default_governance={"required": ["evaluation"]})
-    report = signed_report([{"name": "evaluation", "passed": False, "message": "worse than base"}])
-    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job("x", complete=True), report=report,
+    report = signed_report([{"name": "evaluation", "passed": False, "message": "worse than base"}], cfg)
+    inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job("x", complete=True), keys=KEYS, report=report,
                                  manifest_ok=(True, "ok"))
     plan = decisions.plan_finetunejob(ftj(evaluating), inputs, cfg, NOW)
     assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked"
@@ -326,7 +331,7 @@ def test_statuses_fit_the_api_schema():
                   "adapter": {"uri": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 3},
                   "progress": {"step": 6, "totalSteps": 6, "percent": 100, "loss": 1.0}}
     inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job("x", complete=True),
-                                 report=signed_report([{"name": "pii", "passed": True, "value": 0.0}]),
+                                 keys=KEYS, report=signed_report([{"name": "pii", "passed": True, "value": 0.0}]),
                                  manifest_ok=(True, "ok"))
     done = decisions.plan_finetunejob(ftj(evaluating), inputs, CFG, NOW)
     FineTuneJobStatus.model_validate(done.status)
@@ -341,8 +346,9 @@ LOOSE = {**STRICT, "spec": {"required": []}}
 
 
 def report_for(run: decisions.GovernanceRun, checks: list[dict]) -> dict:
-    report = {"adapterDigest": DIGEST, "checks": checks, "policy": run.policy, "run": run.number}
-    return {**report, "sha256": governance.report_digest(report)}
+    report = {"adapterDigest": DIGEST, "checks": checks, "policy": run.policy, "run": run.number,
+              "policyDigest": run.policy_digest, "job": {"namespace": "ns", "name": "j", "uid": "j-uid"}}
+    return sign_report(report, KEYS)
 
 
 def evaluated(policies: list[dict], checks: list[dict], **spec) -> tuple[decisions.Plan, decisions.GovernanceRun]:
@@ -356,7 +362,7 @@ def evaluated(policies: list[dict], checks: list[dict], **spec) -> tuple[decisio
                                    "s3://out/j/adapters/ab", DIGEST, policies, CFG)
     assert not run.new and run.number == 1 and started.status["governanceJob"] == run.job_name
     inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run.job_name, complete=True),
-                                 report=report_for(run, checks), manifest_ok=(True, "ok"), policies=policies)
+                                 keys=KEYS, report=report_for(run, checks), manifest_ok=(True, "ok"), policies=policies)
     return decisions.plan_finetunejob(ftj(started.status, **spec), inputs, CFG, NOW), run
 
 
@@ -386,8 +392,8 @@ def test_failed_governance_runs_again_when_the_policy_changes():
     assert get_condition(status["conditions"], "GovernancePassed")["status"] == "Unknown"
     gov_job = [m for m in rerun.create if m["kind"] == "Job"][0]
     assert gov_job["metadata"]["name"] == status["governanceJob"] != run1.job_name
-    cm = [m for m in rerun.create if m["kind"] == "ConfigMap"][0]
-    assert '"run": 2' in cm["data"]["job.json"] and "governance/run-2.json" in cm["data"]["job.json"]
+    rendered = gov_job["spec"]["template"]["metadata"]["annotations"]["finetune.dev/config"]
+    assert '"run": 2' in rendered and "governance/run-2.json" in rendered
 
     # The same reconcile again (e.g. after a crash before the status patch): same run, same Job name.
     again = decisions.governance_run(ftj(blocked.status), blocked.status["governance"], "s3://out/j/adapters/ab",
@@ -398,7 +404,7 @@ def test_failed_governance_runs_again_when_the_policy_changes():
     run2 = decisions.governance_run(ftj(status), gov, "s3://out/j/adapters/ab", DIGEST, [LOOSE], CFG)
     assert not run2.new and run2.job_name == gov_job["metadata"]["name"]
     inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run2.job_name, complete=True),
-                                 report=report_for(run2, []), manifest_ok=(True, "ok"), policies=[LOOSE])
+                                 keys=KEYS, report=report_for(run2, []), manifest_ok=(True, "ok"), policies=[LOOSE])
     done = decisions.plan_finetunejob(ftj(status), inputs, CFG, NOW)
     assert done.status["phase"] == "Succeeded" and done.status["promotion"]["state"] == "Promoted"
     assert done.status["governance"]["runs"] == 2 and len(done.status["governance"]["history"]) == 1
@@ -418,7 +424,7 @@ def test_a_report_of_another_run_or_policy_is_not_evidence():
                                     [LOOSE], CFG)
     old_report = report_for(run1, [{"name": "evaluation", "passed": True}])
     inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run2.job_name, complete=True),
-                                 report=old_report, manifest_ok=(True, "ok"), policies=[LOOSE])
+                                 keys=KEYS, report=old_report, manifest_ok=(True, "ok"), policies=[LOOSE])
     plan = decisions.plan_finetunejob(ftj(rerun.status), inputs, CFG, NOW)
     assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked"
     message = get_condition(plan.status["conditions"], "GovernancePassed")["message"]
@@ -435,7 +441,7 @@ def test_policy_change_while_checks_run_replaces_the_running_job():
     # The policy changes while the first run's Job runs; the handler looks for the new run's Job: none yet.
     running = decisions.JobInputs(dataset=ready_dataset(), policies=[LOOSE])
     plan = decisions.plan_finetunejob(ftj(started.status), running, CFG, NOW)
-    assert plan.delete_jobs == [first_job] and plan.status["governance"]["runs"] == 2
+    assert plan.delete_governance_jobs == [first_job] and plan.status["governance"]["runs"] == 2
     assert [e[1] for e in plan.events] == ["GovernanceRerun"]  # phase stays Evaluating: one explicit Event
     assert plan.status["phase"] == "Evaluating" and plan.status["governanceJob"] != first_job
 
@@ -451,7 +457,7 @@ def test_manual_approval_survives_a_rerun_only_for_the_same_digest():
                                     [STRICT], CFG)
     failed = report_for(run2, [{"name": "evaluation", "passed": False, "message": "worse"}])
     inputs = decisions.JobInputs(dataset=ready_dataset(), governance_job=job(run2.job_name, complete=True),
-                                 report=failed, manifest_ok=(True, "ok"), policies=[STRICT])
+                                 keys=KEYS, report=failed, manifest_ok=(True, "ok"), policies=[STRICT])
     plan = decisions.plan_finetunejob(ftj(rerun.status, promotion=manual), inputs, CFG, NOW)
     assert plan.status["phase"] == "Failed" and plan.status["promotion"]["state"] == "Blocked" and plan.alias is None
 

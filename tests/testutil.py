@@ -27,3 +27,21 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# --- signed governance reports (attestation.py) --------------------------------------------------
+
+def make_keyring():
+    """A fresh platform keyring (signing + trusted); one per call."""
+    from finetune_operator import attestation
+
+    return attestation.Keyring.from_files({attestation.SIGNING_KEY: attestation.private_pem(attestation.generate_key())})
+
+
+def sign_report(predicate: dict, ring, adapter_uri: str = "s3://out/j/adapters/ab",
+                adapter_digest: "str | None" = None) -> dict:
+    """A DSSE envelope as the governance command writes it: subject = the adapter digest."""
+    from finetune_operator import attestation
+
+    digest = adapter_digest or predicate["adapterDigest"]
+    return attestation.sign(attestation.statement(adapter_uri, digest, predicate), ring)

@@ -1,4 +1,4 @@
-"""Manifests of the objects the operator owns: batch/v1 Jobs and their ConfigMaps.
+"""Manifests of the objects the operator owns: batch/v1 Jobs, their ConfigMaps, the Job NetworkPolicy.
 
 Pure functions from (object, configuration) to dicts; nothing here talks to a cluster.
 Names are deterministic so a restarted operator finds (adopts) what it created before.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from finetune_trainer import storage
 
@@ -21,6 +22,17 @@ ROLE = "finetune.dev/role"  # validation | trainer | governance
 DATASET_LABEL = "finetune.dev/dataset"
 JOB_LABEL = "finetune.dev/finetunejob"
 ATTEMPT_LABEL = "finetune.dev/attempt"
+#: Governance Jobs run in the operator's namespace: these say whose FineTuneJob they judge.
+JOB_NAMESPACE_LABEL = "finetune.dev/job-namespace"
+JOB_UID_LABEL = "finetune.dev/job-uid"
+#: The governance Job's rendered config travels in its pod template (a downward API volume), so the
+#: Job is one object: no ConfigMap to own across namespaces, nothing left behind when it goes.
+CONFIG_ANNOTATION = "finetune.dev/config"
+SIGNING_DIR = "/var/run/finetune/signing"
+JOB_NETWORK_POLICY = "finetune-job-pods"
+#: Finished governance Jobs are garbage-collected after a day (the verdict is in the FineTuneJob's status
+#: and the signed report in the bucket).
+GOVERNANCE_TTL_SECONDS = 86400
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 CONFIG_DIR = "/etc/finetune"
 CONTAINER = "main"
@@ -61,11 +73,13 @@ def validation_job_name(name: str, generation: int) -> str:
     return child_name(name, f"validate-{generation}")
 
 
-def governance_job_name(name: str, adapter_digest: str, policy_digest: str = "", run: int = 1) -> str:
-    """One governance Job per (adapter, effective policy, run): a policy change gets a new Job,
-    and so does a return to an earlier policy (a new run number)."""
-    key = hashlib.sha256(f"{adapter_digest}|{policy_digest}|{run}".encode()).hexdigest()[:10]
-    return child_name(name, f"gov-{key}")
+def governance_job_name(name: str, adapter_digest: str, policy_digest: str = "", run: int = 1,
+                        namespace: str = "") -> str:
+    """One governance Job per (job, adapter, effective policy, run): a policy change gets a new Job,
+    and so does a return to an earlier policy (a new run number). Every namespace's governance Jobs
+    share the operator's namespace, so the job's namespace is part of the name."""
+    key = hashlib.sha256(f"{namespace}/{name}|{adapter_digest}|{policy_digest}|{run}".encode()).hexdigest()[:10]
+    return child_name(f"{namespace}-{name}" if namespace else name, f"gov-{key}")
 
 
 def owner_reference(obj: dict) -> dict:
@@ -153,14 +167,17 @@ def _resources(cpu: Optional[str], memory: Optional[str], gpus: int, gpu_resourc
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
-def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: list[str], image: str,
+def batch_job(*, name: str, namespace: str, owner: Optional[dict], labels: dict, command: list[str], image: str,
               config: OperatorConfig, secret: Optional[str], cpu: Optional[str] = None,
               memory: Optional[str] = None, gpus: int = 0, scheduling: Optional[dict] = None,
-              backoff_limit: int = 0, deadline: Optional[int] = None) -> dict:
+              backoff_limit: int = 0, deadline: Optional[int] = None, config_volume: Optional[dict] = None,
+              extra_volumes: tuple = (), extra_mounts: tuple = (), extra_env: tuple = (),
+              annotations: Optional[dict] = None) -> dict:
     """A batch/v1 Job running one finetune-trainer command with the restricted security profile.
 
-    The root filesystem is read-only; /tmp, the model cache and /dev/shm are emptyDirs
-    (PyTorch data loaders need a real /dev/shm).
+    The root filesystem is read-only; /tmp, the model cache and /dev/shm are emptyDirs with a
+    sizeLimit (PyTorch data loaders need a real /dev/shm). No pod talks to the Kubernetes API, so
+    none gets a service-account token; each gets the grace period its checkpoint-on-SIGTERM needs.
     """
     scheduling = scheduling or {}
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/cache/huggingface"},
@@ -169,6 +186,7 @@ def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: 
         env.append({"name": "AWS_ENDPOINT_URL", "value": config.s3_endpoint})
     env += [{"name": k, "value": v} for k, v in sorted(config.job_env.items())]
     env += credentials_env(secret)
+    env += list(extra_env)
     container = {
         "name": CONTAINER, "image": image, "imagePullPolicy": config.image_pull_policy,
         "command": command, "env": env,
@@ -178,6 +196,7 @@ def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: 
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *extra_mounts,
         ],
         "securityContext": {
             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
@@ -186,14 +205,17 @@ def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: 
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": config.termination_grace_seconds,
         "containers": [container],
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "volumes": [
-            {"name": "config", "configMap": {"name": name}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "config", **(config_volume or {"configMap": {"name": name}})},
+            {"name": "tmp", "emptyDir": {"sizeLimit": config.tmp_size_limit}},
+            {"name": "cache", "emptyDir": {"sizeLimit": config.cache_size_limit}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": config.shm_size_limit}},
+            *extra_volumes,
         ],
     }
     if config.job_service_account:
@@ -229,14 +251,15 @@ def batch_job(*, name: str, namespace: str, owner: dict, labels: dict, command: 
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                  "values": [EXIT_PREEMPTED]}},
         ]},
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})},
+                     "spec": pod_spec},
     }
     if deadline:
         spec["activeDeadlineSeconds"] = deadline
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "namespace": namespace, "labels": job_labels,
-                         "ownerReferences": [owner_reference(owner)]},
-            "spec": spec}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": job_labels}
+    if owner is not None:
+        metadata["ownerReferences"] = [owner_reference(owner)]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 
 def pod_template_shape(job: dict) -> str:
@@ -300,18 +323,64 @@ def trainer_children(ftj: dict, attempt: int, train_cfg: dict, config: OperatorC
     return cm, job
 
 
-def governance_children(ftj: dict, name: str, gov_cfg: dict, config: OperatorConfig) -> tuple[dict, dict]:
-    """The governance Job `name` (same pod template; GPU only if the trainer had one) and its ConfigMap."""
+def governance_children(ftj: dict, name: str, gov_cfg: dict, config: OperatorConfig) -> list[dict]:
+    """The governance Job `name`, in the operator's namespace (GPU only if the trainer had one).
+
+    It runs the platform's image (config.trainer_image, never spec.image: the user's image would
+    write its own verdict) with the platform's S3 credentials and the signing key, in a namespace
+    the FineTuneJob's owners cannot read. No owner reference (it cannot cross namespaces): the
+    labels name the FineTuneJob, the operator deletes the Job with it, and a finished one expires.
+    """
     meta, spec = ftj["metadata"], ftj["spec"]
-    ns = meta.get("namespace", "default")
-    labels = {MANAGED_BY: OPERATOR, ROLE: "governance", JOB_LABEL: meta["name"]}
-    res = spec.get("resources") or {}
+    labels = {MANAGED_BY: OPERATOR, ROLE: "governance", JOB_LABEL: meta["name"],
+              JOB_NAMESPACE_LABEL: meta.get("namespace", "default")}
+    if meta.get("uid"):
+        labels[JOB_UID_LABEL] = meta["uid"]
+    res = dict(spec.get("resources") or {})
+    res.pop("queueName", None)  # a LocalQueue belongs to the job's namespace, not the operator's
     gpus = min(int(res.get("gpusPerNode", 1)), 1)
-    cm = config_map(name, ns, ftj, labels, "job.json", gov_cfg)
-    job = batch_job(name=name, namespace=ns, owner=ftj, labels=labels,
-                    image=spec.get("image") or config.trainer_image,
-                    command=["finetune-trainer", "governance", "--config", f"{CONFIG_DIR}/job.json"],
-                    config=config, secret=_job_secret(spec, config),
-                    cpu=res.get("cpu") or config.default_cpu, memory=res.get("memory") or config.default_memory,
-                    gpus=gpus, scheduling=res, backoff_limit=1)
-    return cm, job
+    job = batch_job(
+        name=name, namespace=config.namespace, owner=None, labels=labels, image=config.trainer_image,
+        command=["finetune-trainer", "governance", "--config", f"{CONFIG_DIR}/job.json"],
+        config=config, secret=config.s3_credentials_secret,
+        cpu=res.get("cpu") or config.default_cpu, memory=res.get("memory") or config.default_memory,
+        gpus=gpus, scheduling=res, backoff_limit=1,
+        annotations={CONFIG_ANNOTATION: json.dumps(gov_cfg, indent=1, sort_keys=True)},
+        config_volume={"downwardAPI": {"items": [
+            {"path": "job.json", "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}},
+        extra_volumes=({"name": "signing", "secret": {"secretName": config.signing_secret, "defaultMode": 0o440,
+                                                       "items": [{"key": "signing.key", "path": "signing.key"}]}},),
+        extra_mounts=({"name": "signing", "mountPath": SIGNING_DIR, "readOnly": True},),
+        extra_env=({"name": "FINETUNE_SIGNING_KEYS", "value": SIGNING_DIR},))
+    job["spec"]["ttlSecondsAfterFinished"] = GOVERNANCE_TTL_SECONDS
+    return [job]
+
+
+def _s3_port(endpoint: Optional[str]) -> int:
+    loc = urlparse(endpoint or "")
+    try:
+        return loc.port or (80 if loc.scheme == "http" else 443)
+    except ValueError:
+        return 443
+
+
+def job_network_policy(namespace: str, config: OperatorConfig, metrics_port: int = 9400) -> dict:
+    """The NetworkPolicy of every Job pod the operator runs in `namespace`: ingress only to the
+    trainer's metrics port (Prometheus), egress only to DNS and the object store (config.job_egress;
+    by default the S3 endpoint's port at any address, as a NetworkPolicy cannot name a host).
+    A pod running a user's image, or judging a hostile adapter, cannot reach the API server,
+    cloud metadata or other services."""
+    egress = [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]
+    egress += [dict(rule) for rule in config.job_egress] or [
+        {"ports": [{"protocol": "TCP", "port": _s3_port(config.s3_endpoint)}]}]
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": JOB_NETWORK_POLICY, "namespace": namespace, "labels": {MANAGED_BY: OPERATOR}},
+        "spec": {
+            "podSelector": {"matchLabels": {MANAGED_BY: OPERATOR},
+                            "matchExpressions": [{"key": ROLE, "operator": "Exists"}]},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": metrics_port}]}],
+            "egress": egress,
+        },
+    }

@@ -21,7 +21,8 @@ def kopf_args(cfg: config_mod.OperatorConfig, standalone: Optional[bool] = None,
     """The `kopf run` arguments for a configuration (a plain function, so it is testable)."""
     args = ["run", "--module", "finetune_operator.handlers", "--log-format", "json"]
     if cfg.namespaces:
-        for ns in cfg.namespaces:
+        # Its own namespace too: the governance Jobs run there.
+        for ns in dict.fromkeys((*cfg.namespaces, cfg.namespace)):
             args += ["--namespace", ns]
     else:
         args.append("--all-namespaces")

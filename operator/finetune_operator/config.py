@@ -52,6 +52,23 @@ class OperatorConfig:
     standalone: bool = False
     #: Extra environment for every Job container (non-secret settings only, e.g. HF_HUB_OFFLINE).
     job_env: dict[str, str] = field(default_factory=dict)
+    #: The operator's own namespace (the chart sets it from the pod's): governance Jobs run here, with
+    #: the signing key, out of reach of the namespaces whose adapters they judge.
+    namespace: str = "finetune-system"
+    #: Secret (in `namespace`) holding the report signing key (attestation.py); created on first start.
+    signing_secret: str = "finetune-operator-signing"
+    #: A local folder with signing.key / trusted.pem instead of the Secret (local runs, ftctl).
+    signing_keys_dir: Optional[str] = None
+    #: One NetworkPolicy per namespace for the Job pods: ingress only to the metrics port, egress only to
+    #: DNS and `job_egress` (NetworkPolicyEgressRule objects; empty: the S3 endpoint's port, else 443).
+    job_network_policy: bool = True
+    job_egress: tuple = ()
+    #: Seconds a Job pod gets between SIGTERM and SIGKILL: the trainer checkpoints and uploads in between.
+    termination_grace_seconds: int = 300
+    #: sizeLimit of the Job pods' emptyDirs: /tmp, the model cache, /dev/shm (memory-backed).
+    tmp_size_limit: str = "20Gi"
+    cache_size_limit: str = "200Gi"
+    shm_size_limit: str = "8Gi"
     #: Dry-run each new Job's pod (POST pods?dryRun=All) before creating the Job, so a pod template
     #: that admission refuses fails the FineTuneJob at once instead of leaving a Job without pods.
     admission_check: bool = True
@@ -70,6 +87,8 @@ ENV = {f"FINETUNE_{f.name.upper()}": f.name for f in fields(OperatorConfig)}
 def _coerce(name: str, value: Any) -> Any:
     kind = {f.name: f for f in fields(OperatorConfig)}[name].type
     if isinstance(value, str):
+        if name == "job_egress":
+            return tuple(json.loads(value)) if value.strip() else ()
         if "tuple" in kind:
             return tuple(v.strip() for v in value.split(",") if v.strip())
         if kind.startswith("dict") or name == "default_governance":

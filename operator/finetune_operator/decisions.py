@@ -122,6 +122,7 @@ class Plan:
     status: Optional[dict] = None  # the full new status, or None when nothing changes
     create: list[dict] = field(default_factory=list)  # manifests, created in order (ConfigMap before Job)
     delete_jobs: list[str] = field(default_factory=list)  # deleted with background propagation
+    delete_governance_jobs: list[str] = field(default_factory=list)  # in the operator's namespace
     suspend_jobs: list[str] = field(default_factory=list)
     job_patches: dict[str, dict] = field(default_factory=dict)  # Job name -> merge patch (suspend/resume)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
@@ -311,7 +312,8 @@ class JobInputs:
     governance_pods: list[dict] = field(default_factory=list)
     progress: Optional[dict] = None  # progress.json
     result: Optional[dict] = None  # result.json (read once the trainer Job succeeded)
-    report: Optional[dict] = None  # governance.json (read once the governance Job succeeded)
+    report: Optional[dict] = None  # this run's signed report (read once the governance Job finished)
+    keys: Optional[governance.attestation.Keyring] = None  # the keys a report must be signed with
     manifest_ok: Optional[tuple[bool, str]] = None  # adapter.verify(adapterURI)
     policies: list[dict] = field(default_factory=list)  # GovernancePolicy objects
 
@@ -551,7 +553,8 @@ def governance_run(ftj: dict, gov_status: dict, adapter_uri: str, adapter_digest
     else:
         number, new, rerun = runs + 1, True, bool(runs)
     return GovernanceRun(policy=policy, ignored=ignored, policy_digest=digest, number=number,
-                         job_name=children.governance_job_name(ftj["metadata"]["name"], adapter_digest, digest, number),
+                         job_name=children.governance_job_name(ftj["metadata"]["name"], adapter_digest, digest, number,
+                                                               ftj["metadata"].get("namespace", "default")),
                          report_uri=governance.report_uri(adapter_uri, number), new=new, rerun=rerun)
 
 
@@ -578,7 +581,7 @@ def _restart_governance(run: GovernanceRun, old_gov: dict, status: dict, plan: P
     """The effective policy changed since the last run: back to Evaluating, with nothing of the
     earlier run's verdict left in conditions, promotion or phase."""
     if status.get("phase") == "Evaluating" and status.get("governanceJob"):
-        plan.delete_jobs.append(status["governanceJob"])  # the old policy's run is moot
+        plan.delete_governance_jobs.append(status["governanceJob"])  # the old policy's run is moot
     message = (f"the effective governance policy changed ({str(old_gov.get('policyDigest'))[:19]} -> "
                f"{run.policy_digest[:19]}); running the checks again (run {run.number})")
     if status.get("phase") == "Evaluating":  # otherwise to_phase below posts the Event
@@ -639,12 +642,16 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
             cond("GovernancePassed", False, "GovernanceJobFailed", state.message)
             fail("GovernanceJobFailed", f"governance Job {name} failed: {state.message}")
         return status
-    outcome = governance.read_report(report, digest, required=list(policy.get("required") or []),
-                                     expected_policy=run.policy_digest, run=run.number)
+    bound = governance.ReportBinding(adapter_digest=digest, policy_digest=run.policy_digest, run=run.number,
+                                     job_uid=meta.get("uid"), dataset_digest=status.get("datasetDigest"))
+    outcome = governance.read_report(report, bound, inputs.keys or governance.attestation.Keyring(),
+                                     required=list(policy.get("required") or []))
     manifest_ok, manifest_msg = inputs.manifest_ok or (False, "adapter not verified")
     gov.update(checks=[c.model_dump(mode="json", exclude_none=True) for c in outcome.checks],
-               passed=outcome.passed, reportURI=run.report_uri, reportDigest=report.get("sha256"),
+               passed=outcome.passed, reportURI=run.report_uri, reportDigest=governance.statement_digest(report),
                evaluatedAt=gov.get("evaluatedAt") or now, runs=run.number)
+    if outcome.key_id:
+        gov["signingKey"] = outcome.key_id
     status["governance"] = gov
     cond("GovernancePassed", outcome.passed, "ChecksPassed" if outcome.passed else "ChecksFailed", outcome.message)
     decision = governance.promotion_decision(outcome, spec.get("promotion"), digest, manifest_ok)

@@ -6,20 +6,22 @@ without a cluster.
 
 - `effective_policy`: merge the GovernancePolicies that apply to a namespace, strictest
   wins, then let the job's `spec.governance` tighten (never loosen) the result.
-- `report_digest` / `read_report`: the governance report (governance.json) carries the
-  sha256 of its own canonical JSON and the adapter digest it was computed for; a report
-  that was edited, or that belongs to another adapter, is not trusted.
+- `read_report`: the governance report is an in-toto Statement in a DSSE envelope signed by
+  the platform key (attestation.py); a report that is unsigned, signed by another key,
+  edited, or bound to another adapter, policy, run, job or dataset is not trusted.
 - `promotion_decision`: Promoted, AwaitingApproval or Blocked, with a CamelCase reason.
 - `alias_uri` / `alias_record`: where and what the promotion alias is.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import attestation
 from .api.governance import CHECK_NAMES, CheckResult, GovernanceSpec
 
 #: allowedLicenses after intersecting non-empty lists that share nothing: no license is
@@ -38,8 +40,11 @@ DEFAULT_POLICY: dict[str, Any] = {
 
 # How each threshold is merged: "max" means a larger value is stricter, "min" a smaller one.
 _STRICTNESS: dict[str, dict[str, str]] = {
-    "evaluation": {"minRelativeImprovement": "max", "minAbsoluteImprovement": "max", "minExactMatch": "max"},
-    "bias": {"maxGap": "min"},
+    # bootstrapSeed is not here: not a strictness; the first policy's (by name) holds, and a job
+    # cannot set it (it could otherwise try seeds until one passes).
+    "evaluation": {"minRelativeImprovement": "max", "minAbsoluteImprovement": "max", "minExactMatch": "max",
+                   "confidence": "max", "bootstrapSamples": "max", "minExamples": "max"},
+    "bias": {"maxGap": "min", "maxFlipRate": "min", "maxDemographicParityDifference": "min"},
     "pii": {"maxFindings": "min", "maxMemorizationRate": "min"},
     "explainability": {"samples": "max", "maxProtectedAttributeShare": "min"},
 }
@@ -178,10 +183,12 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-def report_digest(report: dict) -> str:
-    """sha256 of the report's canonical JSON without its own `sha256` field."""
-    body = {k: v for k, v in report.items() if k != "sha256"}
-    return "sha256:" + hashlib.sha256(canonical_json(body)).hexdigest()
+def statement_digest(envelope: Any) -> Optional[str]:
+    """sha256 of a signed report's payload (the Statement as signed): what status records as reportDigest."""
+    try:
+        return "sha256:" + hashlib.sha256(base64.b64decode(envelope["payload"], validate=True)).hexdigest()
+    except Exception:  # noqa: BLE001 - not an envelope: there is no digest to record
+        return None
 
 
 def policy_digest(policy: Optional[dict]) -> str:
@@ -207,36 +214,74 @@ class GovernanceOutcome:
     message: str
     report_ok: bool
     required: list[str] = field(default_factory=list)
+    key_id: Optional[str] = None  # the trusted key that signed the report
 
 
-def read_report(report: dict, adapter_digest: str, required: Optional[list[str]] = None,
-                expected_policy: Optional[str] = None, run: Optional[int] = None) -> GovernanceOutcome:
-    """Check a governance report's integrity and binding, and summarise its checks.
+@dataclass(frozen=True)
+class ReportBinding:
+    """What this run's report must be bound to; None = not checked (e.g. not known yet)."""
 
-    `required` defaults to the checks the report's own policy requires; the operator may pass
-    its effective policy's list instead (a report run under a weaker policy then fails the
-    checks it lacks). A required check missing from the report counts as failed.
-    `expected_policy` (a `policy_digest`) and `run`, when given, must match what the report
-    records: a report of another run or another policy is not this run's evidence.
-    """
+    adapter_digest: str
+    policy_digest: Optional[str] = None
+    run: Optional[int] = None
+    job_uid: Optional[str] = None
+    dataset_digest: Optional[str] = None
+
+
+def _binding_problems(stmt: dict, predicate: dict, bound: ReportBinding) -> list[str]:
     problems = []
-    if report.get("sha256") != report_digest(report):
-        problems.append("report sha256 does not match its content (edited or corrupted)")
-    if report.get("adapterDigest") != adapter_digest:
-        problems.append(f"report is bound to adapter {report.get('adapterDigest')!r}, not {adapter_digest}")
-    if expected_policy is not None and policy_digest(report.get("policy")) != expected_policy:
-        problems.append(f"report was produced under another policy ({policy_digest(report.get('policy'))[:19]}, "
-                        f"expected {expected_policy[:19]})")
-    if run is not None and report.get("run", 1) != run:
-        problems.append(f"report belongs to governance run {report.get('run', 1)}, not run {run}")
+    subjects = attestation.subject_digests(stmt)
+    if subjects != [bound.adapter_digest]:
+        problems.append(f"report is about adapter {', '.join(subjects)[:80] or 'none'}, not {bound.adapter_digest}")
+    if bound.policy_digest is not None:
+        if predicate.get("policyDigest") != bound.policy_digest:
+            problems.append(f"report was produced under another policy ({str(predicate.get('policyDigest'))[:19]}, "
+                            f"expected {bound.policy_digest[:19]})")
+        elif policy_digest(predicate.get("policy")) != bound.policy_digest:
+            problems.append("report's policy does not hash to its policyDigest")
+    if bound.run is not None and predicate.get("run") != bound.run:
+        problems.append(f"report belongs to governance run {str(predicate.get('run'))[:20]}, not run {bound.run}")
+    job = predicate.get("job") if isinstance(predicate.get("job"), dict) else {}
+    if bound.job_uid is not None and job.get("uid") != bound.job_uid:
+        problems.append(f"report belongs to another FineTuneJob ({str(job.get('namespace'))[:63]}/"
+                        f"{str(job.get('name'))[:63]}, uid {str(job.get('uid'))[:36]})")
+    if bound.dataset_digest is not None and predicate.get("datasetDigest") != bound.dataset_digest:
+        problems.append(f"report was computed on dataset {str(predicate.get('datasetDigest'))[:80]}, "
+                        f"not {bound.dataset_digest}")
+    return problems
+
+
+def read_report(envelope: Any, bound: ReportBinding, keys: attestation.Keyring,
+                required: Optional[list[str]] = None) -> GovernanceOutcome:
+    """Verify a signed governance report and summarise its checks.
+
+    The signature comes first: nothing in an envelope that no trusted key signed is believed,
+    not even its list of checks (an untrusted report counts every required check as failed).
+    Then the bindings: the report must be about this adapter, under this policy, for this run,
+    of this FineTuneJob and dataset, or it is another run's evidence replayed here.
+    `required` defaults to the checks the report's own policy requires; the operator passes its
+    effective policy's list (a report run under a weaker policy then fails the checks it lacks).
+    A required check missing from the report counts as failed.
+    """
+    try:
+        stmt, signer = attestation.verify(envelope, keys)
+    except attestation.AttestationError as exc:
+        names = list(required or CHECK_NAMES)
+        checks = [CheckResult(name=n, passed=False, message="report not trusted") for n in names]
+        return GovernanceOutcome(checks=checks, passed=False, failing=names, report_ok=False, required=names,
+                                 message=f"report signature not valid: {exc}")
+    predicate = stmt["predicate"]
+    problems = _binding_problems(stmt, predicate, bound)
     if required is None:
-        required = list((report.get("policy") or {}).get("required") or CHECK_NAMES)
+        policy = predicate.get("policy") if isinstance(predicate.get("policy"), dict) else {}
+        required = [n for n in policy.get("required") or CHECK_NAMES if n in CHECK_NAMES]
     checks: list[CheckResult] = []
-    for raw in report.get("checks") or []:
+    raw_checks = predicate.get("checks") if isinstance(predicate.get("checks"), list) else []
+    for raw in raw_checks:
         try:
             checks.append(CheckResult.model_validate(raw))
         except Exception as exc:  # a malformed entry is a failure of the report, not a crash
-            problems.append(f"malformed check entry: {exc}")
+            problems.append(f"malformed check entry: {str(exc).splitlines()[0][:200]}")
     by_name = {c.name: c for c in checks}
     for name in required:
         if name not in by_name:
@@ -253,7 +298,7 @@ def read_report(report: dict, adapter_digest: str, required: Optional[list[str]]
     else:
         message = f"all required checks passed ({', '.join(required)})"
     return GovernanceOutcome(checks=checks, passed=passed, failing=failing, message=message,
-                             report_ok=report_ok, required=list(required))
+                             report_ok=report_ok, required=list(required), key_id=signer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import kopf
 
 from finetune_trainer import storage
 
-from . import children, config as config_mod, decisions, kube, metrics
+from . import attestation, children, config as config_mod, decisions, kube, metrics
 from .api.meta import GROUP, VERSION
 from .conditions import bounded, now_iso
 
@@ -72,6 +72,12 @@ class _State:
         # Pod-template shapes admitted by a dry run, with when that answer expires (see _admit).
         self.admitted: dict[str, float] = {}
         self.admitting: dict[str, asyncio.Future] = {}  # dry runs in flight, by shape
+        # The report-verifying keys and when they were read (see _keyring); namespaces whose Job
+        # NetworkPolicy is in place (see _ensure_network_policy).
+        self.keyring: Optional[attestation.Keyring] = None
+        self.keyring_at = 0.0
+        self.keyring_lock = asyncio.Lock()
+        self.network_policies: set[str] = set()
 
     def lock(self, key: tuple) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -251,10 +257,12 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     # between, the status has no record of the Job yet, so the next reconcile creates or adopts both.
     outcomes = []
     for manifest in sorted(plan.create, key=lambda m: m["kind"] != "Job"):
-        if manifest["kind"] == "Job" and (ns, manifest["metadata"]["name"]) not in STATE.created:
+        where = manifest["metadata"].get("namespace") or ns  # governance Jobs: the operator's namespace
+        if manifest["kind"] == "Job" and (where, manifest["metadata"]["name"]) not in STATE.created:
+            await _ensure_network_policy(client, where)
             await _admit(client, manifest)
         outcome = await client.create_or_adopt(manifest)
-        STATE.created.add((ns, manifest["metadata"]["name"]))
+        STATE.created.add((where, manifest["metadata"]["name"]))
         outcomes.append(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
     if outcomes:
         logger.info(", ".join(outcomes))  # one line per reconcile
@@ -266,6 +274,9 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
         # Background propagation: the pod gets SIGTERM and the trainer writes a checkpoint.
         await client.delete("batch/v1", "Job", ns, name, propagation="Background")
         STATE.created.discard((ns, name))
+    for name in plan.delete_governance_jobs:
+        await client.delete("batch/v1", "Job", CONFIG.namespace, name, propagation="Background")
+        STATE.created.discard((CONFIG.namespace, name))
     if plan.alias is not None:
         uri, record = plan.alias
         await asyncio.to_thread(storage.write_text, uri, json.dumps(record, indent=1, sort_keys=True))
@@ -276,6 +287,70 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
         STATE.written[body["metadata"]["uid"]] = plan.status
     if plan.events:
         _post_events(body, plan.events)
+
+
+async def _ensure_network_policy(client: Any, namespace: str) -> None:
+    """The Job pods' NetworkPolicy in `namespace`, once per operator process (created, or brought back
+    to what this configuration says: an edited or loosened copy is overwritten)."""
+    if not CONFIG.job_network_policy or namespace in STATE.network_policies:
+        return
+    policy = children.job_network_policy(namespace, CONFIG)
+    try:
+        if await client.create_or_adopt(policy) == "adopted":
+            await client.patch("networking.k8s.io/v1", "NetworkPolicy", namespace, policy["metadata"]["name"],
+                               {"metadata": {"labels": policy["metadata"]["labels"]}, "spec": policy["spec"]})
+    except kube.ApiError as exc:
+        if not decisions.rbac_denied(exc.message):
+            raise
+        # RBAC without networkpolicies (an older chart): the Jobs still run, without the policy.
+        log.warning("cannot manage the Job NetworkPolicy in %s: %s", namespace, exc.message[:300])
+    STATE.network_policies.add(namespace)
+
+
+#: How often the verifying keys are read again: a rotation is seen within this time.
+KEYRING_REFRESH_SECONDS = 60.0
+
+
+async def _keyring() -> attestation.Keyring:
+    """The keys governance reports are signed and verified with: the signing Secret in the operator's
+    namespace, created with a new Ed25519 key on first use (or a local folder, config.signing_keys_dir).
+    Only public keys stay in memory; the private key is for the governance Job's volume."""
+    import time
+
+    async with STATE.keyring_lock:
+        if STATE.keyring is not None and time.monotonic() - STATE.keyring_at < KEYRING_REFRESH_SECONDS:
+            return STATE.keyring
+        if CONFIG.signing_keys_dir:
+            from pathlib import Path
+
+            ring = attestation.Keyring.from_folder(Path(CONFIG.signing_keys_dir))
+        else:
+            ring = await _signing_secret_keyring()
+        STATE.keyring = attestation.Keyring(trusted=dict(ring.trusted))
+        STATE.keyring_at = time.monotonic()
+        return STATE.keyring
+
+
+async def _signing_secret_keyring() -> attestation.Keyring:
+    client = kube.client()
+    secret = await client.get("v1", "Secret", CONFIG.namespace, CONFIG.signing_secret)
+    if secret is None:
+        import base64
+
+        key = attestation.generate_key()
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": CONFIG.signing_secret, "namespace": CONFIG.namespace,
+                             "labels": {children.MANAGED_BY: children.OPERATOR}},
+                "data": {attestation.SIGNING_KEY: base64.b64encode(attestation.private_pem(key)).decode()}}
+        try:
+            await client.request("POST", kube.path_of("v1", "Secret", CONFIG.namespace), body, parse=False)
+            log.info("created the report signing key %s in Secret %s/%s", attestation.key_id(key.public_key()),
+                     CONFIG.namespace, CONFIG.signing_secret)
+        except kube.ApiError as exc:
+            if exc.status != 409:  # 409: another replica created it first
+                raise
+        secret = await client.get("v1", "Secret", CONFIG.namespace, CONFIG.signing_secret)
+    return attestation.Keyring.from_secret_data((secret or {}).get("data") or {})
 
 
 #: How long a dry run's "admitted" stands for other Jobs of the same pod-template shape. A PriorityClass
@@ -543,8 +618,9 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
     if adapter_digest and adapter_uri:
         run = decisions.governance_run(body, status.get("governance") or {}, adapter_uri, adapter_digest,
                                        policies, CONFIG)
-        inputs.governance_job = _job(indices, ns, run.job_name)
-        inputs.governance_pods = _pods(indices, ns, run.job_name)
+        inputs.keys = await _keyring()  # also makes sure the governance Job's key Secret exists
+        inputs.governance_job = _job(indices, CONFIG.namespace, run.job_name)
+        inputs.governance_pods = _pods(indices, CONFIG.namespace, run.job_name)
         gov_state = decisions.job_state(inputs.governance_job, inputs.governance_pods)
         if gov_state.state in ("Succeeded", "Failed") or phase in ("AwaitingApproval", "Failed"):
             inputs.report = await _read_json(run.report_uri)
@@ -695,9 +771,23 @@ async def _finalize(body: dict, logger: Any) -> None:
                 delay = min(delay * 2, 60.0)
         STATE.cleaned.add(meta["uid"])
         logger.info(f"deleted checkpoints under {uri}")
+    await _delete_governance_jobs(meta)
     if KOPF_FINALIZER in finalizers:
         return  # Kopf releases its own first (it stops the progress timer); its patch's echo comes back here
     await _patch_finalizers(body, False, logger)
+
+
+async def _delete_governance_jobs(meta: dict) -> None:
+    """The FineTuneJob's governance Jobs live in the operator's namespace, where no owner reference
+    can reach: delete them with it (finished ones also expire on their own)."""
+    if not meta.get("uid"):
+        return
+    client = kube.client()
+    selector = f"{children.JOB_UID_LABEL}={meta['uid']}"
+    found = await client.request("GET", kube.path_of("batch/v1", "Job", CONFIG.namespace),
+                                 params={"labelSelector": selector})
+    for job in (found or {}).get("items") or []:
+        await client.delete("batch/v1", "Job", CONFIG.namespace, job["metadata"]["name"], propagation="Background")
 
 
 # --- owned Jobs and pods ---------------------------------------------------------------------
@@ -708,6 +798,10 @@ async def _owner_event(namespace: str, labels: dict, indices: dict, logger: Any)
         if await reconcile_dataset(namespace, dataset, indices, logger):
             await _wake_waiting_jobs(namespace, dataset, indices, logger)
     elif labels.get(children.JOB_LABEL):
+        if labels.get(children.ROLE) == "governance":  # runs in the operator's namespace
+            if namespace != CONFIG.namespace:
+                return  # not ours: only the operator's namespace holds governance Jobs
+            namespace = labels.get(children.JOB_NAMESPACE_LABEL) or namespace
         await reconcile_finetunejob(namespace, labels[children.JOB_LABEL], indices, logger)
 
 

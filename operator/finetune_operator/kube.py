@@ -33,7 +33,8 @@ class ApiError(Exception):
 def path_of(api_version: str, kind: str, namespace: Optional[str], name: Optional[str] = None,
             subresource: Optional[str] = None) -> str:
     plural = PLURALS.get(kind) or {"ConfigMap": "configmaps", "Job": "jobs", "Event": "events",
-                                   "Secret": "secrets", "Pod": "pods"}[kind]
+                                   "Secret": "secrets", "Pod": "pods",
+                                   "NetworkPolicy": "networkpolicies"}[kind]
     root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     parts = [root]
     if namespace:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
+from finetune_operator import attestation
 from finetune_operator.api.dataset import DatasetSpec
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_trainer import storage
@@ -19,6 +22,20 @@ FAST_TRAINING = {"maxSteps": 60, "learningRate": 1e-2, "batchSize": 8, "maxSeqLe
 # be (loss floor ~5 nats); adapting lm_head too lets a few steps learn the task for real.
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]}
+
+
+# The platform key the governance command signs with (its Secret volume in a cluster): one per test
+# process, found by the command (in-process or a subprocess) through $FINETUNE_SIGNING_KEYS.
+SIGNING_DIR = Path(tempfile.mkdtemp(prefix="finetune-signing-"))
+(SIGNING_DIR / attestation.SIGNING_KEY).write_bytes(attestation.private_pem(attestation.generate_key()))
+os.environ["FINETUNE_SIGNING_KEYS"] = str(SIGNING_DIR)
+KEYS = attestation.Keyring.from_folder(SIGNING_DIR)
+
+
+def verified_predicate(envelope: dict) -> dict:
+    """The report's content, after checking that the platform key signed it."""
+    stmt, _ = attestation.verify(envelope, KEYS)
+    return stmt["predicate"]
 
 
 def write_jsonl(uri: str, records: list[dict]) -> None:
@@ -77,7 +94,7 @@ def governance(cfg: TrainerConfig, path: Path, adapter_uri: str) -> dict:
 
     cfg = cfg.model_copy(update={"governanceInputs": cfg.governanceInputs.model_copy(update={"adapterURI": adapter_uri})})
     assert runner.run(save_config(cfg, path)) == 0
-    return json.loads(storage.read_text(storage.join(adapter_uri, "governance.json")))
+    return verified_predicate(json.loads(storage.read_text(storage.join(adapter_uri, "governance.json"))))
 
 
 def checks(report: dict) -> dict[str, dict]:

@@ -6,6 +6,7 @@ clean job runs on S3 (moto_server) through the CLI, the others in-process on fil
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import uuid
 
 import pytest
 
-from finetune_operator.governance import promotion_decision, read_report
+from finetune_operator.governance import ReportBinding, policy_digest, promotion_decision, read_report
 from finetune_trainer import storage
 
 from . import helpers as h
@@ -74,7 +75,10 @@ def test_clean_job_passes_every_check_through_the_cli(clean_job):
     proc = subprocess.run([sys.executable, "-m", "finetune_trainer.cli", "governance", "--config", config],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(storage.read_text(storage.join(result["adapterURI"], "governance.json")))
+    envelope = json.loads(storage.read_text(storage.join(result["adapterURI"], "governance.json")))
+    assert envelope == json.loads(storage.read_text(cfg.governanceInputs.reportURI or storage.join(
+        result["adapterURI"], "governance.json")))
+    report = h.verified_predicate(envelope)  # signed with the platform key
     checks = h.checks(report)
     assert list(checks) == ["evaluation", "bias", "provenance", "pii", "explainability"]
     assert all(c["passed"] for c in checks.values()), {n: c["message"] for n, c in checks.items()}
@@ -86,13 +90,18 @@ def test_clean_job_passes_every_check_through_the_cli(clean_job):
     html = storage.read_text(storage.join(result["adapterURI"], "reports", "explainability.html"))
     assert "<html>" in html and "Integrated-gradients" in html
 
-    outcome = read_report(report, result["digest"])
-    assert outcome.passed and outcome.report_ok
+    bound = ReportBinding(adapter_digest=result["digest"], policy_digest=policy_digest(cfg.governance.model_dump()),
+                          run=1, job_uid=cfg.job.uid, dataset_digest=cfg.data.digest)
+    outcome = read_report(envelope, bound, h.KEYS)
+    assert outcome.passed and outcome.report_ok and outcome.key_id == h.KEYS.signing_key_id
     assert promotion_decision(outcome, {"mode": "auto"}, result["digest"], manifest_ok=True).promote
 
-    # The operator notices an edited report.
-    report["checks"][0]["value"] = 0.99
-    assert not read_report(report, result["digest"]).report_ok
+    # The operator notices an edited report: the signature no longer matches.
+    stmt = json.loads(base64.b64decode(envelope["payload"]))
+    stmt["predicate"]["checks"][0]["value"] = 0.99
+    edited = {**envelope, "payload": base64.b64encode(json.dumps(stmt).encode()).decode()}
+    outcome = read_report(edited, bound, h.KEYS)
+    assert not outcome.report_ok and "edited after signing" in outcome.message
 
 
 def provenance_only(cfg, tmp_path, adapter_uri, **dataset_changes):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import json
 
 import pytest
 
 from finetune_operator.api.governance import CHECK_NAMES
 from finetune_operator.governance import (
     DEFAULT_POLICY, NO_LICENSE_ALLOWED, alias_record, alias_uri, effective_policy, promotion_decision,
-    read_report, report_digest,
+    ReportBinding, read_report,
 )
+from testutil import make_keyring, sign_report
 
 A = "sha256:" + "a" * 64
 B = "sha256:" + "b" * 64
+KEYS = make_keyring()
 
 
 def policy(name: str, namespaces=(), **spec) -> dict:
@@ -107,45 +111,49 @@ def make_report(adapter=A, checks=None, required=("evaluation", "bias")):
     report = {"adapterDigest": adapter, "datasetDigest": B, "baseModelDigest": None,
               "policy": {"required": list(required)}, "checks": checks, "passed": True,
               "createdAt": "2026-01-01T00:00:00Z", "trainerVersion": "0.1.0"}
-    report["sha256"] = report_digest(report)
-    return report
+    return sign_report(report, KEYS, adapter_digest=adapter)
+
+
+def read(report: dict, adapter: str = A, **kw):
+    return read_report(report, ReportBinding(adapter_digest=adapter), KEYS, **kw)
 
 
 def test_report_round_trip_passes():
-    outcome = read_report(make_report(), A)
+    outcome = read(make_report())
     assert outcome.report_ok and outcome.passed and outcome.failing == []
 
 
 def test_tampered_report_is_not_trusted():
     report = make_report(checks=[{"name": "evaluation", "passed": False, "message": "worse than base"},
                                  {"name": "bias", "passed": True}])
-    report["checks"][0]["passed"] = True  # flipped after the digest was computed
-    outcome = read_report(report, A)
+    stmt = json.loads(base64.b64decode(report["payload"]))
+    stmt["predicate"]["checks"][0]["passed"] = True  # flipped after signing
+    outcome = read({**report, "payload": base64.b64encode(json.dumps(stmt).encode()).decode()})
     assert not outcome.report_ok and not outcome.passed
-    assert "sha256" in outcome.message
+    assert "signature" in outcome.message and outcome.failing == list(CHECK_NAMES)  # nothing of it is believed
 
 
 def test_report_of_another_adapter_is_not_trusted():
-    outcome = read_report(make_report(adapter=B), A)
+    outcome = read(make_report(adapter=B))
     assert not outcome.report_ok and not outcome.passed
 
 
 def test_missing_required_check_counts_as_failed():
     report = make_report(checks=[{"name": "evaluation", "passed": True}])
-    outcome = read_report(report, A)
+    outcome = read(report)
     assert outcome.report_ok and not outcome.passed and outcome.failing == ["bias"]
     # The operator's stricter list wins over what the report's policy said.
-    outcome = read_report(make_report(), A, required=["evaluation", "bias", "pii"])
+    outcome = read(make_report(), required=["evaluation", "bias", "pii"])
     assert outcome.failing == ["pii"]
 
 
 def test_auto_promotion_when_all_pass():
-    d = promotion_decision(read_report(make_report(), A), {"mode": "auto"}, A, manifest_ok=True)
+    d = promotion_decision(read(make_report()), {"mode": "auto"}, A, manifest_ok=True)
     assert (d.state, d.reason, d.promote) == ("Promoted", "GovernancePassed", True)
 
 
 def test_manual_waits_for_approval_of_this_digest():
-    outcome = read_report(make_report(), A)
+    outcome = read(make_report())
     d = promotion_decision(outcome, {"mode": "manual"}, A, True)
     assert (d.state, d.reason, d.promote) == ("AwaitingApproval", "AwaitingApproval", False)
     d = promotion_decision(outcome, {"mode": "manual", "approval": {"digest": B, "approvedBy": "eve"}}, A, True)
@@ -158,7 +166,7 @@ def test_manual_waits_for_approval_of_this_digest():
 def test_approval_cannot_override_a_failed_check():
     report = make_report(checks=[{"name": "evaluation", "passed": True},
                                  {"name": "bias", "passed": False, "message": "gap 0.4 > 0.25"}])
-    outcome = read_report(report, A)
+    outcome = read(report)
     for mode in ("auto", "manual"):
         d = promotion_decision(outcome, {"mode": mode, "approval": {"digest": A, "approvedBy": "ana"}}, A, True)
         assert (d.state, d.reason, d.promote) == ("Blocked", "GovernanceFailed", False)
@@ -166,14 +174,14 @@ def test_approval_cannot_override_a_failed_check():
 
 
 def test_invalid_manifest_blocks():
-    d = promotion_decision(read_report(make_report(), A), {"mode": "auto"}, A, manifest_ok=False)
+    d = promotion_decision(read(make_report()), {"mode": "auto"}, A, manifest_ok=False)
     assert (d.state, d.reason, d.promote) == ("Blocked", "ManifestInvalid", False)
 
 
 @pytest.mark.parametrize("output", ["s3://b/runs/job", "s3://b/runs/job/"])
 def test_alias_uri_and_record(output):
     assert alias_uri(output, "prod") == "s3://b/runs/job/aliases/prod.json"
-    outcome = read_report(make_report(), A)
+    outcome = read(make_report())
     rec = alias_record("ns", "job", "s3://b/runs/job/adapters/x", A, outcome, "2026-01-01T00:00:00Z")
     assert rec["adapterDigest"] == A and rec["job"] == {"namespace": "ns", "name": "job"}
     assert [c["name"] for c in rec["governance"]["checks"]] == ["evaluation", "bias"]

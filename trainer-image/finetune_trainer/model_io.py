@@ -128,7 +128,11 @@ def load_base_model(path: Path, *, precision: str, quantization=None, device: to
     """The frozen base model (4-bit with bitsandbytes when `quantization` is set)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"local_files_only": True, "dtype": DTYPES[precision], "attn_implementation": "sdpa"}
+    # Weights from safetensors only and no model code from the folder: a base model is user input,
+    # and a pickle (pytorch_model.bin) or remote code would run in the pod (next to the governance
+    # Job's signing key).
+    kwargs = {"local_files_only": True, "dtype": DTYPES[precision], "attn_implementation": "sdpa",
+              "use_safetensors": True, "trust_remote_code": False}
     if quantization is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

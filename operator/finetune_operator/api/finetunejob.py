@@ -244,7 +244,7 @@ class GovernanceRunRecord(ApiModel):
     passed: Optional[bool] = Field(None, description="Whether every required check passed (unset: it did not finish).")
     failing: list[str] = Field(default_factory=list, description="The required checks that failed.")
     reportURI: Optional[str] = Field(None, description="That run's report (kept; never overwritten).")
-    reportDigest: Optional[str] = Field(None, description="sha256 of that run's report.")
+    reportDigest: Optional[str] = Field(None, description="sha256 of that run's signed Statement.")
     evaluatedAt: Optional[str] = Field(None, description="When that run's report was read.")
 
 
@@ -254,8 +254,12 @@ class GovernanceStatus(ApiModel):
     checks: list[CheckResult] = Field(default_factory=list, description="One entry per check.")
     passed: Optional[bool] = Field(None, description="Whether every required check passed.")
     adapterDigest: Optional[str] = Field(None, description="The adapter digest the results are bound to.")
-    reportURI: Optional[str] = Field(None, description="This run's report (governance/run-N.json next to the adapter).")
-    reportDigest: Optional[str] = Field(None, description="sha256 of this run's report.")
+    reportURI: Optional[str] = Field(
+        None, description="This run's signed report (governance/run-N.json next to the adapter): an in-toto "
+                          "Statement about the adapter in a DSSE envelope.")
+    reportDigest: Optional[str] = Field(None, description="sha256 of this run's signed Statement (the envelope's payload).")
+    signingKey: Optional[str] = Field(
+        None, description="Id of the platform key that signed this run's report (sha256 of the raw Ed25519 public key).")
     effectivePolicy: Optional[dict[str, Any]] = Field(
         None, description="The policy the checks ran under (policy tightened by the job).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 
-from .. import children, decisions
+from .. import attestation, children, decisions
 from ..api import DatasetStatus, FineTuneJobStatus
 from ..conditions import now_iso
 from . import answers, display, logic, models
@@ -159,25 +159,31 @@ class LocalRun:
                   on_poll: Optional[Callable[[str, dict], None]] = None) -> tuple[dict, CommandResult, str, str]:
         """Run the Job in `plan.create` (with its ConfigMap) like the Job controller: retry failures up
         to the Job's backoffLimit, never a configuration error (its podFailurePolicy fails at once)."""
-        config_map = next(o for o in plan.create if o["kind"] == "ConfigMap")
+        config_map = next((o for o in plan.create if o["kind"] == "ConfigMap"), None)
         job = next(o for o in plan.create if o["kind"] == "Job")
         retries = int(job["spec"].get("backoffLimit", 0))
         command, filename = logic.job_command(job)
         name = job["metadata"]["name"]
         config_path = self.options.state_dir / "configs" / f"{name}.json"
         config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(json.dumps(logic.job_config(config_map, filename), indent=2), encoding="utf-8")
+        config_path.write_text(json.dumps(logic.job_config(config_map, filename, job=job), indent=2), encoding="utf-8")
         log_path = self.options.state_dir / "logs" / f"{name}.log"
         started = now_iso()
         poll = (lambda: on_poll(started, job)) if on_poll else None
         interrupt = (lambda: on_poll(started, job, interrupted=True)) if on_poll else None
-        result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt)
+        env = {"FINETUNE_SIGNING_KEYS": self.config.signing_keys_dir or ""}
+        result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt, env=env)
         while logic.should_retry(result.exit_code) and retries > 0 and not result.interrupted:
             retries -= 1
             self.console.print(f"[yellow]{name}: exit {result.exit_code} ({escape(result.error_message())}); "
                                "retrying[/]", soft_wrap=True)
-            result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt)
+            result = run_command(command, config_path, log_path, on_poll=poll, on_interrupt=interrupt, env=env)
         return job, result, started, now_iso()
+
+    def keys(self) -> attestation.Keyring:
+        """The keys this state folder's reports are verified with (the public half of its signing key)."""
+        ring = attestation.Keyring.from_folder(Path(self.config.signing_keys_dir or ""))
+        return attestation.Keyring(trusted=ring.trusted)
 
     def _events(self, kind: str, name: str, plan: decisions.Plan) -> None:
         for type_, reason, message in plan.events:
@@ -285,6 +291,7 @@ class LocalRun:
             now = now_iso()
             inputs.governance_job, inputs.governance_pods = logic.observed_job(stub, 0, now, now)
             inputs.report = models.read_json(run.report_uri)
+            inputs.keys = self.keys()
             inputs.manifest_ok = logic.verify_adapter(adapter["uri"])
             return self._conclude(ftj, dataset, self._plan(ftj, inputs))
         finally:
@@ -338,6 +345,7 @@ class LocalRun:
         adapter_uri = ftj["status"]["adapter"]["uri"]
         report_uri = ftj["status"]["governance"]["reportURI"]
         inputs.report = models.read_json(report_uri) if gov.exit_code == 0 else None
+        inputs.keys = self.keys()
         inputs.manifest_ok = logic.verify_adapter(adapter_uri)
         plan = self._plan(ftj, inputs)  # -> Succeeded | AwaitingApproval | Failed
         if ftj["status"].get("phase") == "Failed" and gov.exit_code:

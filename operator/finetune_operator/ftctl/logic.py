@@ -24,8 +24,26 @@ CONFIG_MOUNT = "/etc/finetune/"
 
 
 def operator_config(state_dir: Path) -> OperatorConfig:
-    """The operator configuration of a local run: artifacts under .finetune/, progress every second."""
-    return OperatorConfig(artifact_store=f"file://{state_dir.resolve()}", progress_interval=1.0, standalone=True)
+    """The operator configuration of a local run: artifacts under .finetune/, progress every second,
+    reports signed with a key of this state folder (made on first use)."""
+    return OperatorConfig(artifact_store=f"file://{state_dir.resolve()}", progress_interval=1.0, standalone=True,
+                          signing_keys_dir=str(local_signing_keys(state_dir)))
+
+
+def local_signing_keys(state_dir: Path) -> Path:
+    """The folder with this state folder's report signing key (0600), created once. Locally the user is
+    the platform: the key signs the reports of `ftctl run`, as the platform key does in a cluster."""
+    from .. import attestation
+
+    folder = state_dir.resolve() / "signing"
+    key = folder / attestation.SIGNING_KEY
+    if not key.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{attestation.SIGNING_KEY}.tmp"
+        tmp.write_bytes(attestation.private_pem(attestation.generate_key()))
+        tmp.chmod(0o600)
+        tmp.replace(key)
+    return folder
 
 
 def absolute_uri(uri: str, cwd: Path) -> str:
@@ -66,10 +84,16 @@ def job_command(job: dict) -> tuple[str, str]:
     return command[1], config[len(CONFIG_MOUNT):]
 
 
-def job_config(config_map: dict, filename: str, local: bool = True) -> dict:
-    """The rendered config in a child ConfigMap. Locally the trainer serves no metrics port:
-    several runs (and tests) share one machine, and nothing scrapes it."""
-    config = json.loads(config_map["data"][filename])
+def job_config(config_map: Optional[dict], filename: str, local: bool = True, job: Optional[dict] = None) -> dict:
+    """The rendered config in a child ConfigMap (or, for a governance Job, in its pod template's
+    annotation). Locally the trainer serves no metrics port: several runs (and tests) share one
+    machine, and nothing scrapes it."""
+    if config_map is None and job is not None:
+        from ..children import CONFIG_ANNOTATION
+
+        config = json.loads(job["spec"]["template"]["metadata"]["annotations"][CONFIG_ANNOTATION])
+    else:
+        config = json.loads(config_map["data"][filename])
     if local and "metricsPort" in config:
         config["metricsPort"] = 0
     return config

@@ -5,13 +5,20 @@ to the report); 3 for a bad config or a missing adapter; 4 for transient errors 
 unreachable), so the Job retries. A check that cannot run (an exception inside it) is a
 failed check with the reason, never a silent pass.
 
-governance.json (in the adapter folder) holds: adapterDigest, datasetDigest,
-baseModelDigest, policy (the effective spec), run (the operator's run number: a policy
-change runs the checks again), checks [{name, passed, value, threshold, message,
-reportURI}], passed, createdAt, trainerVersion and sha256 = sha256 of the canonical JSON
-of everything else (finetune_operator.governance.report_digest). The same report is also
-written to governanceInputs.reportURI (governance/run-N.json), which later runs never
-overwrite.
+The report is a signed attestation (finetune_operator.attestation): an in-toto Statement
+whose subject is the adapter (its manifest digest) and whose predicate holds adapterDigest,
+datasetDigest, baseModelDigest, policy (the effective spec) and policyDigest, run (the
+operator's run number: a policy change runs the checks again), job (namespace, name, uid),
+checks [{name, passed, value, threshold, message, reportURI}], passed, createdAt and
+trainerVersion; wrapped in a DSSE envelope signed with the platform key mounted at
+$FINETUNE_SIGNING_KEYS (the operator runs this command in its own namespace, so that key never
+reaches the user's namespace). It goes to governanceInputs.reportURI (governance/run-N.json,
+what the operator verifies; later runs never overwrite it) and to governance.json, the latest
+run's copy for people and tools.
+
+The adapter is fetched file by file from its manifest, each file's sha256 checked, and only
+safetensors weights are loaded: a pickle (.bin, .pt, ...) in an adapter is refused, so
+evaluating a hostile adapter cannot run code next to the signing key.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 
+from finetune_operator import attestation
 from finetune_operator.api.governance import CheckResult
-from finetune_operator.governance import report_digest
+from finetune_operator.governance import policy_digest
 
 from .. import __version__, storage
 from ..errors import ConfigError, TransientError
@@ -40,6 +49,23 @@ log = get_logger("governance")
 
 CHECKS = {c.name: c for c in (EvaluationCheck(), BiasCheck(), ProvenanceCheck(), PIICheck(), ExplainabilityCheck())}
 REPORT = "governance.json"
+#: The folder with signing.key (the Secret volume of the governance Job).
+SIGNING_KEYS_ENV = "FINETUNE_SIGNING_KEYS"
+DEFAULT_SIGNING_KEYS = "/var/run/finetune/signing"
+#: Weight formats that torch unpickles: never loaded from an adapter.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def load_keyring() -> attestation.Keyring:
+    folder = Path(os.environ.get(SIGNING_KEYS_ENV) or DEFAULT_SIGNING_KEYS)
+    try:
+        ring = attestation.Keyring.from_folder(folder)
+    except (OSError, attestation.AttestationError) as exc:
+        raise ConfigError(f"signing key in {folder}: {exc}") from None
+    if ring.signing is None:
+        raise ConfigError(f"no {attestation.SIGNING_KEY} in {folder} (${SIGNING_KEYS_ENV}): "
+                          "the governance command signs every report")
+    return ring
 
 
 def load_config(config_path: str):
@@ -68,6 +94,37 @@ def resolve_adapter(cfg) -> tuple[str, str]:
     return uri, "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
+def fetch_adapter(uri: str, dest: Path) -> Path:
+    """The adapter's manifest-listed files only, each checked against its sha256 and size."""
+    from ..adapter import MANIFEST
+
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except FileNotFoundError:
+        raise ConfigError(f"{uri}: no {MANIFEST}; not a complete adapter") from None
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ConfigError(f"{uri}/{MANIFEST}: not a valid manifest") from None
+    for name, meta in sorted(files.items()):
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts or name != Path(name).as_posix():
+            raise ConfigError(f"{uri}/{MANIFEST}: file name {name[:200]!r} leaves the adapter folder")
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise ConfigError(f"{uri}/{name}: a pickle file; adapters are loaded from safetensors only")
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{uri}/{MANIFEST}: entry {name[:200]!r} is not an object")
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            storage.download_file(storage.join(uri, name), target)
+        except FileNotFoundError:
+            raise ConfigError(f"{uri}/{name}: listed in the manifest but missing") from None
+        if target.stat().st_size != meta.get("size") or storage.sha256_file(target) != meta.get("sha256"):
+            raise ConfigError(f"{uri}/{name}: does not match the manifest (changed after training?)")
+    return dest
+
+
 def run_check(name: str, ctx: CheckContext) -> CheckResult:
     started = time.monotonic()
     try:
@@ -89,25 +146,34 @@ def run_check(name: str, ctx: CheckContext) -> CheckResult:
     return result
 
 
-def build_report(ctx: CheckContext, results: list[CheckResult]) -> dict:
+def build_predicate(ctx: CheckContext, results: list[CheckResult]) -> dict:
+    """What the signed statement says about the adapter (its subject)."""
     cfg = ctx.config
-    report = {
+    policy = ctx.policy.model_dump(mode="json")
+    return {
         "adapterDigest": ctx.adapter_digest,
         "datasetDigest": cfg.data.digest,
         "baseModelDigest": ctx.base_model_digest or cfg.governanceInputs.baseModelDigest or cfg.baseModel.digest,
-        "policy": ctx.policy.model_dump(mode="json"),
+        "policy": policy,
+        "policyDigest": policy_digest(policy),
         "run": ctx.inputs.run,
+        "job": {"namespace": cfg.job.namespace, "name": cfg.job.name, "uid": cfg.job.uid},
         "checks": [r.model_dump(mode="json") for r in results],
         "passed": all(r.passed for r in results),
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "trainerVersion": __version__,
     }
-    report["sha256"] = report_digest(report)
-    return report
+
+
+def build_report(ctx: CheckContext, results: list[CheckResult], ring: attestation.Keyring) -> dict:
+    """The DSSE envelope of the signed in-toto statement."""
+    stmt = attestation.statement(ctx.adapter_uri, ctx.adapter_digest, build_predicate(ctx, results))
+    return attestation.sign(stmt, ring)
 
 
 def run(config_path: str) -> int:
     cfg = load_config(config_path)
+    ring = load_keyring()  # before any work: without the key no report can be trusted
     adapter_uri, digest = resolve_adapter(cfg)
     required = list(cfg.governance.required)
     log.info("governance starting", extra={"event": "start", "job": cfg.job.name, "namespace": cfg.job.namespace,
@@ -116,19 +182,19 @@ def run(config_path: str) -> int:
         ctx = CheckContext(config=cfg, policy=cfg.governance, inputs=cfg.governanceInputs,
                            adapter_uri=adapter_uri, adapter_dir=Path(tmp) / "adapter", adapter_digest=digest,
                            workdir=Path(tmp))
-        ctx.adapter_dir = storage.download_folder(adapter_uri, ctx.adapter_dir)
+        ctx.adapter_dir = fetch_adapter(adapter_uri, ctx.adapter_dir)
         # Provenance first: it computes the base model digest the report records.
         order = sorted(required, key=lambda n: (n != "provenance", list(CHECKS).index(n)))
         by_name = {name: run_check(name, ctx) for name in order}
         results = [by_name[name] for name in required]
-        report = build_report(ctx, results)
+        report = build_report(ctx, results, ring)
     text = json.dumps(report, indent=1, sort_keys=True)
     # This run's own report first (what the operator reads; kept when the policy changes and the
     # checks run again), then governance.json, the latest run's copy for people and tools.
     if cfg.governanceInputs.reportURI:
         storage.write_text(cfg.governanceInputs.reportURI, text)
     storage.write_text(storage.join(adapter_uri, REPORT), text)
-    log.info("governance done", extra={"event": "done", "passed": report["passed"], "adapter_digest": digest,
-                                       "failing": [r.name for r in results if not r.passed],
-                                       "report_digest": report["sha256"]})
+    log.info("governance done", extra={"event": "done", "passed": all(r.passed for r in results),
+                                       "adapter_digest": digest, "failing": [r.name for r in results if not r.passed],
+                                       "key_id": ring.signing_key_id})
     return 0
