@@ -206,7 +206,7 @@ def test_policies_merge_the_new_thresholds_strictest_wins_and_jobs_cannot_pick_t
         return {"metadata": {"name": name}, "spec": spec}
 
     a = policy("a", evaluation={"confidence": 0.9, "bootstrapSamples": 5000, "minExamples": 30, "bootstrapSeed": 7},
-               bias={"maxFlipRate": 0.02, "maxDemographicParityDifference": 0.2})
+               bias={"maxFlipRate": 0.02, "maxDemographicParityDifference": 0.2, "maxGap": 0.9})
     b = policy("b", evaluation={"confidence": 0.99, "bootstrapSamples": 1000, "minExamples": 12, "bootstrapSeed": 8},
                bias={"maxFlipRate": 0.1, "maxDemographicParityDifference": 0.05, "maxGap": 0.5})
     spec, _ = effective_policy([b, a], "ns", None)
