@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+from decimal import Decimal
 from typing import ClassVar, Literal, Optional
 
 from pydantic import Field
@@ -16,6 +19,21 @@ Consent = Literal["obtained", "not-required", "unknown"]
 DatasetPhase = Literal["Pending", "Validating", "Ready", "Invalid", "Failed"]
 
 
+#: A byte count as a Kubernetes quantity: digits, an optional fraction, an optional decimal (k, M, G, T) or
+#: binary (Ki, Mi, Gi, Ti) suffix; not zero (some digit is 1-9). RE2 syntax, as the API server runs it.
+BYTES_QUANTITY_PATTERN = r"^([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)(k|Ki|M|Mi|G|Gi|T|Ti)?$"
+_BYTE_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def byte_quantity(text: str) -> int:
+    """Bytes in a quantity matching BYTES_QUANTITY_PATTERN ("10Gi", "1.5M", "1000"), rounded up."""
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text)
+    if not m or m.group(2) not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a byte quantity such as 10Gi, 500Mi or 1000000")
+    return max(1, math.ceil(Decimal(m.group(1)) * _BYTE_UNITS[m.group(2)]))
+
+
 class DataSource(ApiModel):
     """Where the raw data lives."""
 
@@ -23,6 +41,18 @@ class DataSource(ApiModel):
         ..., pattern=URI_PATTERN, max_length=2048,
         description="JSONL file (or a folder of *.jsonl files) at s3://bucket/key or file://path.")
     credentials: Optional[SecretRef] = Field(None, description="Secret with S3 credentials for this source.")
+    maxBytes: str = Field(
+        "10Gi", pattern=BYTES_QUANTITY_PATTERN, max_length=32,
+        description="The most bytes validation reads from the source, as a quantity string (\"10Gi\", "
+        "\"500Mi\", \"2G\", \"1000000\"): all the files of a folder together, and a separate evaluation.uri "
+        "file on its own. A larger source is Invalid (reason SourceTooLarge) and reading stops there, so an "
+        "endless or runaway source cannot exhaust the validation Job. The source is read as JSON Lines, "
+        "streamed: lines end at \"\\n\" only (CRLF is accepted; U+2028 inside a string is text), a line may "
+        "be at most 8 MiB, a UTF-8 byte order mark at the start of a file is accepted, and a gzip, zip, bzip2, "
+        "xz or zstd file is refused (reason NotJSONLines) with a message saying so: decompress it first.")
+
+    def max_bytes(self) -> int:
+        return byte_quantity(self.maxBytes)
 
 
 class EvaluationSplit(ApiModel):
