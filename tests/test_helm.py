@@ -263,81 +263,13 @@ def test_rendered_config_loads_in_the_operator(rendered, value_set, tmp_path):
 # --- RBAC --------------------------------------------------------------------------------------
 
 
-def rules_of(objects: list[dict]) -> list[dict]:
-    return [r for o in objects if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]]
-
-
-def allowed(rules: list[dict], group: str, resource: str) -> set[str]:
-    return {v for r in rules if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
-
-
-NEEDED = {  # what the operator does (see issue): (group, resource) -> verbs
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
-    ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
-    ("finetune.dev", "datasets"): {"get", "list", "watch", "patch", "update"},
-    ("finetune.dev", "datasets/status"): {"get", "patch", "update"},
-    ("finetune.dev", "governancepolicies"): {"get", "list", "watch"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete", "patch"},
-    ("", "configmaps"): {"create", "get", "list", "watch", "delete", "patch"},
-    ("", "pods"): {"get", "list", "watch", "create"},  # create: the admission dry run of a Job's pod
-    ("", "pods/log"): {"get"},
-    ("", "events"): {"create", "patch"},
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-}
-
-
-@pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_rbac_has_no_wildcards_and_covers_what_the_operator_does(rendered, value_set):
-    objects = rendered[value_set]
-    rules = rules_of(objects)
-    assert rules
-    for rule in rules:
-        for field in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[field], rule
-        assert not rule.get("nonResourceURLs")
-        # Never anything that lets the operator escalate its own rights.
-        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
-        assert not {"roles", "clusterroles", "rolebindings", "clusterrolebindings"} & set(rule["resources"])
-    for (group, resource), verbs in NEEDED.items():
-        assert verbs <= allowed(rules, group, resource), (group, resource)
-    assert allowed(rules, "", "secrets") == ({"get"} if values_of(value_set)["rbac"]["readSecrets"] else set())
-    assert allowed(rules, "finetune.dev", "governancepolicies") == {"get", "list", "watch"}  # read-only
-
-
-def test_cluster_mode_binds_one_clusterrole(rendered):
-    objects = release_objects(rendered["default"])
-    assert not of_kind(objects, "Role") and not of_kind(objects, "RoleBinding")
-    binding = one(objects, "ClusterRoleBinding")
-    sa = one(objects, "ServiceAccount")
-    assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
-                                    "namespace": NAMESPACE}]
-    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
-    assert {"get", "list", "watch", "patch"} <= allowed(rules_of(objects), "kopf.dev", "clusterkopfpeerings")
-
-
-def test_namespaced_mode_grants_only_in_watched_namespaces(rendered):
-    objects = release_objects(rendered["namespaced"])
-    roles = {r["metadata"]["namespace"]: r for r in of_kind(objects, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in of_kind(objects, "RoleBinding")}
-    assert set(roles) == set(bindings) == {"team-a", "team-b"}
-    for ns, binding in bindings.items():
-        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                      "name": roles[ns]["metadata"]["name"]}
-        assert binding["subjects"][0]["namespace"] == NAMESPACE
-        assert {"get", "list", "watch", "patch"} <= allowed(roles[ns]["rules"], "kopf.dev", "kopfpeerings")
-    # The cluster-wide part holds only what cannot be namespaced: CRD discovery and policies.
-    cluster_resources = {res for r in one(objects, "ClusterRole")["rules"] for res in r["resources"]}
-    assert cluster_resources == {"customresourcedefinitions", "governancepolicies"}
-    peerings = of_kind(objects, "KopfPeering")
-    assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
-    assert not of_kind(objects, "ClusterKopfPeering")
+# The operator's rules (every value set, what it may do in which namespace, Secrets, pods/log) are
+# tested in tests/test_rbac.py.
 
 
 def test_cluster_mode_with_a_namespace_list_peers_per_namespace(rendered):
     objects = rendered["cluster-some-namespaces"]
     assert [p["metadata"]["namespace"] for p in of_kind(objects, "KopfPeering")] == ["ml-prod"]
-    assert not of_kind(release_objects(objects), "Role")
     assert one(objects, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["ml-prod"]}
     assert one(objects, "ServiceMonitor")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 

@@ -68,7 +68,17 @@ app.kubernetes.io/component: operator
 {{- printf "%s-metrics" (include "finetune-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{- /* Rules on namespaced resources: cluster-wide in cluster mode, one Role per namespace otherwise. */}}
+{{/* The Secret holding the governance report signing key, in the release namespace: the only
+Secret the operator may read (rbac.yaml grants it by this name). */}}
+{{- define "finetune-operator.signingSecretName" -}}
+{{- printf "%s-signing" (include "finetune-operator.fullname" .) }}
+{{- end }}
+
+{{- /* Rules on namespaced resources, in every namespace the operator watches: one Role per
+namespace when watch.namespaces lists them, cluster-wide (the ClusterRole) when it watches all.
+Never Secrets (pods read credentials through secretKeyRef; the only Secret the operator touches is
+its signing key, granted by name in its own namespace in rbac.yaml) and never pods/log (ftctl
+reads logs with the user's own credentials; the operator reads none). */}}
 {{- define "finetune-operator.namespacedRules" }}
 # Our custom resources: Kopf patches finalizers and progress annotations, handlers write status.
 - apiGroups: [finetune.dev]
@@ -77,33 +87,69 @@ app.kubernetes.io/component: operator
 - apiGroups: [finetune.dev]
   resources: [datasets/status, finetunejobs/status]
   verbs: [get, patch, update]
-# Validation, trainer and governance Jobs.
+# Validation and trainer Jobs.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, watch, delete, patch]
-# Rendered trainer configuration and governance inputs.
+# Rendered trainer configuration.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, get, list, watch, delete, patch]
-# Pod state (scheduling, OOM, preemption) and the trainer's last log lines on failure. `create`
-# only for the admission dry run of each new Job's pod (POST pods?dryRun=All; RBAC cannot tell a
-# dry run from a real create): no more power than `create` on Jobs, whose pods run the same way.
+# Pod state (scheduling, OOM, preemption). `create` only for the admission dry run of each new
+# Job's pod (POST pods?dryRun=All; RBAC cannot tell a dry run from a real create): no more power
+# than `create` on Jobs, whose pods run the same way.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create]
 - apiGroups: [""]
-  resources: [pods/log]
-  verbs: [get]
-{{- if .Values.rbac.readSecrets }}
-# Optional (rbac.readSecrets): the operator itself never needs Secret values; pods use secretKeyRef.
-- apiGroups: [""]
-  resources: [secrets]
-  verbs: [get]
+  resources: [events]
+  verbs: [create, patch]
+# The one egress NetworkPolicy per namespace for the operator's Job pods (created, then kept as
+# rendered; never listed or deleted).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch]
+{{- if .Values.peering.enabled }}
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch]
 {{- end }}
+{{- end }}
+
+{{- /* Rules in the operator's own namespace (.Release.Namespace), in every mode: the governance
+Jobs run there, next to the signing key, so no watched namespace ever sees the key. */}}
+{{- define "finetune-operator.operatorNamespaceRules" }}
+# Governance Jobs, their inputs and their pods (as in a watched namespace).
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, delete, patch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, get, list, watch, delete, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
-{{- if .Values.peering.enabled }}
+# Kopf watches this namespace too (for the governance Jobs) and so lists our resources here; users'
+# objects live in the watched namespaces, so nothing here is written.
+- apiGroups: [finetune.dev]
+  resources: [datasets, finetunejobs]
+  verbs: [get, list, watch]
+# The report signing key: read and rotated by name only.
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [{{ include "finetune-operator.signingSecretName" . }}]
+  verbs: [get, patch, update]
+# Creating it on first start. RBAC cannot restrict `create` by name (the name is not known when
+# the request is authorized), so this allows creating any Secret in this namespace -- but not
+# reading one back: get/list/watch exist only for the name above.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
+{{- if and .Values.peering.enabled .Values.watch.namespaces }}
+# Kopf peers per namespace when it watches a list, and this namespace is on its list.
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
