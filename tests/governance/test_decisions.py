@@ -89,8 +89,10 @@ def test_job_may_tighten_but_never_loosen():
 
 
 def test_api_defaulted_job_values_do_not_produce_noise():
-    # The API server fills defaults into spec.governance: maxGap 0.25 is the default, not a user choice.
-    spec, messages = effective_policy([policy("p", bias={"maxGap": 0.1})], "ns", {"bias": {"maxGap": 0.25}})
+    # The API server fills defaults into spec.governance: the default maxGap is not a user choice.
+    from finetune_operator.api.governance import GAP_DEFAULT
+
+    spec, messages = effective_policy([policy("p", bias={"maxGap": 0.1})], "ns", {"bias": {"maxGap": GAP_DEFAULT}})
     assert spec.bias.maxGap == 0.1
     assert messages == []
 

@@ -162,7 +162,14 @@ def greedy_continue(ctx: CheckContext, ids: list[int], max_new_tokens: int) -> s
 
 
 def answer_logprobs(ctx: CheckContext, examples: list, max_len: Optional[int] = None) -> list[float]:
-    """Mean per-token log-probability of each example's response tokens (as the trainer masks them).
+    """Mean per-token log-probability of each example's response tokens (as the trainer masks them)."""
+    return [total / tokens for total, tokens in answer_scores(ctx, examples, max_len)]
+
+
+def answer_scores(ctx: CheckContext, examples: list, max_len: Optional[int] = None) -> list[tuple[float, int]]:
+    """(log-probability of the whole response, its token count) of each example: the response
+    tokens as the trainer masks them, the end-of-turn token included (so the score is the
+    probability of exactly that complete answer).
 
     Scored in packed batches (objective.example_logprobs): the same numbers as one forward
     pass per example, several times faster. Raises if an answer has no tokens left after truncation.
@@ -174,9 +181,9 @@ def answer_logprobs(ctx: CheckContext, examples: list, max_len: Optional[int] = 
     limit = max_len or ctx.config.training.maxSeqLength
     tokenized = [tokenize_example(example, ctx.tokenizer, limit) for example in examples]
     pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
-    scores = example_logprobs(model, tokenized, max_len=max(limit, max(len(t) for t in tokenized)),
-                              pad_id=pad_id, device=ctx.device)
-    if any(s != s for s in scores):  # NaN: nothing to score
+    means = example_logprobs(model, tokenized, max_len=max(limit, max(len(t) for t in tokenized)),
+                             pad_id=pad_id, device=ctx.device)
+    if any(s != s for s in means):  # NaN: nothing to score
         raise ValueError("an answer has no tokens left after truncation")
-    return scores
-
+    # example_logprobs averages over the example's targets; its count is the example's own.
+    return [(mean * t.trainable_tokens, t.trainable_tokens) for mean, t in zip(means, tokenized)]
