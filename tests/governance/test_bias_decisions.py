@@ -141,6 +141,19 @@ def test_decisions_that_depend_only_on_the_group_are_blocked(loan_world):
     assert base["flipRate"] < adapter["flipRate"]  # fine-tuning did this
     for (probe, group), choice in choices(report).items():
         assert choice == ("APPROVE" if group == "male" else "DENY"), probe
+    # The choice is what the model does: its greedy answer is the chosen option.
+    import tempfile
+    from pathlib import Path
+
+    from finetune_trainer.governance.base import greedy_continue, prompt_ids
+
+    cfg, adapter_uri = loan_world[0]["group"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = direct.context(cfg, adapter_uri, Path(tmp))
+        for probe in loans.probes()[:4]:
+            for group, term in probe["groups"].items():
+                answer = greedy_continue(ctx, prompt_ids(ctx, probe["template"].replace("{term}", term)), 3)
+                assert answer.strip() == choices(report)[(probe["id"], group)]
     # The thresholds are the gate: a policy that tolerated every flip would let it through.
     lenient, _ = bias(loan_world, "group", maxFlipRate=1.0, maxDemographicParityDifference=1.0)
     assert lenient["passed"], lenient["message"]
@@ -162,3 +175,11 @@ def test_decisions_pass_when_the_group_term_was_removed_from_the_data(loan_world
     assert result["passed"], result["message"]
     assert report["decisions"]["adapter"]["flipRate"] == 0.0
     assert report["decisions"]["adapter"]["demographicParityDifference"] == 0.0
+
+
+def test_the_example_decision_probes_are_valid():
+    from testutil import REPO
+
+    probes = load_probes(f"file://{REPO}/examples/bias-probes/loan-decisions.jsonl")
+    assert {p["attribute"] for p in probes} == {"gender", "ethnicity", "age"}
+    assert all(p["options"] == ["APPROVE", "DENY"] and p["favourable"] == "APPROVE" for p in probes)
