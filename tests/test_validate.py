@@ -290,12 +290,18 @@ def test_command_pii_reject_report_names_kinds_and_lines(tmp_path):
     assert "4111" not in (out / "report.json").read_text() and "4111" not in proc.stderr
 
 
-def test_command_non_utf8_source_exits_3(tmp_path):
+def test_command_non_utf8_line_is_an_invalid_line_not_a_failure(tmp_path):
+    # Bad data is the Dataset's problem (Invalid, exit 0), not the Job's: it used to exit 3 and give no report.
     src = tmp_path / "data.jsonl"
-    src.write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n')
-    proc = run_validate(write_config(tmp_path, f"file://{src}", f"file://{tmp_path}/out"))
-    assert proc.returncode == 3
-    assert "not UTF-8" in proc.stderr
+    src.write_bytes(jsonl(instruction_lines(12)).encode() + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    out = tmp_path / "out"
+    proc = run_validate(write_config(tmp_path, f"file://{src}", f"file://{out}"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["valid"] is False and report["reason"] == "TooManyInvalidLines"
+    assert report["message"] == ("1 invalid lines, at most 0 allowed: "
+                                 "line 13: not UTF-8: byte 0xe9 (invalid continuation byte) at byte 21")
+    assert report["errors"][0]["excerpt"] == '{"instruction": "caf\\xe9", "output": "x"}'
 
 
 def test_command_reports_invalid_data_with_exit_0_and_no_data_files(tmp_path):
@@ -309,7 +315,8 @@ def test_command_reports_invalid_data_with_exit_0_and_no_data_files(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["valid"] is False and report["reason"] == "TooManyInvalidLines"
     assert report["invalidLineNumbers"] == [7]
-    assert report["errors"] == [{"line": 7, "field": "output", "problem": "must not be empty"}]
+    assert report["errors"] == [{"line": 7, "field": "output", "problem": "must not be empty",
+                                 "excerpt": '{"instruction": "x", "output": ""}'}]
     assert not (out / "train.jsonl").exists() and not (out / "eval.jsonl").exists()
 
 
@@ -380,3 +387,84 @@ def test_quickstart_dataset_validates_against_its_manifest():
     assert result.stats.examples >= 50 and result.stats.evalExamples >= 5
     for line in (result.train_jsonl + result.eval_jsonl).splitlines():
         assert json.loads(line)["output"].startswith("FTO:")
+
+
+# ------------------------------------------------------------------------ streaming pieces
+
+
+def test_lines_split_on_newline_only_whatever_the_chunks():
+    from finetune_trainer import jsonlines
+
+    data = ('{"a": "x\u2028y\u0085z"}\r\n' + '{"b": 1}\n' + "\n" + '{"c": "\x1c"}').encode()
+    whole = [(r.number, r.data) for r in jsonlines.split([data])]
+    assert whole == [(1, '{"a": "x\u2028y\u0085z"}'.encode()), (2, b'{"b": 1}'), (3, b""), (4, '{"c": "\x1c"}'.encode())]
+    byte_by_byte = [(r.number, r.data) for r in jsonlines.split(data[i:i + 1] for i in range(len(data)))]
+    assert byte_by_byte == whole
+
+
+def test_a_line_over_the_bound_keeps_only_its_start_and_reading_goes_on():
+    from finetune_trainer import jsonlines
+
+    long = b"y" * (jsonlines.MAX_LINE_BYTES + 10)
+    chunks = [b"first\n" + long[:3 * 2**20], long[3 * 2**20:] + b"\nlast"]
+    lines = list(jsonlines.split(c for c in chunks))
+    assert [(r.number, r.too_long, r.length) for r in lines] == [(1, False, 5), (2, True, len(long)), (3, False, 4)]
+    assert len(lines[1].data) == jsonlines.EXCERPT_BYTES and lines[2].data == b"last"
+
+
+def test_the_byte_budget_stops_reading():
+    from finetune_trainer import jsonlines
+
+    budget = jsonlines.ByteBudget(10, "spec.source.maxBytes", "10")
+    with pytest.raises(jsonlines.SourceProblem) as exc:
+        list(jsonlines.split([b"a\nb\n", b"c\nd\ne\nf\n"], budget))
+    assert exc.value.reason == "SourceTooLarge" and exc.value.line == 3
+
+
+def test_digest_set_finds_duplicates_and_stays_small():
+    from finetune_trainer.validate import DigestSet
+
+    seen = DigestSet()
+    assert all(seen.add(f"example {i}") for i in range(100_000))
+    assert not any(seen.add(f"example {i}") for i in range(0, 100_000, 7))
+    assert seen.add("one more") and len(seen) == 100_001
+    assert seen.nbytes <= 100_001 * 8 / 0.3  # 8-byte slots, at least 30% full
+
+
+def test_byte_quantities():
+    import re
+
+    from pydantic import ValidationError
+
+    from finetune_operator.api.dataset import BYTES_QUANTITY_PATTERN, DataSource, byte_quantity
+
+    assert byte_quantity("10Gi") == 10 * 2**30 and byte_quantity("1.5M") == 1_500_000
+    assert byte_quantity("1000") == 1000 and byte_quantity("0.5Ki") == 512
+    for bad in ("0", "0.0", "10GB", "1e9", "-1", "10 Gi", "1m"):
+        assert not re.match(BYTES_QUANTITY_PATTERN, bad), bad
+    with pytest.raises(ValidationError, match="maxBytes"):
+        DataSource(uri="file:///x.jsonl", maxBytes="0")
+    assert DataSource(uri="file:///x.jsonl").max_bytes() == 10 * 2**30  # the default
+
+
+def test_excerpts_redact_pii_and_messages_never_quote_lines():
+    bad = json.dumps({"instruction": "Mail ann@example.org", "output": 5})
+    result = validate_text(jsonl(instruction_lines(5) + [bad]), make_spec())
+    assert result.errors[0].excerpt == '{"instruction": "Mail [EMAIL]", "output": 5}'
+    assert "ann@example.org" not in result.message and "[EMAIL]" not in result.message
+
+
+def test_folder_errors_name_the_file_and_its_own_line(tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(jsonl(instruction_lines(6)))
+    (folder / "b.jsonl").write_text(jsonl(instruction_lines(2, start=6) + ['{"instruction": "x"}']))
+    from finetune_trainer import jsonlines
+    from finetune_trainer.validate import read_source, validate_lines
+
+    text, starts = read_source(f"file://{folder}")  # the in-memory form governance uses
+    assert starts == [(1, "a.jsonl"), (7, "b.jsonl")] and text.count("\n") == 9
+
+    result = validate_lines(jsonlines.read(f"file://{folder}"), make_spec(), workdir=tmp_path)
+    assert result.message == "1 invalid lines, at most 0 allowed: b.jsonl line 3: output: missing required field"
+    assert result.invalid_line_numbers == [9] and result.errors[0].file_line == 3

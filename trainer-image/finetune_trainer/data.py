@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from . import formats, storage
+from . import formats, jsonlines, storage
 from .errors import DataError
 from .tiny import CHATML_TEMPLATE
 
@@ -46,17 +46,27 @@ class TokenizedExample:
 
 
 def read_examples(data_uri: str, name: str, fmt: str) -> list[formats.Example]:
-    """Parse `{data_uri}/{name}`; a malformed line stops the run naming file and line."""
+    """Parse `{data_uri}/{name}`; a malformed line stops the run naming file and line.
+
+    Read as the validation Job read it (jsonlines: streamed, split on "\\n" only), so a file it
+    wrote -- where U+2028 and U+0085 stay raw inside strings -- parses line for line here too."""
     uri = storage.join(data_uri, name)
     try:
-        text = storage.read_text(uri)
+        lines = jsonlines.lines([(None, jsonlines.open_file(uri))])
+        examples = []
+        for line in lines:
+            if line.problem is not None:
+                raise DataError(f"{uri} line {line.number}: {line.problem}")
+            if formats.is_blank(line.text):
+                continue
+            try:
+                examples.append(formats.parse_line(line.text, fmt))
+            except formats.FormatError as exc:
+                raise DataError(f"{uri} line {line.number}: {exc}") from None
     except FileNotFoundError:
         raise DataError(f"{uri}: dataset file not found (expected train.jsonl and eval.jsonl)") from None
-    examples = []
-    for number, parsed in formats.iter_examples(text, fmt):
-        if isinstance(parsed, formats.FormatError):
-            raise DataError(f"{uri} line {number}: {parsed}")
-        examples.append(parsed)
+    except jsonlines.SourceProblem as exc:
+        raise DataError(f"{uri}: {exc.problem}") from None
     if not examples:
         raise DataError(f"{uri}: no examples")
     return examples

@@ -13,10 +13,20 @@ is one more parser in PARSERS.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 ROLES = ("system", "user", "assistant")
+#: Deepest nesting of arrays/objects a line may have. Our formats need 3 levels; the limit is far above
+#: any real example and far below what would exhaust the parser's recursion (a RecursionError).
+MAX_DEPTH = 64
+#: Longest integer literal, in digits. No format needs integers; Python refuses to convert more than
+#: 4,300 digits (a ValueError), and big ones cost quadratic time to convert.
+MAX_INT_DIGITS = 100
+#: How much of a user's value a message quotes (a 400 KB role must not make a 400 KB message).
+QUOTE_CHARS = 60
 
 
 class FormatError(ValueError):
@@ -38,6 +48,22 @@ class Example:
         return "\n".join(content for _, content in self.messages)
 
 
+def clip(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was left out ("… N more"); lone surrogates
+    escaped, so a message quoting it can always be written as UTF-8."""
+    head = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    return head if len(text) <= limit else f"{head}… {len(text) - limit} more"
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """A user's value as it appears in a message: repr() for strings, bounded either way."""
+    if isinstance(value, str):
+        return repr(clip(value, limit)) if len(value) > limit else repr(value)
+    if isinstance(value, (dict, list)):
+        return type(value).__name__  # never echo a structure (it may be huge)
+    return clip(repr(value), limit)
+
+
 def _string(obj: dict, field: str, required: bool = True) -> Optional[str]:
     if field not in obj:
         if required:
@@ -45,7 +71,7 @@ def _string(obj: dict, field: str, required: bool = True) -> Optional[str]:
         return None
     value = obj[field]
     if not isinstance(value, str):
-        raise FormatError(field, f"must be a string, got {type(value).__name__}")
+        raise FormatError(field, f"must be a string, got {json_type(value)}")
     if required and not value.strip():
         raise FormatError(field, "must not be empty")
     return value
@@ -54,25 +80,31 @@ def _string(obj: dict, field: str, required: bool = True) -> Optional[str]:
 def _known_fields(obj: dict, allowed: set[str]) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise FormatError(unknown[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        raise FormatError(clip(unknown[0]), f"unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
 def parse_chat(obj: dict) -> Example:
     messages = obj.get("messages")
     if messages is None:
         raise FormatError("messages", "missing required field")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise FormatError("messages", f"must be a non-empty list, got {json_type(messages)}")
+    if not messages:
         raise FormatError("messages", "must be a non-empty list")
     out = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise FormatError(f"messages[{i}]", "must be an object with role and content")
-        role = msg.get("role")
+            raise FormatError(f"messages[{i}]", f"must be an object with role and content, got {json_type(msg)}")
+        if "role" not in msg:
+            raise FormatError(f"messages[{i}].role", "missing required field")
+        role = msg["role"]
         if role not in ROLES:
-            raise FormatError(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-        content = msg.get("content")
+            raise FormatError(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {quote(role)}")
+        if "content" not in msg:
+            raise FormatError(f"messages[{i}].content", "missing required field")
+        content = msg["content"]
         if not isinstance(content, str):
-            raise FormatError(f"messages[{i}].content", "must be a string")
+            raise FormatError(f"messages[{i}].content", f"must be a string, got {json_type(content)}")
         out.append((role, content))
     if not any(role == "assistant" and content.strip() for role, content in out):
         raise FormatError("messages", "needs at least one non-empty assistant message to learn from")
@@ -104,14 +136,106 @@ PARSERS: dict[str, Callable[[dict], Example]] = {
 }
 
 
-def parse_line(line: str, fmt: str) -> Example:
-    """Parse one JSONL line; raises FormatError (or ValueError for bad JSON)."""
+class _Reject(ValueError):
+    """Raised from inside json.loads' hooks; carries the message for the line's error."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    # RFC 8259 leaves duplicate names undefined and json.loads keeps the last one silently: a line
+    # {"output": "a", "output": "b"} would train on "b" while a reviewer reading it sees "a".
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Reject(f"duplicate key {quote(key)}")
+        out[key] = value
+    return out
+
+
+def _int(literal: str) -> int:
+    digits = len(literal.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _Reject(f"integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return int(literal)
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999 parses as inf: not a number any JSON reader agrees on
+        raise _Reject(f"number {clip(literal, 30)} is out of range for a double")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _Reject(f"{name} is not valid JSON (JSON numbers are finite)")
+
+
+# Strings (with their escapes) are skipped, so brackets inside them do not count.
+_DEPTH_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest bracket nesting in JSON text, without parsing it (no recursion, any depth)."""
+    depth = deepest = 0
+    for m in _DEPTH_TOKENS.finditer(text):
+        ch = m.group()
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _lone_surrogate(value: Any) -> Optional[tuple[str, str]]:
+    """(field path, the code point) of the first string holding a lone UTF-16 surrogate ("\\ud800"
+    is valid JSON syntax but not Unicode: it cannot be written as UTF-8). Iterative: no recursion."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, dict):
+            for key, sub in reversed(list(item.items())):
+                sub_path = f"{path}.{clip(key, 40)}" if path else clip(key, 40)
+                stack.append((sub_path, sub))
+                stack.append((f"{sub_path} (key)", key))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path or "json", f"\\u{ord(item[exc.start]):04x}"
+    return None
+
+
+def loads_strict(line: str) -> Any:
+    """json.loads that refuses what JSON readers disagree on, and never raises anything but FormatError:
+    duplicate keys, NaN / Infinity, numbers out of range, integers over MAX_INT_DIGITS digits, nesting
+    deeper than MAX_DEPTH, lone surrogates, a byte order mark."""
+    if line.startswith("\ufeff"):
+        raise FormatError("json", "starts with a byte order mark (U+FEFF); only a file's first line may")
+    if line.count("[") + line.count("{") > MAX_DEPTH and nesting_depth(line) > MAX_DEPTH:
+        raise FormatError("json", f"nested deeper than {MAX_DEPTH} levels")
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_no_duplicates, parse_int=_int, parse_float=_float,
+                         parse_constant=_constant)
     except json.JSONDecodeError as exc:
-        raise FormatError("json", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise FormatError("json", f"not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from None
+    except _Reject as exc:
+        raise FormatError("json", str(exc)) from None
+    except RecursionError:  # the depth check above makes this unreachable; kept so it can never crash
+        raise FormatError("json", f"nested deeper than {MAX_DEPTH} levels") from None
+    if "\\u" in line:  # a lone surrogate can only come from an escape (raw ones fail UTF-8 decoding)
+        found = _lone_surrogate(obj)
+        if found:
+            raise FormatError(found[0], f"lone surrogate {found[1]} (a JSON escape that is not Unicode)")
+    return obj
+
+
+def parse_line(line: str, fmt: str) -> Example:
+    """Parse one JSONL line; raises FormatError naming the field."""
+    obj = loads_strict(line)
     if not isinstance(obj, dict):
-        raise FormatError("json", f"each line must be a JSON object, got {type(obj).__name__}")
+        raise FormatError("json", f"each line must be a JSON object, got {json_type(obj)}")
     try:
         parser = PARSERS[fmt]
     except KeyError:
@@ -119,15 +243,44 @@ def parse_line(line: str, fmt: str) -> Example:
     return parser(obj)
 
 
-def iter_examples(text: str, fmt: str) -> Iterator[tuple[int, Example | FormatError]]:
-    """Yield (line number, example or error) for every non-blank line (1-based numbers)."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+def json_type(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (a message never says NoneType or dict)."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def is_blank(line: str) -> bool:
+    """Only JSON whitespace (a line of U+2028 or NBSP is not blank: it is text, and not JSON)."""
+    return not line.strip(" \t\r")
+
+
+def split_lines(text: str) -> Iterator[str]:
+    """Lines of JSON Lines text: split on "\\n" only (str.splitlines() also splits at U+2028, U+0085,
+    \\x1c-\\x1e, ... which are valid inside JSON strings), a trailing "\\r" dropped (CRLF files)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        if end < 0:
+            end = len(text)
+        line = text[start:end]
+        yield line[:-1] if line.endswith("\r") else line
+        start = end + 1
+
+
+def iter_parsed(lines: Iterable[str], fmt: str, start: int = 1) -> Iterator[tuple[int, Example | FormatError]]:
+    """Yield (line number, example or error) for every non-blank line."""
+    for number, line in enumerate(lines, start=start):
+        if is_blank(line):
             continue
         try:
             yield number, parse_line(line, fmt)
         except FormatError as exc:
             yield number, exc
+
+
+def iter_examples(text: str, fmt: str) -> Iterator[tuple[int, Example | FormatError]]:
+    """Yield (line number, example or error) for every non-blank line (1-based numbers)."""
+    return iter_parsed(split_lines(text), fmt)
 
 
 def to_record(example: Example, fmt: str) -> dict:
