@@ -275,6 +275,13 @@ def test_streaming_verify_names_what_is_wrong_with_a_hostile_manifest(bucket):
         uri = with_manifest(bucket, good, edit)
         ok, why = adapter.verify(uri)
         assert not ok and why == f"{uri}/{message}", case
+    # A manifest nested past Python's recursion limit, and a file name of 100 KB: named, bounded.
+    nested = f"s3://{bucket}/nested/adapters/x"
+    storage.write_bytes(storage.join(nested, "manifest.json"), b"[" * 100_000)
+    assert adapter.verify(nested) == (False, f"{nested}/manifest.json: not a valid manifest")
+    long_name = with_manifest(bucket, good, lambda m: m["files"].update({"../" + "a" * 100_000: {"size": 1}}))
+    ok, why = adapter.verify(long_name)
+    assert not ok and "is not a plain relative path" in why and len(why) < 500
     # A manifest far larger than any real one is not read to its end.
     huge = f"s3://{bucket}/huge/adapters/x"
     put_stream(storage.join(huge, "manifest.json"), adapter.MANIFEST_MAX_BYTES + 1, b"{")

@@ -131,14 +131,14 @@ def verify(adapter_uri: str) -> tuple[bool, str]:
         files = json.loads(manifest_bytes)["files"]
         if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
             raise TypeError("files")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: "[[[[..." nested past Python's limit
         return False, f"{adapter_uri}/{MANIFEST}: not a valid manifest"
     for fname, meta in sorted(files.items()):
         if not _plain_name(fname):
-            return False, f"{adapter_uri}/{MANIFEST}: file name {fname!r} is not a plain relative path"
+            return False, f"{adapter_uri}/{MANIFEST}: file name {fname[:200]!r} is not a plain relative path"
         size = meta.get("size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            return False, f"{adapter_uri}/{MANIFEST}: {fname}: size {size!r} is not a byte count"
+            return False, f"{adapter_uri}/{MANIFEST}: {fname}: size {repr(size)[:100]} is not a byte count"
         chunks = storage.iter_chunks(storage.join(adapter_uri, fname))
         try:
             sha, read = storage.sha256_stream(chunks, limit=size)
