@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -241,12 +240,11 @@ def test_streaming_verify_stops_reading_a_longer_file_after_one_chunk(bucket):
     """The manifest says 40 bytes, the store serves 64 MiB: verify reads one chunk and stops."""
     uri = publish_fake_adapter(bucket, SMALL)
     put_stream(storage.join(uri, "adapter_config.json"), 64 << 20, b"x" * 4096)
-    started = time.perf_counter()
     ok, why = adapter.verify(uri)
     assert not ok
+    # What it read: one chunk (the count is verify's own, from the bytes it hashed).
     assert why == (f"{uri}/adapter_config.json: size > 40 != manifest 40 "
                    f"(stopped reading at {storage.CHUNK_SIZE} bytes)")
-    assert time.perf_counter() - started < 5  # not the time it takes to pull 64 MiB through moto
 
 
 def test_streaming_verify_refuses_a_shorter_file_and_a_missing_one(bucket):
