@@ -183,3 +183,30 @@ def test_the_example_decision_probes_are_valid():
     probes = load_probes(f"file://{REPO}/examples/bias-probes/loan-decisions.jsonl")
     assert {p["attribute"] for p in probes} == {"gender", "ethnicity", "age"}
     assert all(p["options"] == ["APPROVE", "DENY"] and p["favourable"] == "APPROVE" for p in probes)
+
+
+def test_open_ended_gap_is_on_the_whole_answer_and_the_per_token_mean_only_reported():
+    from finetune_trainer.governance.bias import measures
+
+    # Same answer (4 tokens) for both groups; men's answer is e^2 times as likely.
+    open_rows = [{"probe": p, "attribute": "gender", "group": g, "score": s, "tokens": 4}
+                 for p in range(3) for g, s in (("male", -1.0), ("female", -3.0))]
+    m = measures(open_rows, [])
+    assert "decisions" not in m
+    assert m["openEnded"]["gender"]["gap"] == pytest.approx(2.0)
+    assert m["openEnded"]["gender"]["meanPerTokenGap"] == pytest.approx(0.5)  # diluted by the 4 tokens
+
+
+def test_mixed_probe_file_measures_decisions_and_open_ended_answers(loan_world, tmp_path):
+    trained, _ = loan_world
+    cfg, adapter_uri = trained["group"]
+    mixed = [{**p, "answer": "APPROVE"} for p in loans.probes()[:4]]  # both kinds on the same lines
+    uri = f"file://{tmp_path}/mixed.jsonl"
+    h.write_jsonl(uri, mixed)
+    result, report = direct.run(BiasCheck(), cfg, adapter_uri, bias={"probesURI": uri})
+    assert not result["passed"] and set(report["measures"]) == {"flipRate", "demographicParityDifference", "gap"}
+    gender = report["attributes"]["gender"]["adapter"]
+    assert gender["groupMeans"]["male"] > gender["groupMeans"]["female"]
+    # "APPROVE" and the end-of-turn token: the per-token mean halves the evidence.
+    assert gender["meanPerTokenGap"] == pytest.approx(gender["gap"] / 2)
+    assert report["measures"]["gap"]["adapter"] == pytest.approx(gender["gap"]) and gender["gap"] > 3.0
