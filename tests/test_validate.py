@@ -468,3 +468,20 @@ def test_folder_errors_name_the_file_and_its_own_line(tmp_path):
     result = validate_lines(jsonlines.read(f"file://{folder}"), make_spec(), workdir=tmp_path)
     assert result.message == "1 invalid lines, at most 0 allowed: b.jsonl line 3: output: missing required field"
     assert result.invalid_line_numbers == [9] and result.errors[0].file_line == 3
+
+
+def test_validate_source_gives_the_commands_digest_for_a_tolerated_non_utf8_line(tmp_path):
+    # Governance re-validates the source with validate_source: a Dataset the Job made Ready with a
+    # dropped non-UTF-8 line must get the same digest there (reading it as text would raise instead).
+    from finetune_trainer.validate import validate_source
+
+    src = tmp_path / "data.jsonl"
+    src.write_bytes(jsonl(instruction_lines(12)).encode() + b'{"instruction": "caf\xe9", "output": "x"}\n')
+    out = tmp_path / "out"
+    config = write_config(tmp_path, f"file://{src}", f"file://{out}", curation={"minExamples": 3, "maxInvalidLines": 1})
+    assert run_validate(config).returncode == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["valid"] is True and report["stats"]["invalidLines"] == 1
+    spec = ValidationConfig.model_validate_json(config.read_text()).dataset
+    again = validate_source(spec)
+    assert again.digest == report["digest"] and again.train_path is None

@@ -397,6 +397,24 @@ def validate_text(
     return result
 
 
+def validate_source(spec: DatasetSpec, *, count_tokens: Optional[Callable[[Example], int]] = None,
+                    workdir: Optional[Path] = None) -> ValidationResult:
+    """`validate_lines` on the spec's source (and evaluation file) as they are now, streamed: what the
+    command computes. Without `workdir` the validated files go to a temp folder that is removed, so
+    only the result is kept (governance re-validates a source to compare its digest this way)."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="ft-validate-") as tmp:
+            result = validate_source(spec, count_tokens=count_tokens, workdir=Path(tmp))
+            result.train_path = result.eval_path = None
+            return result
+    jsonlines.source_files(spec.source.uri)  # a missing source or eval file fails before any reading
+    if spec.evaluation.uri:
+        jsonlines.source_files(spec.evaluation.uri)
+    evaluation = _eval_lines(jsonlines.read(spec.evaluation.uri, _budget(spec))) if spec.evaluation.uri else None
+    return validate_lines(jsonlines.read(spec.source.uri, _budget(spec)), spec, evaluation, workdir=workdir,
+                          count_tokens=count_tokens)
+
+
 def _eval_lines(lines: Iterator[Line]) -> Iterator[Line]:
     """The evaluation file's lines; a SourceProblem in it is labelled "eval"."""
     try:
@@ -457,15 +475,8 @@ def run(config_path: str) -> int:
     source = spec.source.uri
     counter = tokenizer_counter(config.tokenizerURI) if config.tokenizerURI else None
     try:
-        # Resolved before anything is read, so a missing source or eval file exits 3 with no report.
-        jsonlines.source_files(source)
-        if spec.evaluation.uri:
-            jsonlines.source_files(spec.evaluation.uri)
         with tempfile.TemporaryDirectory(prefix="ft-validate-") as workdir:
-            evaluation = _eval_lines(jsonlines.read(spec.evaluation.uri, _budget(spec))) if spec.evaluation.uri \
-                else None
-            result = validate_lines(jsonlines.read(source, _budget(spec)), spec, evaluation,
-                                    workdir=Path(workdir), count_tokens=counter)
+            result = validate_source(spec, count_tokens=counter, workdir=Path(workdir))
             if result.valid:  # uploaded from the temp files: never in memory
                 storage.upload_file(result.train_path, storage.join(config.outputURI, "train.jsonl"))
                 storage.upload_file(result.eval_path, storage.join(config.outputURI, "eval.jsonl"))

@@ -52,11 +52,10 @@ def declaration_findings(provenance, rules) -> list[tuple[str, bool, str]]:
 
 def current_dataset_digest(spec) -> tuple[str | None, str]:
     """Validate the Dataset's source as it is now; (digest or None, message)."""
-    from ..validate import read_source, validate_text
+    from ..validate import validate_source
 
-    text, _ = read_source(spec.source.uri)
-    eval_text = storage.read_text(spec.evaluation.uri) if spec.evaluation.uri else None
-    result = validate_text(text, spec, eval_text)
+    # Streamed like the validation Job (bounded memory; a tolerated non-UTF-8 line is a dropped line here too).
+    result = validate_source(spec)
     return result.digest, result.message
 
 
