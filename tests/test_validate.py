@@ -485,3 +485,10 @@ def test_validate_source_gives_the_commands_digest_for_a_tolerated_non_utf8_line
     spec = ValidationConfig.model_validate_json(config.read_text()).dataset
     again = validate_source(spec)
     assert again.digest == report["digest"] and again.train_path is None
+
+
+
+def test_command_source_path_with_a_nul_exits_3(tmp_path):
+    proc = run_validate(write_config(tmp_path, "file:///tmp/a\x00b.jsonl", f"file://{tmp_path}/out"))
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert "NUL character" in proc.stderr

@@ -293,6 +293,8 @@ def source_files(uri: str) -> list[tuple[Optional[str], str]]:
     any file, FIFO or device that is not a folder), or a folder's *.jsonl files sorted by name."""
     loc = storage.parse(uri)
     if loc.scheme == "file":
+        if "\x00" in loc.key:  # os.stat would raise ValueError
+            raise ConfigError(f"{uri!r}: a path cannot hold a NUL character")
         path = Path(loc.key)
         if not path.is_dir():
             if not path.exists():

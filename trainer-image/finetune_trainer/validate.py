@@ -482,6 +482,8 @@ def run(config_path: str) -> int:
                 storage.upload_file(result.eval_path, storage.join(config.outputURI, "eval.jsonl"))
     except FileNotFoundError as exc:
         raise ConfigError(f"dataset source not found: {exc}") from None
+    except PermissionError as exc:  # a source the Job may not read is a configuration problem, not a crash
+        raise ConfigError(f"dataset source not readable: {exc}") from None
     report = result.report(source_uri=source, validated_uri=config.outputURI, fmt=spec.format)
     # Written last: its presence means the validated files beside it are complete.
     storage.write_text(storage.join(config.outputURI, "report.json"), json.dumps(report, indent=2) + "\n")
