@@ -492,3 +492,13 @@ def test_command_source_path_with_a_nul_exits_3(tmp_path):
     proc = run_validate(write_config(tmp_path, "file:///tmp/a\x00b.jsonl", f"file://{tmp_path}/out"))
     assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
     assert "NUL character" in proc.stderr
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line_in_the_message(tmp_path):
+    from finetune_trainer import jsonlines
+    from finetune_trainer.validate import validate_lines
+
+    files = [("ok.jsonl", [jsonl(instruction_lines(3)).encode()]), ("evil\nname.jsonl", [b"{broken\n"])]
+    result = validate_lines(jsonlines.lines(files), make_spec(minExamples=1), workdir=tmp_path)
+    assert result.message == ("1 invalid lines, at most 0 allowed: evil\\nname.jsonl line 1: json: not valid JSON "
+                              "(Expecting property name enclosed in double quotes at column 2)")

@@ -49,9 +49,12 @@ class Example:
 
 
 def clip(text: str, limit: int = QUOTE_CHARS) -> str:
-    """`text` cut to `limit` characters, saying how much was left out ("… N more"); lone surrogates
-    escaped, so a message quoting it can always be written as UTF-8."""
-    head = text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+    """`text` cut to `limit` characters, saying how much was left out ("… N more"); control characters
+    and lone surrogates escaped, so a message quoting it stays one line and can be written as UTF-8."""
+    head = text[:limit]
+    if not head.isprintable():
+        head = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in head)
+    head = head.encode("utf-8", "backslashreplace").decode("utf-8")
     return head if len(text) <= limit else f"{head}… {len(text) - limit} more"
 
 

@@ -80,12 +80,13 @@ class LineError:
         return out
 
     def describe(self) -> str:
+        file = clip(self.file, 120) if self.file else None  # an S3 key may hold anything, "\n" included
         if self.line is None:
-            where = self.file
-        elif self.file and self.file_line is not None:
-            where = f"{self.file} line {self.file_line}"
+            where = file
+        elif file and self.file_line is not None:
+            where = f"{file} line {self.file_line}"
         else:
-            where = f"{self.file} line {self.line}" if self.file else f"line {self.line}"
+            where = f"{file} line {self.line}" if file else f"line {self.line}"
         what = self.problem if self.field == "line" else f"{self.field}: {self.problem}"
         return f"{where}: {what}" if where else what
 
