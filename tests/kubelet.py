@@ -7,7 +7,8 @@ Against the Kubernetes API emulator it plays the parts of a cluster that the emu
   (FailJob), and spec.suspend (the running pod is stopped);
 - the scheduler and the kubelet: it runs the pod's container command as a local subprocess,
   with the container's environment (secretKeyRef values read from Secrets in the emulator),
-  the ConfigMap volumes written to a temp dir and every mount path rewritten to a local dir;
+  the ConfigMap, Secret and downward-API (annotation) volumes written to a temp dir and every
+  mount path rewritten to a local dir;
   a deleted Job's pod gets SIGTERM, like a real pod on deletion;
 - the garbage collector: objects whose owners are all gone are deleted.
 
@@ -261,8 +262,9 @@ class FakeKubelet:
         name = f"{meta['name']}-{uuid.uuid4().hex[:5]}"
         labels = {**(template.get("metadata") or {}).get("labels", {}), "job-name": meta["name"],
                   "batch.kubernetes.io/job-name": meta["name"]}
+        annotations = dict((template.get("metadata") or {}).get("annotations") or {})
         pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels,
+               "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels, "annotations": annotations,
                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
                                                  "uid": meta.get("uid", ""), "controller": True}]},
                "spec": template["spec"], "status": {"phase": "Pending"}}
@@ -293,6 +295,20 @@ class FakeKubelet:
                 cm = await self._api("GET", f"/api/v1/namespaces/{ns}/configmaps/{source['configMap']['name']}")
                 for fname, content in ((cm or {}).get("data") or {}).items():
                     (local / fname).write_text(content)
+            elif "secret" in source:  # the items asked for (all keys without items), like a kubelet
+                secret = await self._api("GET", f"/api/v1/namespaces/{ns}/secrets/{source['secret']['secretName']}")
+                if secret is None:
+                    raise RuntimeError(f"secret {source['secret']['secretName']} not found")  # a real pod would wait
+                data = secret.get("data") or {}
+                items = source["secret"].get("items") or [{"key": k, "path": k} for k in data]
+                for item in items:
+                    (local / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+            elif "downwardAPI" in source:
+                annotations = pod["metadata"].get("annotations") or {}
+                for item in source["downwardAPI"].get("items") or []:
+                    field = item["fieldRef"]["fieldPath"]  # metadata.annotations['key'] is all the operator uses
+                    key = field[len("metadata.annotations['"):-2]
+                    (local / item["path"]).write_text(annotations[key])
             mounts[mount["mountPath"]] = local
 
         def rewrite(value: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -269,7 +271,8 @@ def test_rendered_config_loads_in_the_operator(rendered, value_set, tmp_path):
 
 def test_cluster_mode_with_a_namespace_list_peers_per_namespace(rendered):
     objects = rendered["cluster-some-namespaces"]
-    assert [p["metadata"]["namespace"] for p in of_kind(objects, "KopfPeering")] == ["ml-prod"]
+    # The watched namespace, and the release's own (the operator watches it for its governance Jobs).
+    assert [p["metadata"]["namespace"] for p in of_kind(objects, "KopfPeering")] == ["ml-prod", "finetune-system"]
     assert one(objects, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["ml-prod"]}
     assert one(objects, "ServiceMonitor")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
@@ -461,3 +464,18 @@ def test_defaults_agree_with_the_operator_and_its_image(rendered):
     exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()}
     assert {p["containerPort"] for p in pod["containers"][0]["ports"]} == exposed
     assert re.search(r'^ENTRYPOINT \["finetune-operator"\]', dockerfile, re.M)  # so args: [run] runs it
+
+
+def test_the_operator_is_told_its_namespace_and_the_job_pod_settings(rendered):
+    for name, objects in rendered.items():
+        cm = next(o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-config"))
+        config = yaml.safe_load(cm["data"]["config.yaml"])
+        assert config["namespace"] == cm["metadata"]["namespace"], name  # governance Jobs run there
+        assert config["signingSecret"].endswith("-signing") and config["jobNetworkPolicy"] is True, name
+        assert config["terminationGraceSeconds"] == 300 and config["shmSizeLimit"] == "8Gi", name
+        # Every key is one the operator knows (config.load refuses unknown ones).
+        from finetune_operator.config import OperatorConfig, load
+
+        path = Path(tempfile.mkdtemp()) / "config.yaml"
+        path.write_text(cm["data"]["config.yaml"])
+        assert isinstance(load({"FINETUNE_CONFIG": str(path)}), OperatorConfig)

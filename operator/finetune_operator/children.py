@@ -190,6 +190,9 @@ def batch_job(*, name: str, namespace: str, owner: Optional[dict], labels: dict,
     container = {
         "name": CONTAINER, "image": image, "imagePullPolicy": config.image_pull_policy,
         "command": command, "env": env,
+        # The trainer writes its error to the termination message (else the log's tail is used): the
+        # operator reads why a pod failed from the pod's status, without access to pod logs.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": _resources(cpu, memory, gpus, scheduling.get("gpuResourceName", "nvidia.com/gpu")),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

@@ -48,7 +48,8 @@ def summarize_pod(pod: dict) -> dict:
             summary["waiting"] = {"reason": state["waiting"]["reason"], "message": state["waiting"].get("message", "")}
         term = state.get("terminated") or last.get("terminated")
         if term:
-            summary["terminated"] = {"reason": term.get("reason", ""), "exitCode": term.get("exitCode")}
+            summary["terminated"] = {"reason": term.get("reason", ""), "exitCode": term.get("exitCode"),
+                                     "message": bounded(term.get("message") or "", 512)}
     return summary
 
 
@@ -91,9 +92,11 @@ def job_state(job: Optional[dict], pods: list[dict]) -> JobState:
     if job["failedCondition"]:
         cond = job["failedCondition"]
         if config_error or cond.get("reason") == "PodFailurePolicy":
+            said = next((p["terminated"].get("message") for p in pods if (p.get("terminated") or {}).get("message")), "")
             return JobState("Failed", "ConfigurationError",
                             f"the trainer exited with the configuration-error code {children.EXIT_CONFIG_ERROR}; "
-                            "retrying will not help (see the pod log for the field or line at fault)")
+                            + (f"retrying will not help: {said.strip()}" if said else
+                               "retrying will not help (see the pod log for the field or line at fault)"))
         return JobState("Failed", cond.get("reason") or "JobFailed", cond.get("message") or f"Job {job['name']} failed")
     for p in pods:
         if p.get("waiting"):

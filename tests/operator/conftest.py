@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/operator (kube
 from kubelet import FakeKubelet  # noqa: E402
 from kube_emulator import Cluster  # noqa: E402
 # Re-exported for harnesses that load this file by path (tests/test_prometheus.py).
-from operator_e2e import (API, SECRET, dataset_manifest, finetunejob_manifest, phase,  # noqa: E402,F401
+from operator_e2e import (API, OPERATOR_NAMESPACE, SECRET, dataset_manifest, finetunejob_manifest, phase,  # noqa: E402,F401
                           ready_dataset, running_operator, status_of, write_raw_dataset)
 
 
@@ -58,10 +58,14 @@ def env(cluster, s3_server, bucket, tmp_path, monkeypatch) -> dict:
         "FINETUNE_TRAINER_IMAGE": "ghcr.io/finetune-operator/trainer:test",
         "FINETUNE_DEFAULT_GOVERNANCE": json.dumps({"required": []}),
         "FINETUNE_JOB_ENV": json.dumps({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}),
+        # Governance Jobs run here, with the platform's S3 Secret and the signing key the operator makes.
+        "FINETUNE_NAMESPACE": OPERATOR_NAMESPACE,
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     cluster.secret(SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    cluster.secret(SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+                   namespace=OPERATOR_NAMESPACE)
     return {"bucket": bucket, "s3": s3_server, **values}
 
 

@@ -13,6 +13,7 @@ from typing import Iterator
 
 API = "finetune.dev/v1alpha1"
 SECRET = "s3-creds"
+OPERATOR_NAMESPACE = "finetune-system"
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional
 
@@ -40,10 +41,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainerError as exc:
         log.error(str(exc), extra={"event": "error", "exit_code": exc.exit_code, "error_type": type(exc).__name__})
         code = exc.exit_code
+        termination_message(str(exc))
     except FileNotFoundError as exc:
         log.error(f"not found: {exc}", extra={"event": "error", "exit_code": EXIT_CONFIG_ERROR})
         code = EXIT_CONFIG_ERROR
+        termination_message(f"not found: {exc}")
     sys.exit(code)
+
+
+def termination_message(message: str) -> None:
+    """The error in the pod's termination message, where the operator reads it from the pod's status:
+    it needs no access to pod logs to say which field or line is at fault."""
+    path = os.environ.get("FINETUNE_TERMINATION_LOG", "/dev/termination-log")
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(message[:2048])
+    except OSError:
+        pass  # not in a pod (a local run): the log line above says it
 
 
 if __name__ == "__main__":

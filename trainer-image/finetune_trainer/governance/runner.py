@@ -94,34 +94,50 @@ def resolve_adapter(cfg) -> tuple[str, str]:
     return uri, "sha256:" + hashlib.sha256(manifest).hexdigest()
 
 
+class AdapterRefused(ConfigError):
+    """The adapter is not what its manifest says (or carries a pickle): every check fails with this."""
+
+
 def fetch_adapter(uri: str, dest: Path) -> Path:
-    """The adapter's manifest-listed files only, each checked against its sha256 and size."""
+    """The adapter's manifest-listed files only, each hashed while it streams to disk and never read
+    past its manifest size (a hostile bucket may serve a huge or endless object)."""
     from ..adapter import MANIFEST
 
     try:
-        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+        manifest = json.loads(storage.read_bytes_limited(storage.join(uri, MANIFEST), 4 << 20))
         files = manifest["files"]
         assert isinstance(files, dict)
     except FileNotFoundError:
         raise ConfigError(f"{uri}: no {MANIFEST}; not a complete adapter") from None
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise ConfigError(f"{uri}/{MANIFEST}: not a valid manifest") from None
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
+        raise AdapterRefused(f"{uri}/{MANIFEST}: not a valid manifest") from None
     for name, meta in sorted(files.items()):
-        parts = Path(name).parts
-        if not name or Path(name).is_absolute() or ".." in parts or name != Path(name).as_posix():
-            raise ConfigError(f"{uri}/{MANIFEST}: file name {name[:200]!r} leaves the adapter folder")
+        shown = name[:200]
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts or name != Path(name).as_posix():
+            raise AdapterRefused(f"{uri}/{MANIFEST}: file name {shown!r} leaves the adapter folder")
         if name.lower().endswith(PICKLE_SUFFIXES):
-            raise ConfigError(f"{uri}/{name}: a pickle file; adapters are loaded from safetensors only")
-        if not isinstance(meta, dict):
-            raise ConfigError(f"{uri}/{MANIFEST}: entry {name[:200]!r} is not an object")
+            raise AdapterRefused(f"{uri}/{shown}: a pickle file; adapters are loaded from safetensors only")
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise AdapterRefused(f"{uri}/{MANIFEST}: entry {shown!r} has no byte size")
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
+        h, n = hashlib.sha256(), 0
+        chunks = storage.iter_chunks(storage.join(uri, name))
         try:
-            storage.download_file(storage.join(uri, name), target)
+            with open(target, "wb") as fh:
+                for chunk in chunks:
+                    n += len(chunk)
+                    if n > size:
+                        break
+                    h.update(chunk)
+                    fh.write(chunk)
         except FileNotFoundError:
-            raise ConfigError(f"{uri}/{name}: listed in the manifest but missing") from None
-        if target.stat().st_size != meta.get("size") or storage.sha256_file(target) != meta.get("sha256"):
-            raise ConfigError(f"{uri}/{name}: does not match the manifest (changed after training?)")
+            raise AdapterRefused(f"{uri}/{shown}: listed in the manifest but missing") from None
+        finally:
+            chunks.close()
+        if n != size or h.hexdigest() != meta.get("sha256"):
+            raise AdapterRefused(f"{uri}/{shown}: does not match the manifest (changed after training?)")
     return dest
 
 
@@ -182,11 +198,19 @@ def run(config_path: str) -> int:
         ctx = CheckContext(config=cfg, policy=cfg.governance, inputs=cfg.governanceInputs,
                            adapter_uri=adapter_uri, adapter_dir=Path(tmp) / "adapter", adapter_digest=digest,
                            workdir=Path(tmp))
-        ctx.adapter_dir = fetch_adapter(adapter_uri, ctx.adapter_dir)
-        # Provenance first: it computes the base model digest the report records.
-        order = sorted(required, key=lambda n: (n != "provenance", list(CHECKS).index(n)))
-        by_name = {name: run_check(name, ctx) for name in order}
-        results = [by_name[name] for name in required]
+        try:
+            ctx.adapter_dir = fetch_adapter(adapter_uri, ctx.adapter_dir)
+        except AdapterRefused as exc:
+            # A verdict, not a crash: signed, every check failed with the reason (provenance's is the
+            # manifest), so the FineTuneJob says why it was blocked.
+            log.warning("adapter refused", extra={"event": "adapter_refused", "error": str(exc)[:500]})
+            results = [failed(n, f"adapterManifest: {exc}" if n == "provenance" else f"not run: {exc}")
+                       for n in required]
+        else:
+            # Provenance first: it computes the base model digest the report records.
+            order = sorted(required, key=lambda n: (n != "provenance", list(CHECKS).index(n)))
+            by_name = {name: run_check(name, ctx) for name in order}
+            results = [by_name[name] for name in required]
         report = build_report(ctx, results, ring)
     text = json.dumps(report, indent=1, sort_keys=True)
     # This run's own report first (what the operator reads; kept when the policy changes and the
