@@ -502,3 +502,13 @@ def test_a_file_name_with_a_newline_stays_on_one_line_in_the_message(tmp_path):
     result = validate_lines(jsonlines.lines(files), make_spec(minExamples=1), workdir=tmp_path)
     assert result.message == ("1 invalid lines, at most 0 allowed: evil\\nname.jsonl line 1: json: not valid JSON "
                               "(Expecting property name enclosed in double quotes at column 2)")
+
+
+def test_a_separate_eval_file_over_max_bytes_is_named_as_the_eval_file():
+    spec = make_spec()
+    spec.evaluation.fraction, spec.evaluation.uri = None, "file:///eval.jsonl"
+    spec.source.maxBytes = "1Ki"
+    result = validate_text(jsonl(instruction_lines(3)), spec, jsonl(instruction_lines(40, start=100)))
+    assert not result.valid and result.reason == "SourceTooLarge"
+    assert result.message.startswith("eval line 1: source: reading stopped here: the source is larger than "
+                                     "spec.source.maxBytes (1Ki = 1024 bytes)")

@@ -9,8 +9,8 @@ validator calls Ready is read the same way by the trainer:
   EXCERPT_BYTES are kept) and reading goes on after its "\\n";
 - every byte read counts against a ByteBudget (spec.source.maxBytes): past it, reading stops with
   SourceProblem("SourceTooLarge"), so an endless source (/dev/zero, a FIFO) ends;
-- a UTF-8 byte order mark at the start of a file is dropped (as Python's utf-8-sig, jq and most
-  tools do); a file that starts like gzip, zip, bzip2, xz, zstd, 7z, Parquet or UTF-16/32 is not
+- a UTF-8 byte order mark at the start of a file is dropped (as Python's utf-8-sig codec does;
+  Windows editors often write one); a file that starts like gzip, zip, bzip2, xz, zstd, 7z, Parquet or UTF-16/32 is not
   JSON Lines: SourceProblem("NotJSONLines") says what it is and what to do;
 - each line is decoded as strict UTF-8 (encoded surrogates included); NUL bytes are refused before
   that (binary data). A line that cannot be decoded keeps a problem instead of its text.
