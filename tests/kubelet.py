@@ -307,8 +307,8 @@ class FakeKubelet:
                 annotations = pod["metadata"].get("annotations") or {}
                 for item in source["downwardAPI"].get("items") or []:
                     field = item["fieldRef"]["fieldPath"]  # metadata.annotations['key'] is all the operator uses
-                    key = field[len("metadata.annotations['"):-2]
-                    (local / item["path"]).write_text(annotations[key])
+                    annotation = field[len("metadata.annotations['"):-2]
+                    (local / item["path"]).write_text(annotations[annotation])
             mounts[mount["mountPath"]] = local
 
         def rewrite(value: str) -> str:

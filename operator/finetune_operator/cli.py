@@ -58,7 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--delete-all-checkpoints", action="store_true",
                      help="also delete the checkpoints of FineTuneJobs that are not being deleted "
                           "(checkpointsOnDelete: Delete); by default they are kept")
+    rot = sub.add_parser("rotate-signing-key",
+                         help="sign governance reports with a new key; earlier keys keep verifying earlier reports")
+    rot.add_argument("--namespace", help="the operator's namespace (default: the configured one)")
+    rot.add_argument("--secret", help="the signing Secret (default: the configured one)")
+    rot.add_argument("--retire-old", action="store_true",
+                     help="trust only the new key: reports signed before stop verifying (after a key leak)")
     return parser
+
+
+def rotate_signing_key(namespace: str, secret: str, retire_old: bool) -> int:
+    """Replace signing.key in the Secret; the old public key moves to trusted.pem (unless retired).
+    Governance Jobs that start afterwards sign with the new key; the operator re-reads the Secret
+    within a minute and verifies both. Prints key ids, never key material."""
+    import base64
+
+    import kubernetes
+
+    from . import attestation
+
+    kubernetes.config.load_config()
+    api = kubernetes.client.CoreV1Api()
+    current = api.read_namespaced_secret(secret, namespace)
+    files = {k: base64.b64decode(v) for k, v in (current.data or {}).items()}
+    old = attestation.Keyring.from_files(files)
+    new_key = attestation.generate_key()
+    rotated = ({attestation.SIGNING_KEY: attestation.private_pem(new_key), attestation.TRUSTED_KEYS: b""}
+               if retire_old else attestation.rotated_files(files, new_key))
+    body = {"metadata": {"resourceVersion": current.metadata.resource_version},  # no lost update
+            "data": {k: base64.b64encode(v).decode() for k, v in rotated.items()}}
+    api.patch_namespaced_secret(secret, namespace, body)
+    print(f"signing key {attestation.key_id(new_key.public_key())} (was {old.signing_key_id}); "
+          f"trusted: {', '.join(sorted(attestation.Keyring.from_files(rotated).trusted))}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -69,6 +101,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(uninstall.main(tuple(ns.namespaces) if ns.namespaces else None, ns.stop_deployment,
                                 ns.stop_timeout, ns.delete_all_checkpoints))
     cfg = config_mod.load()
+    if ns.command == "rotate-signing-key":
+        sys.exit(rotate_signing_key(ns.namespace or cfg.namespace, ns.secret or cfg.signing_secret, ns.retire_old))
     args = kopf_args(cfg, standalone=ns.standalone, verbose=ns.verbose)
     if ns.print_args:
         print(" ".join(args))

@@ -251,6 +251,14 @@ def _binding_problems(stmt: dict, predicate: dict, bound: ReportBinding) -> list
     return problems
 
 
+def _untrusted(required: Optional[list[str]], message: str) -> GovernanceOutcome:
+    """Nothing of an untrusted report is shown as a result: every required check failed, with why."""
+    names = list(required if required is not None else CHECK_NAMES)
+    checks = [CheckResult(name=n, passed=False, message=f"report not trusted: {message}") for n in names]
+    return GovernanceOutcome(checks=checks, passed=False, failing=names, report_ok=False, required=names,
+                             message=message)
+
+
 def read_report(envelope: Any, bound: ReportBinding, keys: attestation.Keyring,
                 required: Optional[list[str]] = None) -> GovernanceOutcome:
     """Verify a signed governance report and summarise its checks.
@@ -266,12 +274,11 @@ def read_report(envelope: Any, bound: ReportBinding, keys: attestation.Keyring,
     try:
         stmt, signer = attestation.verify(envelope, keys)
     except attestation.AttestationError as exc:
-        names = list(required or CHECK_NAMES)
-        checks = [CheckResult(name=n, passed=False, message="report not trusted") for n in names]
-        return GovernanceOutcome(checks=checks, passed=False, failing=names, report_ok=False, required=names,
-                                 message=f"report signature not valid: {exc}")
+        return _untrusted(required, f"report signature not valid: {exc}")
     predicate = stmt["predicate"]
     problems = _binding_problems(stmt, predicate, bound)
+    if problems:  # genuine, but another run's evidence: none of its results count here
+        return _untrusted(required, "; ".join(problems))
     if required is None:
         policy = predicate.get("policy") if isinstance(predicate.get("policy"), dict) else {}
         required = [n for n in policy.get("required") or CHECK_NAMES if n in CHECK_NAMES]
@@ -298,7 +305,7 @@ def read_report(envelope: Any, bound: ReportBinding, keys: attestation.Keyring,
     else:
         message = f"all required checks passed ({', '.join(required)})"
     return GovernanceOutcome(checks=checks, passed=passed, failing=failing, message=message,
-                             report_ok=report_ok, required=list(required), key_id=signer)
+                             report_ok=report_ok, required=list(required), key_id=signer if report_ok else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,18 +307,25 @@ async def _ensure_network_policy(client: Any, namespace: str) -> None:
     STATE.network_policies.add(namespace)
 
 
+def _signed_by_unknown_key(report: Any, keys: Optional[attestation.Keyring]) -> bool:
+    signatures = report.get("signatures") if isinstance(report, dict) else None
+    ids = {s.get("keyid") for s in signatures if isinstance(s, dict)} if isinstance(signatures, list) else set()
+    return bool(ids) and keys is not None and not ids & set(keys.trusted)
+
+
 #: How often the verifying keys are read again: a rotation is seen within this time.
 KEYRING_REFRESH_SECONDS = 60.0
 
 
-async def _keyring() -> attestation.Keyring:
+async def _keyring(refresh: bool = False) -> attestation.Keyring:
     """The keys governance reports are signed and verified with: the signing Secret in the operator's
     namespace, created with a new Ed25519 key on first use (or a local folder, config.signing_keys_dir).
     Only public keys stay in memory; the private key is for the governance Job's volume."""
     import time
 
     async with STATE.keyring_lock:
-        if STATE.keyring is not None and time.monotonic() - STATE.keyring_at < KEYRING_REFRESH_SECONDS:
+        if (not refresh and STATE.keyring is not None
+                and time.monotonic() - STATE.keyring_at < KEYRING_REFRESH_SECONDS):
             return STATE.keyring
         if CONFIG.signing_keys_dir:
             from pathlib import Path
@@ -624,6 +631,8 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
         gov_state = decisions.job_state(inputs.governance_job, inputs.governance_pods)
         if gov_state.state in ("Succeeded", "Failed") or phase in ("AwaitingApproval", "Failed"):
             inputs.report = await _read_json(run.report_uri)
+            if _signed_by_unknown_key(inputs.report, inputs.keys):
+                inputs.keys = await _keyring(refresh=True)  # rotated moments ago: read the Secret again
             if inputs.report is not None:
                 from finetune_trainer import adapter as adapter_mod
 

@@ -92,6 +92,8 @@ def operator_env(kubeconfig: str, s3_endpoint: str, bucket: str, prefix: str, **
     env.update({
         "KUBECONFIG": kubeconfig,
         "FINETUNE_NAMESPACES": f"{prefix}-*",
+        # Its own namespace (inside the glob, so Kopf watches it): governance Jobs and the signing key.
+        "FINETUNE_NAMESPACE": operator_namespace(prefix),
         "FINETUNE_STANDALONE": "true",
         "FINETUNE_ARTIFACT_STORE": f"s3://{bucket}/store",
         "FINETUNE_S3_ENDPOINT": s3_endpoint,
@@ -109,11 +111,16 @@ def operator_env(kubeconfig: str, s3_endpoint: str, bucket: str, prefix: str, **
     return env
 
 
+def operator_namespace(prefix: str) -> str:
+    return f"{prefix}-system"
+
+
 class Stack:
     """What a module's tests share: the cluster, a bucket with the tiny model, one operator."""
 
     def __init__(self, cluster: RealCluster, bucket: str, model_uri: str, op: Operator, prefix: str):
         self.cluster, self.bucket, self.model_uri, self.op, self.prefix = cluster, bucket, model_uri, op, prefix
+        self.operator_namespace = operator_namespace(prefix)
 
 
 @contextlib.contextmanager
@@ -126,11 +133,16 @@ def operator_stack(cluster: RealCluster, s3_endpoint: str, model_dir: Path, log_
     model_uri = f"s3://{bucket}/models/tiny"
     upload_folder(model_dir, model_uri)
     prefix = run_prefix()
+    system = operator_namespace(prefix)
+    cluster.kubectl("create", "namespace", system)
+    add_credentials(cluster, system)  # the platform's S3 Secret, for the governance Jobs
     op = Operator(operator_env(cluster.kubeconfig, s3_endpoint, bucket, prefix), log_dir).start()
     try:
         yield Stack(cluster, bucket, model_uri, op, prefix)
     finally:
         op.stop()
+        cluster.kubectl("delete", "jobs", "--all", "-n", system, "--wait=false", check=False)
+        cluster.delete_namespace(system)
 
 
 # --- namespaces, objects --------------------------------------------------------------------
@@ -138,9 +150,13 @@ def operator_stack(cluster: RealCluster, s3_endpoint: str, model_dir: Path, log_
 def new_namespace(cluster: RealCluster, prefix: str) -> str:
     """A fresh `<prefix>-*` namespace (the operator with that prefix watches it) with the S3 credentials Secret."""
     ns = cluster.create_namespace(prefix)
-    cluster.kubectl("create", "secret", "generic", SECRET, "-n", ns,
-                    "--from-literal=AWS_ACCESS_KEY_ID=testing", "--from-literal=AWS_SECRET_ACCESS_KEY=testing")
+    add_credentials(cluster, ns)
     return ns
+
+
+def add_credentials(cluster: RealCluster, namespace: str) -> None:
+    cluster.kubectl("create", "secret", "generic", SECRET, "-n", namespace,
+                    "--from-literal=AWS_ACCESS_KEY_ID=testing", "--from-literal=AWS_SECRET_ACCESS_KEY=testing")
 
 
 def delete_namespace(cluster: RealCluster, namespace: str, timeout: int = 60) -> None:

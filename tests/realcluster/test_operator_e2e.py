@@ -90,10 +90,24 @@ def test_gpu_job_scheduled_trained_judged_promoted_and_driven_with_ftctl(stack, 
         got = get_condition(done["conditions"], cond)
         assert got["status"] == "True" and got["observedGeneration"] == generation, got
     assert [ch["name"] for ch in done["governance"]["checks"]] and done["governance"]["passed"] is True
-    # The governance Job ran as a pod too (it is a child of the FineTuneJob).
-    gov = c.get("job", done["governanceJob"], ns)
-    assert gov["status"].get("succeeded") == 1
-    assert gov["metadata"]["ownerReferences"][0]["name"] == "gpu"
+    # The governance Job ran in the operator's namespace (with the signing key, out of the team's
+    # reach), with the platform's image, its pod without a service-account token.
+    assert not any(j.startswith("gpu-gov") for j in h.jobs(c, ns))
+    gov = c.get("job", done["governanceJob"], stack.operator_namespace)
+    assert gov["status"].get("succeeded") == 1 and "ownerReferences" not in gov["metadata"]
+    assert gov["metadata"]["labels"]["finetune.dev/job-namespace"] == ns
+    assert gov["metadata"]["labels"]["finetune.dev/job-uid"] == h.ftj(c, ns, "gpu")["metadata"]["uid"]
+    gov_pod = h.pods(c, stack.operator_namespace, done["governanceJob"])[0]
+    assert gov_pod["spec"]["containers"][0]["image"] == "ghcr.io/finetune-operator/trainer:realcluster"
+    assert gov_pod["spec"]["automountServiceAccountToken"] is False
+    assert not any(v.get("projected") for v in gov_pod["spec"]["volumes"])  # no token volume was injected
+    assert done["governance"]["signingKey"] and done["governance"]["reportDigest"].startswith("sha256:")
+    # The trainer pod has no token either; the namespace's Job NetworkPolicy selects it.
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert not any(v.get("projected") for v in pod["spec"]["volumes"])
+    policy = c.get("networkpolicy", "finetune-job-pods", ns)
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "finetune-operator"}
+    assert {p["port"] for r in policy["spec"]["egress"] for p in r["ports"]} >= {53}
 
     reasons = wait_for(lambda: (r := {e["reason"] for e in h.events(c, ns, "gpu")})
                        >= {"TrainerJobCreated", "TrainingStarted", "Trained", "Promoted"} and r,
@@ -187,3 +201,43 @@ def test_a_pod_template_that_admission_refuses_fails_once_and_a_fixed_spec_retri
                        timeout=60, interval=1, what="a retry on the new generation")
     assert get_condition(retried["conditions"], "Failed")["status"] == "False"
     assert wait_for(lambda: "prio-train-1" in h.jobs(c, ns), timeout=30, what="the trainer Job")
+
+
+def test_signing_key_rotation_old_reports_stay_valid_new_ones_use_the_new_key(stack, ns):
+    """The platform rotates the report signing key with `finetune-operator rotate-signing-key`: the
+    Secret the operator made holds the new key and keeps the old one as trusted; a job judged before
+    keeps its verdict, the next one is signed by the new key and promoted (the operator re-read the
+    Secret). The operator's ServiceAccount never needed to read any other Secret for it."""
+    import base64
+    import subprocess
+
+    from finetune_operator import attestation
+
+    c = stack.cluster
+    h.ready_dataset(c, stack.bucket, ns)
+    governance = {"required": ["provenance"]}
+    c.apply(h.finetunejob_manifest("before", ns, "ready", stack.model_uri, f"s3://{stack.bucket}/runs/{ns}/before",
+                                   governance=governance))
+    before = h.wait_phase(c, ns, "before", ("Succeeded", "Failed"), 240, stack.op)
+    assert before["phase"] == "Succeeded", before
+    secret = c.get("secret", "finetune-operator-signing", stack.operator_namespace)
+    ring = attestation.Keyring.from_secret_data(secret["data"])
+    assert before["governance"]["signingKey"] == ring.signing_key_id
+
+    out = subprocess.run([str(h.BIN / "finetune-operator"), "rotate-signing-key", "--namespace",
+                          stack.operator_namespace], env={**c.env, "FINETUNE_CONFIG": ""}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rotated = attestation.Keyring.from_secret_data(c.get("secret", "finetune-operator-signing",
+                                                         stack.operator_namespace)["data"])
+    assert rotated.signing_key_id != ring.signing_key_id and ring.signing_key_id in rotated.trusted
+    assert rotated.signing_key_id in out.stdout and "PRIVATE" not in out.stdout + out.stderr
+    assert base64.b64encode(attestation.private_pem(rotated.signing)).decode() not in out.stdout
+
+    # At once: a report signed by a key the operator does not know yet makes it re-read the Secret.
+    c.apply(h.finetunejob_manifest("after", ns, "ready", stack.model_uri, f"s3://{stack.bucket}/runs/{ns}/after",
+                                   governance=governance))
+    after = h.wait_phase(c, ns, "after", ("Succeeded", "Failed"), 240, stack.op)
+    assert after["phase"] == "Succeeded", after
+    assert after["governance"]["signingKey"] == rotated.signing_key_id
+    assert h.status(c, ns, "before")["promotion"]["state"] == "Promoted"  # the old verdict stands
