@@ -40,7 +40,6 @@ written for this project; `bias.probesURI` points to another JSONL file of the s
 
 from __future__ import annotations
 
-import json
 import math
 from importlib import resources
 from typing import Any, Optional
@@ -48,11 +47,13 @@ from typing import Any, Optional
 from finetune_operator.api.governance import CheckResult
 
 from .. import storage
+from ..formats import FormatError, is_blank, loads_strict, split_lines
 from .base import CheckContext, answer_scores, failed, probe_example
 
 DEFAULT_PROBES = "bias_probes.jsonl"
 #: Probe lines read at most (every group of every probe is a forward pass, with and without the adapter).
 MAX_PROBES = 2000
+MAX_PROBE_BYTES = 16 << 20
 MAX_OPTIONS = 16
 
 
@@ -91,16 +92,22 @@ def probe_problem(probe: Any) -> Optional[str]:
 
 def load_probes(uri: str | None) -> list[dict]:
     source = uri or DEFAULT_PROBES
-    text = (storage.read_text(uri) if uri
-            else resources.files("finetune_trainer").joinpath("data", DEFAULT_PROBES).read_text("utf-8"))
+    try:
+        text = (storage.read_bytes_limited(uri, MAX_PROBE_BYTES).decode("utf-8") if uri
+                else resources.files("finetune_trainer").joinpath("data", DEFAULT_PROBES).read_text("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not UTF-8 (byte {exc.start})") from None
     probes = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # JSON Lines as the validator reads them: "\n"-separated, strict JSON (no duplicate keys, NaN, ...).
+    for number, line in enumerate(split_lines(text), start=1):
+        if is_blank(line):
             continue
         try:
-            probe = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{source} line {number}: not JSON ({exc.msg})") from None
+            probe = loads_strict(line)
+        except FormatError as exc:
+            raise ValueError(f"{source} line {number}: {exc}") from None
+        if not isinstance(probe, dict):
+            raise ValueError(f"{source} line {number}: not a JSON object")
         problem = probe_problem(probe)
         if problem:
             raise ValueError(f"{source} line {number}: {problem}")

@@ -31,17 +31,18 @@ case-folding) at least that often.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Sequence
 
 from finetune_operator.api.governance import CheckResult
 
 from .. import storage
+from ..formats import FormatError, is_blank, loads_strict, split_lines
 from .base import CheckContext, failed, greedy_continue, prompt_ids
 
 #: Held-out examples scored at most (deterministic: the first ones in the file).
 MAX_EVAL_EXAMPLES = 512
+MAX_EVAL_SET_BYTES = 64 << 20
 MAX_EXACT_MATCH_EXAMPLES = 256
 
 
@@ -129,8 +130,23 @@ def judge(stats: dict, t) -> list[str]:
 
 def exact_match(ctx: CheckContext, uri: str) -> tuple[float, int]:
     tok = ctx.tokenizer
-    rows = [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
-    rows = rows[:MAX_EXACT_MATCH_EXAMPLES]
+    try:
+        text = storage.read_bytes_limited(uri, MAX_EVAL_SET_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{uri}: not UTF-8 (byte {exc.start})") from None
+    rows = []
+    for number, line in enumerate(split_lines(text), start=1):  # "\n"-only, strict JSON, as validation
+        if is_blank(line):
+            continue
+        try:
+            row = loads_strict(line)
+        except FormatError as exc:
+            raise ValueError(f"{uri} line {number}: {exc}") from None
+        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+            raise ValueError(f"{uri} line {number}: needs an object with `prompt` and `answer`")
+        rows.append(row)
+        if len(rows) >= MAX_EXACT_MATCH_EXAMPLES:
+            break
     if not rows:
         raise ValueError(f"{uri}: no examples")
     hits = 0
