@@ -312,7 +312,8 @@ def test_job_built_from_an_accepted_finetunejob_is_accepted(real_cluster, crds, 
     ftj = _server_create(real_cluster, manifest, namespace)  # accepted, with the server's defaults
     assert ftj["spec"]["resources"]["tolerations"][1]["operator"] == "Equal"
     ftj["metadata"]["uid"] = "0d0b6f1e-0000-4000-8000-000000000001"  # dry runs get no uid
-    config = OperatorConfig(trainer_image="ghcr.io/finetune-operator/trainer:0.1.0")
+    # The test namespace stands in for the operator's, where governance Jobs go.
+    config = OperatorConfig(trainer_image="ghcr.io/finetune-operator/trainer:0.1.0", namespace=namespace)
     train_cfg = children.trainer_config(ftj, "s3://data/v", "chat", None, 15)
     cm, job = children.trainer_children(ftj, 1, train_cfg, config)
     stored = _server_create(real_cluster, job, namespace)
@@ -323,9 +324,14 @@ def test_job_built_from_an_accepted_finetunejob_is_accepted(real_cluster, crds, 
     assert pod["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "2"
     assert len(pod["tolerations"]) == 4
     _server_create(real_cluster, cm, namespace)
-    gov_cm, gov_job = children.governance_children(ftj, children.governance_job_name(name, "sha256:" + "1" * 64),
-                                                   {**train_cfg, "metricsPort": 0}, config)
-    _server_create(real_cluster, gov_job, namespace)
+    gov_name = children.governance_job_name(name, "sha256:" + "1" * 64, "sha256:" + "2" * 64, 1, namespace)
+    (gov_job,) = children.governance_children(ftj, gov_name, {**train_cfg, "metricsPort": 0}, config)
+    stored = _server_create(real_cluster, gov_job, namespace)  # downward-API config, signing key volume, labels
+    gov_pod = stored["spec"]["template"]["spec"]
+    assert gov_pod["automountServiceAccountToken"] is False and gov_pod["terminationGracePeriodSeconds"] == 300
+    assert stored["spec"]["template"]["metadata"]["annotations"][children.CONFIG_ANNOTATION]
+    assert gov_pod["containers"][0]["image"] == "ghcr.io/finetune-operator/trainer:0.1.0"  # not spec.image
+    _server_create(real_cluster, children.job_network_policy(namespace, config), namespace)
 
 
 #: Pass-through values the schema refuses, each of which the Pod API would also refuse in the Job.
