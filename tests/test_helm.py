@@ -343,6 +343,10 @@ def test_uninstall_hook_rbac_is_minimal(rendered, value_set):
     expected = {(ns, "finetune.dev", "finetunejobs", (), v) for ns in watched for v in ("get", "list", "patch")}
     expected |= {(NAMESPACE, "apps", "deployments/scale", (deploy["metadata"]["name"],), v) for v in ("get", "patch")}
     expected |= {(NAMESPACE, "", "pods", (), "list")}
+    # What the operator made without an owner: the Job NetworkPolicies and its governance Jobs.
+    expected |= {(ns, "networking.k8s.io", "networkpolicies", (), v) for ns in watched for v in ("list", "delete")}
+    expected |= {(NAMESPACE, "networking.k8s.io", "networkpolicies", (), v) for v in ("list", "delete")}
+    expected |= {(NAMESPACE, "batch", "jobs", (), v) for v in ("list", "delete")}
     assert granted == expected
 
 

@@ -12,7 +12,9 @@ leave the namespace Terminating forever. The chart runs this command in a `pre-d
    cleanup the finalizer guards -- delete the checkpoints when spec.output.checkpointsOnDelete is
    Delete and the job is being deleted (or, with --delete-all-checkpoints, also when it is not) --
    then remove both finalizers with a JSON patch whose `test` ops make it apply only to the list
-   that was read (a concurrent change is re-read and tried again).
+   that was read (a concurrent change is re-read and tried again);
+3. delete what the operator made outside any owner's reach: the Job NetworkPolicy
+   (`finetune-job-pods`) in each watched namespace and the governance Jobs in its own namespace.
 
 Storage trouble never blocks the release: the operator is going away, nobody would retry later,
 and a namespace stuck in Terminating is worse than a checkpoint folder left behind; the command
@@ -231,6 +233,44 @@ def release(api_client: Any, namespaces: tuple[str, ...], delete_all: bool = Fal
                        f"({', '.join(f'{r.namespace}/{r.name}' for r in pending)}): is an operator still running?")
 
 
+def remove_operator_objects(api_client: Any, namespaces: tuple[str, ...], operator_namespace: str,
+                            say: Callable[[str], None] = print) -> dict[str, int]:
+    """Delete the Job NetworkPolicies (by name and our label; in `namespaces`, all when empty) and the
+    governance Jobs in the operator's namespace. Neither has an owner that garbage collection follows."""
+    import kubernetes
+
+    from . import children
+
+    net = kubernetes.client.NetworkingV1Api(api_client)
+    batch = kubernetes.client.BatchV1Api(api_client)
+    ours = f"{children.MANAGED_BY}={children.OPERATOR}"
+    by_name = f"metadata.name={children.JOB_NETWORK_POLICY}"
+    counts = {"networkPolicies": 0, "governanceJobs": 0}
+    if namespaces:
+        policies = [p for ns in dict.fromkeys((*namespaces, operator_namespace))  # governance pods' too
+                    for p in net.list_namespaced_network_policy(ns, label_selector=ours, field_selector=by_name).items]
+    else:
+        policies = net.list_network_policy_for_all_namespaces(label_selector=ours, field_selector=by_name).items
+    for policy in policies:
+        try:
+            net.delete_namespaced_network_policy(policy.metadata.name, policy.metadata.namespace)
+            counts["networkPolicies"] += 1
+            say(f"deleted NetworkPolicy {policy.metadata.namespace}/{policy.metadata.name}")
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+    jobs = batch.list_namespaced_job(operator_namespace, label_selector=f"{ours},{children.ROLE}=governance").items
+    for job in jobs:
+        try:
+            batch.delete_namespaced_job(job.metadata.name, operator_namespace, propagation_policy="Background")
+            counts["governanceJobs"] += 1
+            say(f"deleted governance Job {operator_namespace}/{job.metadata.name}")
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+    return counts
+
+
 def main(namespaces: Optional[tuple[str, ...]], stop: Optional[str], stop_timeout: float, delete_all: bool,
          say: Callable[[str], None] = print) -> int:
     """The command: namespaces default to the operator's configuration (FINETUNE_CONFIG), as the
@@ -279,4 +319,7 @@ def _main(cfg: Any, namespaces: Optional[tuple[str, ...]], stop: Optional[str], 
     scope = ", ".join(watched) if watched else "all namespaces"
     say(f"released {counts['released']} FineTuneJob(s) in {scope}; checkpoints deleted: "
         f"{counts['checkpointsDeleted']}, left behind: {counts['checkpointsLeft']}")
+    removed = remove_operator_objects(api_client, tuple(watched), cfg.namespace, say)
+    say(f"deleted {removed['networkPolicies']} Job NetworkPolicy(ies) and {removed['governanceJobs']} "
+        "governance Job(s)")
     return 0

@@ -196,6 +196,18 @@ def test_helm_uninstall_releases_finalizers_so_the_team_namespace_can_be_deleted
         wait_for(lambda: FINALIZER in (fakenode.get("finetunejob", "trained", team)["metadata"].get("finalizers") or []),
                  timeout=60, what="the operator to add its finalizer")
 
+        # What the operator makes without an owner: the Job NetworkPolicy of a team namespace and a
+        # governance Job in its own namespace (made here as the operator makes them).
+        from finetune_operator import children
+        from finetune_operator.config import OperatorConfig
+
+        fakenode.apply(children.job_network_policy(team, OperatorConfig()))
+        gov = children.governance_children(
+            {"metadata": {"name": "trained", "namespace": team, "uid": "u-1"}, "spec": {}}, "team-trained-gov-1",
+            {"job": {}}, OperatorConfig(namespace=namespace, trainer_image="none"))[0]
+        gov["spec"]["suspend"] = True  # it never needs to run
+        fakenode.apply(gov)
+
         started = time.monotonic()
         out = run_helm(fakenode, helm, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "240s")
         installed = False
@@ -206,6 +218,9 @@ def test_helm_uninstall_releases_finalizers_so_the_team_namespace_can_be_deleted
         assert f"scaled Deployment {namespace}/{fullname} to 0" in log, (log, out.stdout)
         assert f"FineTuneJob {team}/trained: released finalizers" in log, log
         assert "checkpoints kept: the FineTuneJob is not being deleted" in log
+        assert f"deleted NetworkPolicy {team}/finetune-job-pods" in log, log
+        assert f"deleted governance Job {namespace}/team-trained-gov-1" in log, log
+        assert fakenode.get("networkpolicy", "finetune-job-pods", team, check=False) is None
         # The hook's own objects went with it (hook-succeeded), and so did the release.
         assert fakenode.get("job", f"{fullname}-uninstall", namespace, check=False) is None
         assert fakenode.get("serviceaccount", f"{fullname}-uninstall", namespace, check=False) is None
