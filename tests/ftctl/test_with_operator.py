@@ -53,6 +53,9 @@ def operator_env(k8s, s3_server, bucket, tmp_path, monkeypatch) -> dict:
     }.items():
         monkeypatch.setenv(key, value)
     k8s.cluster.secret(SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}, namespace=NS)
+    # Governance Jobs run in the operator's namespace (the config's default), with the platform's S3 Secret.
+    k8s.cluster.secret(SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+                       namespace="finetune-system")
     return {"bucket": bucket}
 
 
