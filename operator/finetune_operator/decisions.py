@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, governance
+from . import children, governance, kstatus
 from .conditions import bounded, get_condition, set_condition
 from .config import OperatorConfig
 
@@ -138,6 +139,22 @@ def _finish(old: dict, new: dict, plan: Plan) -> Plan:
     return plan
 
 
+def _with_kstatus(kind: Optional[str] = None):
+    """Decorate a plan_* function: its status gets the kstatus conditions (Ready, Reconciling,
+    Stalled) derived from the phase it chose, on every return path (kstatus.conditions_for).
+    `kind` None: the object's own kind (plan_rejected serves both)."""
+    def decorate(plan_fn):
+        @functools.wraps(plan_fn)
+        def planned(obj: dict, *args: Any, **kwargs: Any) -> Plan:
+            plan = plan_fn(obj, *args, **kwargs)
+            now = kwargs["now"] if "now" in kwargs else args[-1]  # every plan_* takes `now` last
+            which = kind or ("Dataset" if obj.get("kind") == "Dataset" else "FineTuneJob")
+            plan.status = kstatus.with_conditions(which, obj, plan.status, now)
+            return plan
+        return planned
+    return decorate
+
+
 def _parse_time(value: Optional[str]) -> Optional[datetime.datetime]:
     if not value:
         return None
@@ -149,6 +166,7 @@ def _parse_time(value: Optional[str]) -> Optional[datetime.datetime]:
 MAX_LINE_NUMBERS = 20
 
 
+@_with_kstatus("Dataset")
 def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict], report: Optional[dict],
                  config: OperatorConfig, now: str) -> Plan:
     """Validate each generation of a Dataset once: Validating -> Ready | Invalid | Failed."""
@@ -272,6 +290,7 @@ def rejected_fields(message: str) -> list[str]:
     return found
 
 
+@_with_kstatus()
 def plan_rejected(ftj: dict, what: str, server_message: str, now: str) -> Plan:
     """A child (`what`, e.g. "Job j-train-1") of a FineTuneJob or Dataset was refused by the API
     server with a permanent error: Failed, with the server's message and the fields to look at, and
@@ -353,6 +372,7 @@ def effective_policy(ftj: dict, policies: list[dict], config: OperatorConfig) ->
     return spec.model_dump(mode="json", exclude_none=True), ignored
 
 
+@_with_kstatus("FineTuneJob")
 def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str) -> Plan:
     meta, spec = ftj["metadata"], ftj["spec"]
     generation = meta.get("generation") or 1

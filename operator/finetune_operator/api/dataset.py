@@ -136,7 +136,10 @@ class DatasetStatus(ApiModel):
 
     phase: DatasetPhase = Field("Pending", description="Pending, Validating, Ready, Invalid or Failed.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Standard conditions (Validated, Ready).",
+        default_factory=list,
+        description="Standard conditions: Ready (True once validated), Reconciling (validation in progress; "
+                    "reason = the phase), Stalled (Invalid or Failed until the spec or the data changes); "
+                    "see docs/gitops.md.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     observedGeneration: int = Field(0, ge=0, description="The generation the status describes.")
     stats: Optional[DatasetStats] = Field(None, description="Counts from the last validation.")

@@ -293,7 +293,11 @@ class FineTuneJobStatus(ApiModel):
     phase: JobPhase = Field("Pending", description="Pending, WaitingForDataset, Queued, Training, Evaluating, "
                             "AwaitingApproval, Succeeded, Failed or Suspended.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="DatasetReady, Trained, GovernancePassed, Promoted, Failed, Suspended.",
+        default_factory=list,
+        description="DatasetReady, Trained, GovernancePassed, Promoted, Failed, Suspended; and the kstatus "
+                    "conditions Ready (True only when promoted), Reconciling (work in progress; reason = the "
+                    "phase), Stalled (cannot progress without a change: blocked, invalid data, rejected, failed); "
+                    "see docs/gitops.md.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     observedGeneration: int = Field(0, ge=0, description="The generation the status describes.")
     progress: Optional[Progress] = Field(None, description="Training progress.")

@@ -1,0 +1,191 @@
+"""Objects whose status comes from the real decision code, along every path a GitOps tool must judge.
+
+Shared by tests/test_kstatus.py (the kstatus rules, as Flux applies them) and
+tests/test_argocd_health.py (the chart's Argo CD health.lua): both judge the same statuses, so the
+two tools cannot drift apart without a test saying so. Nothing here writes a status by hand: each
+object is the result of decisions.plan_dataset / plan_finetunejob / plan_rejected from observations
+(a Job summary, pods, a signed governance report), the way the operator produces it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from finetune_operator import decisions, governance
+from finetune_operator.config import OperatorConfig
+from testutil import make_keyring, sign_report
+
+CFG = OperatorConfig(artifact_store="s3://store", default_governance={"required": []})
+STRICT_CFG = OperatorConfig(artifact_store="s3://store",
+                            default_governance={"required": ["evaluation", "bias"]})
+T0, T1, T2, T3 = ("2026-01-01T00:00:00Z", "2026-01-01T00:10:00Z", "2026-01-01T00:20:00Z", "2026-01-01T00:30:00Z")
+DIGEST = "sha256:" + "ab" * 32
+DS_DIGEST = "sha256:" + "12" * 32
+KEYS = make_keyring()
+REJECTION = ('pods "j-train-1" is forbidden: no PriorityClass with name gpu-urgent was found')
+
+
+def dataset_obj(status=None, generation=1) -> dict:
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "Dataset",
+            "metadata": {"name": "ds", "namespace": "team-a", "uid": "d-uid", "generation": generation},
+            "spec": {"source": {"uri": "s3://b/raw.jsonl"}, "format": "chat", "curation": {"minExamples": 5}},
+            "status": copy.deepcopy(status) if status else {}}
+
+
+def ftj_obj(status=None, generation=1, **spec) -> dict:
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "j", "namespace": "team-a", "uid": "j-uid", "generation": generation},
+            "spec": {"baseModel": {"uri": "s3://m/tiny"}, "datasetRef": {"name": "ds"},
+                     "output": {"uri": "s3://out/j"}, "resources": {"gpusPerNode": 1}, **spec},
+            "status": copy.deepcopy(status) if status else {}}
+
+
+def job(name: str, **status) -> dict:
+    conditions = []
+    if status.pop("complete", False):
+        conditions.append({"type": "Complete", "status": "True"})
+    if "failed_reason" in status:
+        conditions.append({"type": "Failed", "status": "True", "reason": status.pop("failed_reason"),
+                           "message": "BackoffLimitExceeded: Job has reached the specified backoff limit"})
+    return decisions.summarize_job({"metadata": {"name": name}, "status": {**status, "conditions": conditions}})
+
+
+def pod(phase="Running", **kw) -> dict:
+    status: dict = {"phase": phase, "conditions": [], "containerStatuses": []}
+    if "unschedulable" in kw:
+        status["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "message": kw["unschedulable"]})
+    if "terminated" in kw:
+        reason, code = kw["terminated"]
+        status["containerStatuses"].append({"state": {"terminated": {"reason": reason, "exitCode": code}}})
+    return decisions.summarize_pod({"metadata": {"name": "p"}, "status": status})
+
+
+def step(obj: dict, plan: decisions.Plan) -> dict:
+    """The object after the operator applied the plan's status (unchanged when it planned none)."""
+    out = copy.deepcopy(obj)
+    if plan.status is not None:
+        out["status"] = copy.deepcopy(plan.status)
+    return out
+
+
+# --- Dataset ---------------------------------------------------------------------------------------
+
+GOOD_REPORT = {"valid": True, "stats": {"examples": 40, "evalExamples": 4}, "digest": DS_DIGEST,
+               "validatedURI": "s3://store/datasets/team-a/ds/1"}
+BAD_REPORT = {"valid": False, "reason": "MalformedLines",
+              "message": "line 3: json: duplicate key 'output'", "stats": {"examples": 2, "invalidLines": 1},
+              "invalidLineNumbers": [3]}
+
+
+def dataset_paths() -> dict[str, dict]:
+    """name -> a Dataset with a status the decisions produced."""
+    out: dict[str, dict] = {}
+    new = dataset_obj()
+    out["validating"] = validating = step(new, decisions.plan_dataset(new, None, [], None, CFG, T0))
+    running = job("ds-validate-1", active=1, ready=1)
+    out["validating-running"] = step(validating, decisions.plan_dataset(validating, running, [pod()], None, CFG, T1))
+    out["ready"] = ready = step(validating, decisions.plan_dataset(
+        validating, job("ds-validate-1", complete=True, succeeded=1), [], GOOD_REPORT, CFG, T1))
+    out["invalid"] = step(validating, decisions.plan_dataset(
+        validating, job("ds-validate-1", complete=True, succeeded=1), [], BAD_REPORT, CFG, T1))
+    out["failed"] = step(validating, decisions.plan_dataset(
+        validating, job("ds-validate-1", failed=1, failed_reason="BackoffLimitExceeded"), [], None, CFG, T1))
+    out["rejected"] = step(new, decisions.plan_rejected(new, "Job ds-validate-1 (its pod template)", REJECTION, T0))
+    # The spec changed after it was Ready: generation 2 is being validated, observedGeneration still 1.
+    edited = copy.deepcopy(ready)
+    edited["metadata"]["generation"] = 2
+    out["revalidating"] = step(edited, decisions.plan_dataset(edited, None, [], None, CFG, T2))
+    # A spec edit the operator has not seen yet: the stored status says generation 1 and Ready.
+    out["stale"] = edited
+    return out
+
+
+# --- FineTuneJob -----------------------------------------------------------------------------------
+
+def checks(*failing: str) -> list[dict]:
+    names = ("evaluation", "bias", "provenance", "pii")
+    return [{"name": n, "passed": n not in failing,
+             "message": "below the threshold" if n in failing else "within the threshold"} for n in names]
+
+
+def _report(ftj: dict, cfg: OperatorConfig, checks_: list[dict]) -> dict:
+    run = decisions.governance_run(ftj, (ftj["status"] or {}).get("governance") or {}, "s3://out/j/adapters/ab",
+                                   DIGEST, [], cfg)
+    predicate = {"adapterDigest": DIGEST, "checks": checks_, "policy": run.policy, "run": run.number,
+                 "policyDigest": run.policy_digest, "job": {"namespace": "team-a", "name": "j", "uid": "j-uid"},
+                 "datasetDigest": DS_DIGEST}
+    return sign_report(predicate, KEYS)
+
+
+def _judged(evaluating: dict, cfg: OperatorConfig, checks_: list[dict], now: str) -> dict:
+    gov_job = job(evaluating["status"]["governanceJob"], complete=True, succeeded=1)
+    inputs = decisions.JobInputs(dataset=READY_DATASET, governance_job=gov_job, keys=KEYS,
+                                 report=_report(evaluating, cfg, checks_), manifest_ok=(True, "ok"))
+    return step(evaluating, decisions.plan_finetunejob(evaluating, inputs, cfg, now))
+
+
+READY_DATASET = dataset_obj({"phase": "Ready", "observedGeneration": 1, "digest": DS_DIGEST,
+                             "validatedURI": "s3://store/datasets/team-a/ds/1"})
+
+
+def finetunejob_paths() -> dict[str, dict]:
+    """name -> a FineTuneJob with a status the decisions produced."""
+    out: dict[str, dict] = {}
+    paths = dataset_paths()
+
+    def plan(obj: dict, cfg: OperatorConfig = CFG, now: str = T1, **inputs) -> dict:
+        return step(obj, decisions.plan_finetunejob(obj, decisions.JobInputs(**inputs), cfg, now))
+
+    new = ftj_obj()
+    out["waiting-missing-dataset"] = plan(new, now=T0)
+    out["waiting-validating-dataset"] = plan(new, now=T0, dataset=paths["validating"])
+    out["waiting-invalid-dataset"] = plan(new, now=T0, dataset=paths["invalid"])
+    out["queued"] = queued = plan(new, now=T0, dataset=READY_DATASET)
+    out["unschedulable"] = plan(queued, dataset=READY_DATASET, trainer_job=job("j-train-1", active=1),
+                                trainer_pods=[pod("Pending", unschedulable="0/2 nodes are available: "
+                                                  "2 Insufficient nvidia.com/gpu")])
+    training = plan(queued, dataset=READY_DATASET, trainer_job=job("j-train-1", active=1, ready=1, startTime=T0),
+                    trainer_pods=[pod()], progress={"step": 5, "totalSteps": 10, "percent": 50})
+    out["training"] = training
+    out["suspended"] = plan(ftj_obj(training["status"], suspend=True), dataset=READY_DATASET,
+                            trainer_job=job("j-train-1", active=1, ready=1, startTime=T0), trainer_pods=[pod()])
+    out["oom"] = plan(training, now=T2, dataset=READY_DATASET, trainer_job=job("j-train-1", failed=1),
+                      trainer_pods=[pod("Failed", terminated=("OOMKilled", 137))])
+    result = {"adapterURI": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 10,
+              "metrics": {"evalLoss": 1.25}}
+    done_training = job("j-train-1", complete=True, succeeded=1, startTime=T0, completionTime=T2)
+    out["evaluating"] = evaluating = plan(training, now=T2, dataset=READY_DATASET, trainer_job=done_training,
+                                          result=result)
+    out["succeeded"] = _judged(evaluating, CFG, checks(), T3)
+    manual = ftj_obj(evaluating["status"], promotion={"mode": "manual"})
+    out["awaiting-approval"] = _judged(manual, CFG, checks(), T3)
+    strict = step(training, decisions.plan_finetunejob(
+        training, decisions.JobInputs(dataset=READY_DATASET, trainer_job=done_training, result=result), STRICT_CFG, T2))
+    out["governance-blocked"] = _judged(strict, STRICT_CFG, checks("evaluation", "bias"), T3)
+    out["rejected"] = rejected = step(new, decisions.plan_rejected(new, "Job j-train-1 (its pod template)",
+                                                                   REJECTION, T0))
+    fixed = copy.deepcopy(rejected)
+    fixed["metadata"]["generation"] = 2
+    out["rejected-then-fixed"] = plan(fixed, now=T1, dataset=READY_DATASET)
+    # A spec edit the operator has not seen yet: generation 2, the stored status still generation 1.
+    stale = copy.deepcopy(out["succeeded"])
+    stale["metadata"]["generation"] = 2
+    out["stale"] = stale
+    return out
+
+
+def all_paths() -> dict[str, dict]:
+    """'Dataset/<path>' and 'FineTuneJob/<path>' -> object."""
+    return ({f"Dataset/{k}": v for k, v in dataset_paths().items()}
+            | {f"FineTuneJob/{k}": v for k, v in finetunejob_paths().items()})
+
+
+def policy_obj() -> dict:
+    """A GovernancePolicy as users apply it: the operator reads it and writes no status."""
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "GovernancePolicy",
+            "metadata": {"name": "platform-default", "generation": 1},
+            "spec": {"required": ["evaluation", "bias", "provenance", "pii"], "namespaces": ["team-a"]}}
+
+
+__all__ = ["all_paths", "dataset_paths", "finetunejob_paths", "policy_obj", "governance"]
