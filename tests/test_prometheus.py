@@ -200,6 +200,9 @@ def observed(tmp_path_factory, s3_server, tiny_model_dir):
                                             "FINETUNE_DEBUG_STEP_SLEEP": "0.4"}),
         }))
         cluster.secret(harness.SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+        # Governance Jobs run in the operator's namespace, with the platform's S3 Secret.
+        cluster.secret(harness.SECRET, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"},
+                       namespace=harness.OPERATOR_NAMESPACE)
         kubelet = FakeKubelet(cluster.url, tmp / "pods").start()
         stack.callback(kubelet.stop)
         kubelet.declare("support-bot-train", command=[sys.executable, "-c", PORT_WRAPPER,
@@ -462,20 +465,41 @@ def rbac_request(method: str, path: str, params) -> tuple[str, str, str] | None:
     return group, resource, verb
 
 
+def request_scope(path: str) -> tuple[str | None, str | None]:
+    """(namespace, object name) of an API request path."""
+    parts = path.strip("/").split("/")
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    namespace = rest[1] if len(rest) >= 2 and rest[0] == "namespaces" else None
+    rest = rest[2:] if namespace else rest
+    return namespace, rest[1] if len(rest) > 1 else None
+
+
 def test_chart_rbac_allows_every_request_the_operator_made(observed):
-    """The ClusterRole the chart renders covers each API call of the real operator run (and the
-    run did exercise the operator: jobs, configmaps, status, events)."""
+    """The ClusterRole the chart renders, plus the Role in the operator's own namespace (governance
+    Jobs, the signing Secret by name), covers each API call of the real operator run (and the run did
+    exercise the operator: jobs, configmaps, status, events, the signing key)."""
     out = subprocess.run([str(REPO / "hack" / "bin" / "helm"), "template", "finetune-operator", str(CHART),
-                          "--show-only", "templates/rbac.yaml"], check=True, capture_output=True, text=True,
-                         timeout=60).stdout
-    rules = [r for doc in yaml.safe_load_all(out) if doc and doc["kind"] == "ClusterRole" for r in doc["rules"]]
+                          "--namespace", "finetune-system", "--show-only", "templates/rbac.yaml"], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    docs = [doc for doc in yaml.safe_load_all(out) if doc]
+    cluster_rules = [r for doc in docs if doc["kind"] == "ClusterRole" for r in doc["rules"]]
+    role_rules = {}
+    for doc in docs:
+        if doc["kind"] == "Role":
+            role_rules.setdefault(doc["metadata"]["namespace"], []).extend(doc["rules"])
     made = set()
     for request in observed["requests"]:
         parsed = rbac_request(request.method, request.url.path, request.params)
         if parsed:
-            made.add(parsed)
+            made.add((*parsed, *request_scope(request.url.path)))
     assert {("batch", "jobs", "create"), ("", "configmaps", "create"), ("", "events", "create"),
-            ("finetune.dev", "finetunejobs/status", "patch"), ("finetune.dev", "datasets", "watch")} <= made, made
-    denied = sorted(m for m in made if not any(
-        m[0] in r["apiGroups"] and m[1] in r["resources"] and m[2] in r["verbs"] for r in rules))
+            ("finetune.dev", "finetunejobs/status", "patch"), ("finetune.dev", "datasets", "watch"),
+            ("", "secrets", "get")} <= {m[:3] for m in made}, made
+
+    def allowed(group, resource, verb, namespace, name) -> bool:
+        rules = cluster_rules + role_rules.get(namespace, [])
+        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+                   and (not r.get("resourceNames") or name in r["resourceNames"]) for r in rules)
+
+    denied = sorted(m for m in made if not allowed(*m))
     assert not denied, f"the chart's RBAC would forbid: {denied}"
