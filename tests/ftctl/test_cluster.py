@@ -109,6 +109,7 @@ def test_report_prints_the_governance_table(k8s):
         "governance": {"checks": CHECKS, "passed": False, "adapterDigest": DIGEST,
                        "effectivePolicy": {"required": ["evaluation", "bias"]}, "runs": 2,
                        "policyDigest": "sha256:" + "2" * 64, "reportURI": "s3://b/a/governance/run-2.json",
+                       "signingKey": "c" * 64,
                        "history": [{"run": 1, "policyDigest": "sha256:" + "1" * 64, "passed": False,
                                     "failing": ["pii"], "reportURI": "s3://b/a/governance/run-1.json"}]},
         "promotion": {"state": "Blocked", "reason": "GovernanceFailed"}})
@@ -117,7 +118,7 @@ def test_report_prints_the_governance_table(k8s):
     assert "BLOCKED" in result.output
     assert "largest gap 0.4 on gender" in result.output and "FAIL" in result.output
     assert "promotion: Blocked" in result.output and DIGEST in result.output
-    assert "run 2 under policy sha256:222222222222" in result.output
+    assert "run 2 under policy sha256:222222222222; signed by platform key cccccccccccccccc" in result.output
     assert "run 1 under policy sha256:111111111111: failed (pii)  report: s3://b/a/governance/run-1.json" \
         in result.output
 

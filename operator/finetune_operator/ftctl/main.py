@@ -220,7 +220,9 @@ def report(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJ
     console.print(f"adapter: {governance.get('adapterDigest')}  report: {governance.get('reportURI') or '-'}",
                   markup=False)
     runs = governance.get("runs") or 1
-    console.print(f"run {runs} under policy {str(governance.get('policyDigest') or '-')[:19]}", markup=False)
+    signed = (f"signed by platform key {governance['signingKey'][:16]}" if governance.get("signingKey")
+              else "not signed by a trusted key")
+    console.print(f"run {runs} under policy {str(governance.get('policyDigest') or '-')[:19]}; {signed}", markup=False)
     for earlier in governance.get("history") or []:  # runs under earlier policies (a policy change re-ran them)
         outcome = {True: "passed", False: "failed", None: "unfinished"}[earlier.get("passed")]
         failing = f" ({', '.join(earlier['failing'])})" if earlier.get("failing") else ""
