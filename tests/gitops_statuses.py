@@ -10,10 +10,14 @@ object is the result of decisions.plan_dataset / plan_finetunejob / plan_rejecte
 from __future__ import annotations
 
 import copy
+import json
 
 from finetune_operator import decisions, governance
 from finetune_operator.config import OperatorConfig
-from testutil import make_keyring, sign_report
+from testutil import REPO, make_keyring, sign_report
+
+CHART = REPO / "helm" / "finetune-operator"
+CUSTOMIZATIONS = CHART / "argocd" / "resource_customizations" / "finetune.dev"
 
 CFG = OperatorConfig(artifact_store="s3://store", default_governance={"required": []})
 STRICT_CFG = OperatorConfig(artifact_store="s3://store",
@@ -188,4 +192,39 @@ def policy_obj() -> dict:
             "spec": {"required": ["evaluation", "bias", "provenance", "pii"], "namespaces": ["team-a"]}}
 
 
-__all__ = ["all_paths", "dataset_paths", "finetunejob_paths", "policy_obj", "governance"]
+# --- the chart's Argo CD health checks, run as Argo CD runs them ------------------------------------
+
+def health_lua(kind: str) -> str:
+    return (CUSTOMIZATIONS / kind / "health.lua").read_text()
+
+
+def _to_lua(runtime, value):
+    """JSON-shaped Python -> Lua tables, as Argo CD converts the unstructured object (lists 1-based)."""
+    if isinstance(value, dict):
+        return runtime.table_from({k: _to_lua(runtime, v) for k, v in value.items()})
+    if isinstance(value, list):
+        return runtime.table_from([_to_lua(runtime, v) for v in value])
+    return value
+
+
+def run_health(kind: str, obj: dict) -> dict:
+    """Run the kind's health.lua on `obj`; {'status': ..., 'message': ...}."""
+    from lupa import lua51 as lupa  # Argo CD's gopher-lua is a Lua 5.1
+
+    runtime = lupa.LuaRuntime(register_eval=False, register_builtins=False)
+    g = runtime.globals()
+    # Argo CD's Lua VM opens only the safe libraries: a script that reaches for io/os/require works
+    # in a test but not in Argo CD, so it must fail here too.
+    for name in ("io", "os", "package", "require", "debug", "dofile", "loadfile", "load", "loadstring"):
+        g[name] = None
+    g.obj = _to_lua(runtime, json.loads(json.dumps(obj)))
+    result = runtime.execute(health_lua(kind))
+    assert result is not None, f"{kind} health.lua returned nothing"
+    out = dict(result)
+    assert set(out) <= {"status", "message"}, out
+    assert out["status"] in ("Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"), out
+    assert isinstance(out.get("message"), str) and out["message"], out
+    return out
+
+
+__all__ = ["all_paths", "dataset_paths", "finetunejob_paths", "policy_obj", "run_health", "governance"]

@@ -15,54 +15,20 @@ Regenerate the testdata after a deliberate status change with
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-lupa = pytest.importorskip("lupa.lua51", reason="lupa (dev extra) runs the Argo CD Lua")
+pytest.importorskip("lupa.lua51", reason="lupa (dev extra) runs the Argo CD Lua")
 
 import gitops_statuses as paths  # noqa: E402
+from gitops_statuses import CHART, CUSTOMIZATIONS, health_lua, run_health  # noqa: E402
 from testutil import REPO  # noqa: E402
 
-CHART = REPO / "helm" / "finetune-operator"
-CUSTOMIZATIONS = CHART / "argocd" / "resource_customizations" / "finetune.dev"
 KINDS = ("Dataset", "FineTuneJob", "GovernancePolicy")
-
-
-def health_lua(kind: str) -> str:
-    return (CUSTOMIZATIONS / kind / "health.lua").read_text()
-
-
-def _to_lua(runtime, value):
-    """JSON-shaped Python -> Lua tables, as Argo CD converts the unstructured object (lists 1-based)."""
-    if isinstance(value, dict):
-        return runtime.table_from({k: _to_lua(runtime, v) for k, v in value.items()})
-    if isinstance(value, list):
-        return runtime.table_from([_to_lua(runtime, v) for v in value])
-    return value
-
-
-def run_health(kind: str, obj: dict) -> dict:
-    """Run the kind's health.lua on `obj`; {'status': ..., 'message': ...}."""
-    runtime = lupa.LuaRuntime(register_eval=False, register_builtins=False)
-    g = runtime.globals()
-    # Argo CD's Lua VM opens only the safe libraries: a script that reaches for io/os/require works
-    # in a test but not in Argo CD, so it must fail here too.
-    for name in ("io", "os", "package", "require", "debug", "dofile", "loadfile", "load", "loadstring"):
-        g[name] = None
-    g.obj = _to_lua(runtime, json.loads(json.dumps(obj)))
-    result = runtime.execute(health_lua(kind))
-    assert result is not None, f"{kind} health.lua returned nothing"
-    out = dict(result)
-    assert set(out) <= {"status", "message"}, out
-    assert out["status"] in ("Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"), out
-    assert isinstance(out.get("message"), str) and out["message"], out
-    return out
 
 
 # --- every status the decisions produce ---------------------------------------------------------------

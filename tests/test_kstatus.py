@@ -9,6 +9,7 @@ import copy
 import itertools
 
 import pytest
+import yaml
 
 import gitops_statuses as paths
 from finetune_operator import decisions, kstatus
@@ -194,3 +195,87 @@ def test_the_kstatus_port_follows_cli_utils_generic_rules():
     assert kstatus.compute({**base, "status": {"observedGeneration": 2,
                                                "conditions": [cond("Reconciling", "False"),
                                                               cond("Stalled", "Unknown")]}})[0] == "Current"
+
+
+# --- docs/gitops.md: the table of statuses, and the Flux examples ---------------------------------
+
+DOC = (paths.REPO / "docs" / "gitops.md").read_text()
+FLUX = paths.REPO / "examples" / "flux"
+
+
+def doc_table() -> list[dict]:
+    """The rows of docs/gitops.md's 'Every status' table, by column name."""
+    lines = [line for line in DOC.split("## Every status", 1)[1].split("\n## ", 1)[0].splitlines()
+             if line.startswith("|")]
+    header = [c.strip().replace("`", "") for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip().strip("`") for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def flux_exprs() -> dict[str, dict]:
+    """kind -> the healthCheckExprs entry of examples/flux/finetune-job-promoted.yaml."""
+    doc = yaml.safe_load((FLUX / "finetune-job-promoted.yaml").read_text())
+    return {e["kind"]: e for e in doc["spec"]["healthCheckExprs"]}
+
+
+def flux_cel_status(obj: dict, exprs: dict) -> str:
+    """Flux's healthCheckExprs rules (RFC-0009, as implemented in Flux 2.5): a status for another
+    generation is InProgress; then inProgress, failed, current in that order, the first true wins;
+    none true -> InProgress. An expression that cannot be evaluated (a missing field) never yields
+    Current."""
+    cel = pytest.importorskip("cel", reason="common-expression-language evaluates Flux's CEL")
+    status = obj.get("status") or {}
+    if "observedGeneration" in status and status["observedGeneration"] != obj["metadata"].get("generation"):
+        return "InProgress"
+    for key, verdict in (("inProgress", "InProgress"), ("failed", "Failed"), ("current", "Current")):
+        if exprs.get(key):
+            try:
+                if cel.evaluate(exprs[key], {k: v for k, v in obj.items() if k in
+                                             ("apiVersion", "kind", "metadata", "spec", "status")}) is True:
+                    return verdict
+            except RuntimeError:
+                return "InProgress"
+    return "InProgress"
+
+
+def test_docs_table_is_what_kstatus_flux_and_argo_cd_compute():
+    rows = doc_table()
+    assert {f"{r['Kind']}/{r['Case']}" for r in rows} == set(ALL), "docs/gitops.md must list every decision path"
+    exprs = flux_exprs()
+    for row in rows:
+        name = f"{row['Kind']}/{row['Case']}"
+        obj = ALL[name]
+        conds = obj["status"]["conditions"]
+        got = {"Phase": obj["status"]["phase"],
+               **{t: get_condition(conds, t)["status"] for t in kstatus.TYPES},
+               "kstatus (Flux healthChecks)": kstatus.compute(obj)[0],
+               "Flux healthCheckExprs (promoted)": flux_cel_status(obj, exprs[obj["kind"]]),
+               "Argo CD": paths.run_health(obj["kind"], obj)["status"]}
+        assert got == {k: row[k] for k in got}, name
+
+
+def test_strict_flux_expressions_never_call_an_unwritten_status_current():
+    exprs = flux_exprs()
+    for kind, obj in (("Dataset", paths.dataset_obj()), ("FineTuneJob", paths.ftj_obj())):
+        obj.pop("status")
+        assert flux_cel_status(obj, exprs[kind]) == "InProgress"
+        assert kstatus.compute(obj)[0] == "Current"  # what the docs warn about plain kstatus
+
+
+def test_docs_quote_the_flux_examples_as_they_are():
+    plain = (FLUX / "finetune-job.yaml").read_text()
+    body = plain[plain.index("apiVersion:"):]
+    assert f"```yaml\n{body}```" in DOC
+    strict = (FLUX / "finetune-job-promoted.yaml").read_text()
+    quoted = strict[strict.index("  wait: true"):]
+    assert f"```yaml\n{quoted}```" in DOC
+    for path in (FLUX / "finetune-job.yaml", FLUX / "finetune-job-promoted.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["apiVersion"] == "kustomize.toolkit.fluxcd.io/v1" and doc["kind"] == "Kustomization"
+        assert doc["spec"]["timeout"] and doc["spec"]["sourceRef"]["kind"] == "GitRepository"
+    checks = yaml.safe_load(plain)["spec"]["healthChecks"]
+    assert checks == [{"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "support-assistant",
+                       "namespace": "team-support"}]
+
+
+def test_readme_links_the_gitops_docs():
+    assert "(docs/gitops.md)" in (paths.REPO / "README.md").read_text()
