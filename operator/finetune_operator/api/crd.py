@@ -67,6 +67,11 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             node[bound] = True
     if node.get("additionalProperties") is False:  # structural schemas prune unknown fields instead
         node.pop("additionalProperties")
+    if node.get("additionalProperties") is True and node.get("x-kubernetes-preserve-unknown-fields"):
+        # dict[str, Any]: `additionalProperties: true` is an empty schema for every value, so the API
+        # server pruned the nested fields ({"bias": {"maxGap": 3}} was stored as {"bias": {}})
+        # despite preserve-unknown-fields, which alone keeps them.
+        node.pop("additionalProperties")
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key == "properties":
