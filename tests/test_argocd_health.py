@@ -96,6 +96,16 @@ def test_a_status_for_an_older_generation_is_progressing_not_the_old_verdict():
         assert health["status"] == "Progressing" and "generation 2" in health["message"], health
 
 
+def test_the_api_servers_default_observed_generation_is_not_read_as_an_old_generation():
+    """The CRD defaults status.observedGeneration to 0: a first validation shows its own message."""
+    validating = copy.deepcopy(ALL["Dataset/validating"])
+    assert "observedGeneration" not in validating["status"]
+    expected = run_health("Dataset", validating)
+    validating["status"]["observedGeneration"] = 0
+    assert run_health("Dataset", validating) == expected == {
+        "status": "Progressing", "message": "Validating: validation Job ds-validate-1 created"}
+
+
 def test_an_object_the_operator_has_not_seen_yet_is_progressing():
     for kind, obj in (("Dataset", paths.dataset_obj()), ("FineTuneJob", paths.ftj_obj())):
         obj.pop("status")

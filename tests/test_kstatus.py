@@ -222,18 +222,22 @@ def flux_cel_status(obj: dict, exprs: dict) -> str:
     generation is InProgress; then inProgress, failed, current in that order, the first true wins;
     none true -> InProgress. An expression that cannot be evaluated (a missing field) never yields
     Current."""
-    cel = pytest.importorskip("cel", reason="common-expression-language evaluates Flux's CEL")
+    import celpy  # cel-python (dev extra), as tests/test_api.py uses for the CRDs' CEL rules
+
     status = obj.get("status") or {}
     if "observedGeneration" in status and status["observedGeneration"] != obj["metadata"].get("generation"):
         return "InProgress"
+    env = celpy.Environment()
+    activation = {k: celpy.json_to_cel(v) for k, v in obj.items()
+                  if k in ("apiVersion", "kind", "metadata", "spec", "status")}
     for key, verdict in (("inProgress", "InProgress"), ("failed", "Failed"), ("current", "Current")):
         if exprs.get(key):
             try:
-                if cel.evaluate(exprs[key], {k: v for k, v in obj.items() if k in
-                                             ("apiVersion", "kind", "metadata", "spec", "status")}) is True:
-                    return verdict
-            except RuntimeError:
+                result = env.program(env.compile(exprs[key])).evaluate(activation)
+            except celpy.CELEvalError:
                 return "InProgress"
+            if isinstance(result, celpy.celtypes.BoolType) and bool(result):
+                return verdict
     return "InProgress"
 
 

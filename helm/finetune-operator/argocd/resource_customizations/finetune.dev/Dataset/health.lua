@@ -23,8 +23,10 @@ if status == nil or status.phase == nil then
 end
 
 -- A Dataset validates each generation once; while generation N validates, the status still says N-1.
+-- observedGeneration 0 (the CRD's default) means no verdict yet: the phase says what is going on.
 local generation = obj.metadata.generation
-if generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration ~= generation then
+local observed = status.observedGeneration
+if generation ~= nil and observed ~= nil and observed ~= 0 and observed ~= generation then
   hs.status = "Progressing"
   hs.message = "Validating generation " .. tostring(generation) .. " (status is for generation " ..
     tostring(status.observedGeneration) .. ")"

@@ -44,8 +44,10 @@ if status == nil or status.phase == nil then
   return hs
 end
 
+-- observedGeneration 0 is the CRD's default (never observed): the phase says what is going on.
 local generation = obj.metadata.generation
-if generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration ~= generation then
+local observed = status.observedGeneration
+if generation ~= nil and observed ~= nil and observed ~= 0 and observed ~= generation then
   hs.status = "Progressing"
   hs.message = "Waiting for finetune-operator to observe generation " .. tostring(generation) ..
     " (status is for generation " .. tostring(status.observedGeneration) .. ")"
