@@ -49,7 +49,7 @@ def test_a_bad_probe_is_refused_naming_the_field_and_line(tmp_path, change, fiel
 def test_probe_file_that_is_not_json_says_where(tmp_path):
     path = tmp_path / "probes.jsonl"
     path.write_text(json.dumps(GOOD) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"line 2: not JSON"):
+    with pytest.raises(ValueError, match=r"line 2: json: not valid JSON"):
         load_probes(f"file://{path}")
     path.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"line 1: a probe must be a JSON object"):

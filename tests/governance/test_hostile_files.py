@@ -27,7 +27,7 @@ def test_a_line_separator_inside_a_string_is_text_not_a_new_line(tmp_path):
 @pytest.mark.parametrize("line, why", [
     ('{"id": "p1", "id": "p2"}', "'id'"),
     ('{"id": NaN}', "NaN"),
-    ("[1, 2]", "not a JSON object"),
+    ("[1, 2]", "a probe must be a JSON object"),
     ("[" * 10000 + "]" * 10000, "line 2"),
     ('{"id": "\\ud800"}', "surrogate"),
 ])

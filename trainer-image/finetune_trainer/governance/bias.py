@@ -106,8 +106,6 @@ def load_probes(uri: str | None) -> list[dict]:
             probe = loads_strict(line)
         except FormatError as exc:
             raise ValueError(f"{source} line {number}: {exc}") from None
-        if not isinstance(probe, dict):
-            raise ValueError(f"{source} line {number}: not a JSON object")
         problem = probe_problem(probe)
         if problem:
             raise ValueError(f"{source} line {number}: {problem}")
