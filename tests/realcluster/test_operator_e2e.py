@@ -86,7 +86,7 @@ def test_gpu_job_scheduled_trained_judged_promoted_and_driven_with_ftctl(stack, 
     assert alias["adapterDigest"] == digest
     generation = h.ftj(c, ns, "gpu")["metadata"]["generation"]
     assert done["observedGeneration"] == generation
-    for cond in ("DatasetReady", "Trained", "GovernancePassed", "Promoted"):
+    for cond in ("DatasetReady", "Trained", "GovernancePassed", "Promoted", "Ready"):  # Ready: kstatus's
         got = get_condition(done["conditions"], cond)
         assert got["status"] == "True" and got["observedGeneration"] == generation, got
     assert [ch["name"] for ch in done["governance"]["checks"]] and done["governance"]["passed"] is True
