@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, governance, kstatus
+from . import children, governance, modelcard, kstatus
 from .conditions import bounded, get_condition, set_condition
 from .config import OperatorConfig
 
@@ -131,6 +131,7 @@ class Plan:
     job_patches: dict[str, dict] = field(default_factory=dict)  # Job name -> merge patch (suspend/resume)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     alias: Optional[tuple[str, dict]] = None  # (uri, record) to write before the status patch
+    model_card: Optional[tuple[str, str]] = None  # (uri, Markdown) to write before the alias
 
 
 def _finish(old: dict, new: dict, plan: Plan) -> Plan:
@@ -692,6 +693,12 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
             plan.alias = (uri, governance.alias_record(meta.get("namespace", "default"), meta["name"],
                                                        adapter["uri"], digest, outcome, now))
         promo.update(aliasURI=uri, promotedAt=promo.get("promotedAt") or now)
+        card = modelcard.uri(adapter["uri"])
+        if promo.get("modelCardURI") != card:
+            checks = [c.model_dump(mode="json", exclude_none=True) for c in outcome.checks]
+            plan.model_card = (card, modelcard.render(ftj, {**status, "governance": gov}, inputs.dataset, checks,
+                                                      alias, promo["promotedAt"]))
+        promo["modelCardURI"] = card
         status["promotion"] = promo
         cond("Promoted", True, decision.reason, f"alias {alias} -> {digest}")
         to_phase("Succeeded", f"adapter {digest} promoted as {alias}", "Promoted")

@@ -277,6 +277,8 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
     for name in plan.delete_governance_jobs:
         await client.delete("batch/v1", "Job", CONFIG.namespace, name, propagation="Background")
         STATE.created.discard((CONFIG.namespace, name))
+    if plan.model_card is not None:  # before the alias: a promoted adapter always has its card
+        await asyncio.to_thread(storage.write_text, *plan.model_card)
     if plan.alias is not None:
         uri, record = plan.alias
         await asyncio.to_thread(storage.write_text, uri, json.dumps(record, indent=1, sort_keys=True))

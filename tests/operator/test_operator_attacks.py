@@ -40,6 +40,8 @@ def test_forged_replayed_and_edited_reports_never_promote(cluster, env, kubelet,
     genuine = wait_for(lambda: phase(cluster, "genuine") in DONE and status_of(cluster, "genuine"), 300, "genuine")
     assert genuine["phase"] == "Succeeded" and genuine["promotion"]["state"] == "Promoted", genuine
     assert genuine["governance"]["signingKey"]
+    card = storage.read_text(genuine["promotion"]["modelCardURI"])  # written on promotion, beside the adapter
+    assert genuine["adapter"]["digest"] in card and genuine["governance"]["signingKey"] in card
     trainer_job = cluster.get("batch/v1", "jobs", "default", genuine["trainerJob"])
     assert trainer_job["spec"]["template"]["spec"]["containers"][0]["image"] == ATTACKER_IMAGE
     # Governance ran the platform's image, in the operator's namespace, never the team's.
@@ -66,6 +68,7 @@ def test_forged_replayed_and_edited_reports_never_promote(cluster, env, kubelet,
         assert all(not c["passed"] for c in status["governance"]["checks"]), status["governance"]
         assert "signingKey" not in status["governance"]
         assert not storage.exists(f"s3://{bucket}/runs/{name}/aliases/{name}.json")
+        assert "modelCardURI" not in status["promotion"]  # no card for what was not promoted
         events = [e for e in cluster.events("default", name) if e["reason"] == "ReportInvalid"]
         assert events and why in events[0]["message"], (mode, events)
         # The report it would have been promoted on is still there, for people to see.

@@ -84,6 +84,8 @@ def test_gpu_job_scheduled_trained_judged_promoted_and_driven_with_ftctl(stack, 
     assert done["promotion"]["state"] == "Promoted"
     alias = json.loads(storage.read_text(done["promotion"]["aliasURI"]))
     assert alias["adapterDigest"] == digest
+    card = storage.read_text(done["promotion"]["modelCardURI"])  # MODEL_CARD.md beside the adapter
+    assert card.startswith("---\n") and digest in card and "## Evaluation and governance" in card
     generation = h.ftj(c, ns, "gpu")["metadata"]["generation"]
     assert done["observedGeneration"] == generation
     for cond in ("DatasetReady", "Trained", "GovernancePassed", "Promoted", "Ready"):  # Ready: kstatus's

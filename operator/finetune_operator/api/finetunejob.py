@@ -279,6 +279,9 @@ class PromotionStatus(ApiModel):
     alias: Optional[str] = Field(None, description="The alias that points at the adapter.")
     aliasURI: Optional[str] = Field(None, description="Where the alias record is.")
     promotedAt: Optional[str] = Field(None, description="When the adapter was promoted.")
+    modelCardURI: Optional[str] = Field(
+        None, description="MODEL_CARD.md beside the promoted adapter (Hugging Face model card conventions): "
+                          "base model, data provenance, training, governance results and lineage.")
     approvedBy: Optional[str] = Field(None, description="Who approved a manual promotion (as the approval states it).")
     approvalManager: Optional[str] = Field(
         None, description="The field manager that wrote spec.promotion.approval, as metadata.managedFields shows "

@@ -357,6 +357,8 @@ class LocalRun:
         if plan.alias is not None:
             from finetune_trainer import storage
 
+            if plan.model_card is not None:
+                storage.write_text(*plan.model_card)
             alias_uri, record = plan.alias
             storage.write_text(alias_uri, json.dumps(record, indent=2, sort_keys=True))  # one atomic write
         outcome = self._outcome(ftj)
