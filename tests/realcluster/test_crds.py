@@ -24,7 +24,9 @@ from finetune_operator.config import OperatorConfig
 REPO = Path(__file__).resolve().parent.parent.parent
 CHART_CRDS = REPO / "helm" / "finetune-operator" / "crds"
 INVALID = sorted((REPO / "tests" / "manifests" / "invalid").glob("*.yaml"))
-EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
+# Our kinds' examples; the Flux Kustomizations (examples/flux/) are Flux's kinds, whose CRDs this
+# cluster does not have: tests/test_kstatus.py and tests/realcluster/test_gitops_status.py check them.
+EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml") if p.parent.name != "flux")
 
 
 def _expected_field(path: Path) -> str:
