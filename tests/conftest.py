@@ -46,6 +46,17 @@ def s3_server():
         proc.wait(10)
 
 
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """host:port of a real OCI registry (docker-registry, plain HTTP) for this session."""
+    import registry
+
+    if registry.binary() is None:
+        pytest.skip("docker-registry is not installed (hack/install-registry.sh)")
+    with registry.running_registry(tmp_path_factory.mktemp("registry"), free_port()) as address:
+        yield address
+
+
 @pytest.fixture()
 def bucket(s3_server) -> str:
     """A fresh, empty bucket on the S3 server; returns its name."""

@@ -13,6 +13,7 @@ import copy
 import json
 
 from finetune_operator import decisions, governance
+from finetune_operator.serving import plan as serving_plan
 from finetune_operator.config import OperatorConfig
 from testutil import REPO, make_keyring, sign_report
 
@@ -167,6 +168,22 @@ def finetunejob_paths() -> dict[str, dict]:
     strict = step(training, decisions.plan_finetunejob(
         training, decisions.JobInputs(dataset=READY_DATASET, trainer_job=done_training, result=result), STRICT_CFG, T2))
     out["governance-blocked"] = _judged(strict, STRICT_CFG, checks("evaluation", "bias"), T3)
+    # Serving targets (spec.promotion.targets): publishing right after promotion, a target failing, a rollback.
+    served = ftj_obj(evaluating["status"], promotion={"targets": [{"name": "vllm", "vllm": {"configMap": "adapters"}}]})
+    out["publishing"] = publishing = _judged(served, CFG, checks(), T3)
+    failing = copy.deepcopy(publishing)
+    serving_plan.fold(failing["status"], decisions.promotion_targets(failing["spec"]),
+                      [(decisions.promotion_targets(failing["spec"])[0],
+                        serving_plan.Outcome(False, "ConfigMap adapters exists without the label "
+                                                    "finetune.dev/serving=vllm"))], 1, T3)
+    out["publish-failed"] = failing
+    revoked = copy.deepcopy(out["succeeded"])
+    revoked["metadata"]["generation"] = 2
+    revoked["spec"]["promotion"] = {"revoked": True}
+    earlier = {"adapterURI": "s3://out/j/adapters/cd", "adapterDigest": "sha256:" + "cd" * 32,
+               "job": {"namespace": "team-a", "name": "j-old"}, "promotedAt": T0}
+    current = {"adapterURI": "s3://out/j/adapters/ab", "adapterDigest": DIGEST, "history": [earlier]}
+    out["rolled-back"] = plan(revoked, now=T3, alias_current=current)
     out["rejected"] = rejected = step(new, decisions.plan_rejected(new, "Job j-train-1 (its pod template)",
                                                                    REJECTION, T0))
     fixed = copy.deepcopy(rejected)

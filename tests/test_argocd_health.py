@@ -57,6 +57,9 @@ EXPECTED = {
     "FineTuneJob/rejected": "Degraded",
     "FineTuneJob/rejected-then-fixed": "Progressing",
     "FineTuneJob/stale": "Progressing",
+    "FineTuneJob/publishing": "Progressing",
+    "FineTuneJob/publish-failed": "Degraded",
+    "FineTuneJob/rolled-back": "Healthy",
 }
 
 ALL = paths.all_paths()
@@ -148,7 +151,10 @@ TESTDATA = {
                     "degraded_oom.yaml": "FineTuneJob/oom",
                     "degraded_dataset_invalid.yaml": "FineTuneJob/waiting-invalid-dataset",
                     "degraded_rejected.yaml": "FineTuneJob/rejected",
-                    "progressing_stale_generation.yaml": "FineTuneJob/stale"},
+                    "progressing_stale_generation.yaml": "FineTuneJob/stale",
+                    "progressing_publishing.yaml": "FineTuneJob/publishing",
+                    "degraded_publish_failed.yaml": "FineTuneJob/publish-failed",
+                    "healthy_rolled_back.yaml": "FineTuneJob/rolled-back"},
     "GovernancePolicy": {"healthy.yaml": None},
 }
 #: Per run: a fresh platform key signs the report, so these differ between runs (and mean nothing here).

@@ -44,6 +44,10 @@ EXPECTED = {
     "FineTuneJob/rejected": ("Failed", "False", "False", "True"),
     "FineTuneJob/rejected-then-fixed": ("InProgress", "False", "True", "False"),
     "FineTuneJob/stale": ("InProgress", "True", "False", "False"),
+    # Serving targets do not move kstatus: Ready means promoted; `Published` says how serving went.
+    "FineTuneJob/publishing": ("Current", "True", "False", "False"),
+    "FineTuneJob/publish-failed": ("Current", "True", "False", "False"),
+    "FineTuneJob/rolled-back": ("Current", "True", "False", "False"),
 }
 
 

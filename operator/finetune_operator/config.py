@@ -72,6 +72,17 @@ class OperatorConfig:
     #: Dry-run each new Job's pod (POST pods?dryRun=All) before creating the Job, so a pod template
     #: that admission refuses fails the FineTuneJob at once instead of leaving a Job without pods.
     admission_check: bool = True
+    #: Serving hand-off (spec.promotion.targets, docs/serving.md). Hosts (regular expressions) a vLLM
+    #: target's loadURL may name besides a Service in the job's own namespace (<svc>.<ns>[.svc[.cluster.local]]).
+    vllm_load_hosts: tuple[str, ...] = ()
+    #: Where OCI targets may push, per namespace ("{namespace}" is replaced): a repository outside it is
+    #: refused, so no team overwrites another's artifacts with the platform's registry credentials.
+    #: Empty: OCI targets are refused.
+    oci_repository_prefix: str = ""
+    #: Registries (host[:port]) spoken to over plain HTTP (a registry inside the cluster without TLS).
+    oci_insecure_registries: tuple[str, ...] = ()
+    #: A Docker config.json with the registry credentials (mounted from a Secret by the chart).
+    oci_auth_file: Optional[str] = None
 
 
 def has_namespace_patterns(namespaces: tuple[str, ...]) -> bool:

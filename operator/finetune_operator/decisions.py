@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import children, governance, modelcard, kstatus
+from .api.serving import PromotionTarget
+from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
 from .config import OperatorConfig
 
@@ -339,6 +341,7 @@ class JobInputs:
     keys: Optional[governance.attestation.Keyring] = None  # the keys a report must be signed with
     manifest_ok: Optional[tuple[bool, str]] = None  # adapter.verify(adapterURI)
     policies: list[dict] = field(default_factory=list)  # GovernancePolicy objects
+    alias_current: Optional[dict] = None  # the alias record as stored now (read before an alias write)
 
 
 def progress_fields(record: Optional[dict]) -> Optional[dict]:
@@ -409,7 +412,10 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         status.pop("completionTime", None)
         phase = "Evaluating" if (old.get("adapter") or {}).get("digest") else "Pending"
         status["phase"] = phase
-    if phase == "Succeeded" or (phase == "Failed" and not governance_rerun_due(ftj, inputs.policies, config)):
+    if phase == "Succeeded":
+        _rollback_or_restore(ftj, inputs, status, plan, cond, now)
+        return _finish(old, status, plan)
+    if phase == "Failed" and not governance_rerun_due(ftj, inputs.policies, config):
         return _finish(old, status, plan)
     if phase in ("AwaitingApproval", "Evaluating", "Failed"):
         return _finish(old, _evaluate(ftj, inputs, config, now, status, plan, cond, to_phase, fail), plan)
@@ -690,8 +696,10 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
     if decision.promote:
         uri = governance.alias_uri(spec["output"]["uri"], alias)
         if promo.get("aliasURI") != uri:
-            plan.alias = (uri, governance.alias_record(meta.get("namespace", "default"), meta["name"],
-                                                       adapter["uri"], digest, outcome, now))
+            record = governance.alias_record(meta.get("namespace", "default"), meta["name"], adapter["uri"], digest,
+                                             outcome.passed, outcome.checks, now)
+            plan.alias = (uri, governance.promoted_alias_record(inputs.alias_current, record))
+            promo["served"] = {"uri": adapter["uri"], "digest": digest}
         promo.update(aliasURI=uri, promotedAt=promo.get("promotedAt") or now)
         card = modelcard.uri(adapter["uri"])
         if promo.get("modelCardURI") != card:
@@ -701,6 +709,7 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
         promo["modelCardURI"] = card
         status["promotion"] = promo
         cond("Promoted", True, decision.reason, f"alias {alias} -> {digest}")
+        _publishing(ftj, status, cond)
         to_phase("Succeeded", f"adapter {digest} promoted as {alias}", "Promoted")
     elif decision.state == "AwaitingApproval":
         status["promotion"] = promo
@@ -712,3 +721,69 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
         cond("Promoted", False, decision.reason, message)
         fail(decision.reason, message)
     return status
+
+
+# --- serving targets and rollback ---------------------------------------------------------------
+
+def promotion_targets(spec: dict) -> list[PromotionTarget]:
+    """spec.promotion.targets as typed models (the API server validated them against the same schema)."""
+    return [PromotionTarget.model_validate(t) for t in (spec.get("promotion") or {}).get("targets") or []]
+
+
+def _publishing(ftj: dict, status: dict, cond) -> None:
+    """After an alias write: a Pending entry per target, and the aggregate Published condition."""
+    targets = promotion_targets(ftj["spec"])
+    serving_plan.pending_entries(targets, status)
+    if targets:
+        cond("Published", *serving_plan.published_condition(targets, status))
+
+
+def _rollback_or_restore(ftj: dict, inputs: JobInputs, status: dict, plan: Plan, cond, now: str) -> None:
+    """spec.promotion.revoked on a promoted job takes its adapter out of service: the alias goes back to
+    the adapter it pointed at before (its history) and the targets follow. Set back to false, the
+    adapter is promoted again (it passed its checks; nothing is judged anew)."""
+    meta, spec = ftj["metadata"], ftj["spec"]
+    promo = dict(status.get("promotion") or {})
+    revoked = bool((spec.get("promotion") or {}).get("revoked"))
+    adapter = status.get("adapter") or {}
+    digest, alias, uri = adapter.get("digest"), promo.get("alias"), promo.get("aliasURI")
+    if not (digest and alias and uri):
+        return
+    job = {"namespace": meta.get("namespace", "default"), "name": meta["name"]}
+    if revoked and promo.get("state") == "Promoted":
+        record = governance.rolled_back_alias_record(inputs.alias_current, digest, job, now)
+        if record is not None:
+            plan.alias = (uri, record)
+        now_serving = record if record is not None else (inputs.alias_current or {})
+        back_to = now_serving.get("adapterDigest")
+        promo.update(state="RolledBack", reason="Revoked", rolledBackAt=now,
+                     served={k: v for k, v in (("uri", now_serving.get("adapterURI")), ("digest", back_to)) if v})
+        message = (f"adapter {digest} taken out of service (spec.promotion.revoked); alias {alias} -> "
+                   f"{back_to or 'no adapter'}")
+        status["promotion"] = promo
+        status["message"] = message
+        cond("Promoted", False, "RolledBack", message)
+        plan.events.append(("Normal", "RolledBack", message))
+    elif not revoked and promo.get("state") == "RolledBack":
+        gov = status.get("governance") or {}
+        record = governance.alias_record(job["namespace"], job["name"], adapter["uri"], digest, bool(gov.get("passed")),
+                                         gov.get("checks") or [], now)
+        plan.alias = (uri, governance.promoted_alias_record(inputs.alias_current, record))
+        promo.pop("rolledBackAt", None)
+        promo.update(state="Promoted", reason="Restored", served={"uri": adapter["uri"], "digest": digest})
+        message = f"adapter {digest} promoted again as {alias} (spec.promotion.revoked is false)"
+        status["promotion"] = promo
+        status["message"] = message
+        cond("Promoted", True, "Restored", f"alias {alias} -> {digest}")
+        plan.events.append(("Normal", "Promoted", message))
+    else:
+        return
+    _publishing(ftj, status, cond)
+
+
+def alias_uri_of(ftj: dict) -> Optional[str]:
+    """Where this job's alias record is (or will be)."""
+    spec = ftj.get("spec") or {}
+    output = (spec.get("output") or {}).get("uri")
+    alias = (spec.get("promotion") or {}).get("alias") or ftj["metadata"]["name"]
+    return governance.alias_uri(output, alias) if output else None

@@ -373,17 +373,64 @@ def alias_uri(output_uri: str, alias: str) -> str:
     return f"{output_uri.rstrip('/')}/aliases/{alias}.json"
 
 
-def alias_record(namespace: str, name: str, adapter_uri: str, adapter_digest: str,
-                 outcome: GovernanceOutcome, now: str) -> dict:
-    """What an alias file holds: the adapter it points at, who promoted it, and the check summary."""
+def alias_record(namespace: str, name: str, adapter_uri: str, adapter_digest: str, passed: bool,
+                 checks: list, now: str) -> dict:
+    """What an alias file holds: the adapter it points at, who promoted it, and the check summary.
+    `checks`: CheckResult models (a fresh report) or their status dicts (a re-promotion)."""
+    def summary(c: Any) -> dict:
+        c = c if isinstance(c, dict) else c.model_dump(mode="json")
+        return {k: c.get(k) for k in ("name", "passed", "value", "threshold")}
+
     return {
         "adapterURI": adapter_uri,
         "adapterDigest": adapter_digest,
         "job": {"namespace": namespace, "name": name},
         "promotedAt": now,
-        "governance": {
-            "passed": outcome.passed,
-            "checks": [{"name": c.name, "passed": c.passed, "value": c.value, "threshold": c.threshold}
-                       for c in outcome.checks],
-        },
+        "governance": {"passed": passed, "checks": [summary(c) for c in checks]},
     }
+
+
+#: Earlier adapters an alias record remembers (newest first): what a rollback goes back to.
+ALIAS_HISTORY_LIMIT = 20
+
+
+def _summary(record: dict) -> dict:
+    keep = ("adapterURI", "adapterDigest", "job", "promotedAt")
+    return {k: record[k] for k in keep if record.get(k) is not None}
+
+
+def _history(record: Optional[dict]) -> list[dict]:
+    """A stored record's history, with anything malformed dropped (the bucket is not trusted)."""
+    history = (record or {}).get("history") if isinstance(record, dict) else None
+    return [h for h in history if isinstance(h, dict) and isinstance(h.get("adapterDigest"), str)
+            and isinstance(h.get("adapterURI"), str)] if isinstance(history, list) else []
+
+
+def promoted_alias_record(current: Optional[dict], new: dict) -> dict:
+    """`new` (alias_record) with the alias's history: what the alias pointed at before goes first."""
+    history = _history(current)
+    if isinstance(current, dict) and isinstance(current.get("adapterDigest"), str) and \
+            current.get("adapterDigest") != new["adapterDigest"] and isinstance(current.get("adapterURI"), str):
+        history = [_summary(current)] + history
+    history = [h for h in history if h["adapterDigest"] != new["adapterDigest"]]
+    return {**new, "history": history[:ALIAS_HISTORY_LIMIT]}
+
+
+def rolled_back_alias_record(current: Optional[dict], digest: str, job: dict, now: str) -> Optional[dict]:
+    """The alias record after `digest` is taken out of service, or None when nothing changes.
+
+    When the alias points at `digest`, it goes back to the newest earlier adapter (or to none: a
+    record without adapterDigest, so the history is kept). When it has moved on since, only the
+    history entry goes."""
+    if not isinstance(current, dict):
+        return None
+    history = _history(current)
+    rest = [h for h in history if h["adapterDigest"] != digest]
+    note = {"rolledBack": {"adapterDigest": digest, "job": job, "at": now}}
+    if current.get("adapterDigest") == digest:
+        if rest:
+            return {**rest[0], "restoredAt": now, "history": rest[1:], **note}
+        return {"adapterURI": None, "adapterDigest": None, "history": [], **note}
+    if len(rest) == len(history):
+        return None
+    return {**current, "history": rest}

@@ -29,6 +29,7 @@ import kopf
 from finetune_trainer import storage
 
 from . import attestation, children, config as config_mod, decisions, kube, metrics
+from .serving import plan as serving_plan, publish as serving_publish
 from .api.meta import GROUP, VERSION
 from .conditions import bounded, now_iso
 
@@ -606,7 +607,7 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
     ns, phase = meta.get("namespace"), status.get("phase", "Pending")
     policies = [p for store in indices["policies_idx"].values() for p in store]
     if (phase in ("Succeeded", "Failed") and status.get("observedGeneration") == (meta.get("generation") or 1)
-            and not decisions.governance_rerun_due(body, policies, CONFIG)):
+            and not decisions.governance_rerun_due(body, policies, CONFIG) and not _serving_due(body, status)):
         return
     output = spec["output"]["uri"].rstrip("/")
     inputs = decisions.JobInputs(dataset=_one(indices["datasets_idx"], (ns, spec["datasetRef"]["name"])))
@@ -640,10 +641,15 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
 
                 inputs.manifest_ok = await asyncio.to_thread(adapter_mod.verify, adapter_uri)
     inputs.policies = policies
+    if phase in ("Evaluating", "AwaitingApproval", "Failed", "Succeeded") and adapter_digest:
+        # What the alias points at now: a promotion keeps it in the new record's history, a rollback
+        # goes back to it. Storage trouble raises (the reconcile is retried): a history is never dropped.
+        inputs.alias_current = await _read_alias(decisions.alias_uri_of(body))
     plan = decisions.plan_finetunejob(body, inputs, CONFIG, now_iso())
     if plan.status is not None:
         await _ensure_finalizer(body, plan.status, logger)  # before the status says training started
     await _apply(plan, body, logger)
+    await _publish(body, plan.status if plan.status is not None else status, indices, logger)
     new = plan.status
     if new is None:
         return
@@ -663,6 +669,52 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
             metrics.promotion(outcome)
             for check in (new.get("governance") or {}).get("checks") or []:
                 metrics.governance_check(check["name"], bool(check.get("passed")))
+
+
+def _serving_due(body: dict, status: dict) -> bool:
+    try:
+        return bool(serving_plan.due(decisions.promotion_targets(body["spec"]), status, now_iso()))
+    except ValueError:  # a spec the API server accepted but our models do not: nothing to publish
+        return False
+
+
+async def _read_alias(uri: Optional[str]) -> Optional[dict]:
+    if not uri:
+        return None
+    try:
+        record = json.loads(await asyncio.to_thread(storage.read_text, uri))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("alias record %s is not JSON; treated as empty", uri)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+async def _publish(body: dict, status: dict, indices: dict, logger: Any) -> None:
+    """Publish to the serving targets that are due; a failing one is tried again after its backoff."""
+    meta = body["metadata"]
+    new, events = await serving_publish.run(kube.client(), body, status, CONFIG, now_iso())
+    if new is None:
+        return
+    old = body.get("status") or {}
+    await kube.client().patch_status(body, {**new, **{k: None for k in old if k not in new}}, parse=False)
+    STATE.written[meta["uid"]] = new
+    _post_events(body, events)
+    wake = serving_plan.next_wakeup(new)
+    if wake:
+        key = ("Publish", meta.get("namespace"), meta["name"])
+        delay = max(1.0, (datetime.datetime.fromisoformat(wake.replace("Z", "+00:00"))
+                          - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+        _cancel_retry(key)
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            STATE.retry_tasks.pop(key, None)
+            await reconcile_finetunejob(meta.get("namespace"), meta["name"], indices, logger)
+
+        STATE.retry_tasks[key] = asyncio.create_task(again())
+        logger.info(f"serving target(s) failing; next attempt in {delay:.0f}s")
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")

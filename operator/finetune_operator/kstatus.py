@@ -97,7 +97,9 @@ def conditions_for(kind: str, status: dict, generation: int, now: str) -> list[d
         # plan_dataset sets Dataset's Ready itself, with the specific reason: kept as it is.
         ready_reason, ready_message = old_ready.get("reason") or phase, old_ready.get("message") or message
     elif ready:
-        ready_reason, ready_message = "Promoted" if kind == "FineTuneJob" else "Validated", message
+        ready_reason = "Validated" if kind == "Dataset" else (
+            "RolledBack" if (status.get("promotion") or {}).get("state") == "RolledBack" else "Promoted")
+        ready_message = message
     else:
         ready_reason, ready_message = stall or phase, message
     conds = set_condition(conds, READY, ready, ready_reason, ready_message, generation, now)

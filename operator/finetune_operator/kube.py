@@ -13,7 +13,10 @@ import aiohttp
 
 from .api.meta import GROUP, VERSION
 
-PLURALS = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePolicy": "governancepolicies"}
+PLURALS = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePolicy": "governancepolicies",
+           "LLMInferenceService": "llminferenceservices"}
+#: Server-side apply's field manager: what `kubectl get --show-managed-fields` names as the writer.
+FIELD_MANAGER = "finetune-operator"
 
 
 class ApiError(Exception):
@@ -146,6 +149,17 @@ class Client:
                                       "application/merge-patch+json")
         except ApiError as exc:
             exc.what = f"a patch of {kind} {name}"
+            raise
+
+    async def apply(self, manifest: dict, force: bool = True) -> dict:
+        """Server-side apply of the fields `manifest` names, owned by FIELD_MANAGER."""
+        meta = manifest["metadata"]
+        try:
+            return await self.request("PATCH", path_of(manifest["apiVersion"], manifest["kind"], meta.get("namespace"),
+                                                       meta["name"]), manifest, "application/apply-patch+yaml",
+                                      params={"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"})
+        except ApiError as exc:
+            exc.what = f"{manifest['kind']} {meta['name']}"
             raise
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str,

@@ -184,6 +184,7 @@ def test_invalid_manifest_blocks():
 def test_alias_uri_and_record(output):
     assert alias_uri(output, "prod") == "s3://b/runs/job/aliases/prod.json"
     outcome = read(make_report())
-    rec = alias_record("ns", "job", "s3://b/runs/job/adapters/x", A, outcome, "2026-01-01T00:00:00Z")
+    rec = alias_record("ns", "job", "s3://b/runs/job/adapters/x", A, outcome.passed, outcome.checks,
+                       "2026-01-01T00:00:00Z")
     assert rec["adapterDigest"] == A and rec["job"] == {"namespace": "ns", "name": "job"}
     assert [c["name"] for c in rec["governance"]["checks"]] == ["evaluation", "bias"]

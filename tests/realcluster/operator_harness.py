@@ -124,7 +124,8 @@ class Stack:
 
 
 @contextlib.contextmanager
-def operator_stack(cluster: RealCluster, s3_endpoint: str, model_dir: Path, log_dir: Path) -> Iterator[Stack]:
+def operator_stack(cluster: RealCluster, s3_endpoint: str, model_dir: Path, log_dir: Path,
+                   **extra_env: str) -> Iterator[Stack]:
     from finetune_trainer import storage
     from trainer.helpers import upload_folder
 
@@ -136,7 +137,7 @@ def operator_stack(cluster: RealCluster, s3_endpoint: str, model_dir: Path, log_
     system = operator_namespace(prefix)
     cluster.kubectl("create", "namespace", system)
     add_credentials(cluster, system)  # the platform's S3 Secret, for the governance Jobs
-    op = Operator(operator_env(cluster.kubeconfig, s3_endpoint, bucket, prefix), log_dir).start()
+    op = Operator(operator_env(cluster.kubeconfig, s3_endpoint, bucket, prefix, **extra_env), log_dir).start()
     try:
         yield Stack(cluster, bucket, model_uri, op, prefix)
     finally:

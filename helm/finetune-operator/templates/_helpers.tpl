@@ -109,6 +109,10 @@ reads logs with the user's own credentials; the operator reads none). */}}
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, patch]
+# Serving targets: the LoRA adapter list of a KServe LLMInferenceService (server-side apply).
+- apiGroups: [serving.kserve.io]
+  resources: [llminferenceservices]
+  verbs: [get, patch]
 {{- if .Values.peering.enabled }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]

@@ -10,6 +10,7 @@ from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
 from .scheduling import Affinity, Toleration, label_map_field
+from .serving import PromotionTarget, ServedAdapter, TargetStatus
 
 Method = Literal["lora", "qlora", "dora"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -18,7 +19,7 @@ Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 PromotionMode = Literal["auto", "manual"]
 JobPhase = Literal["Pending", "WaitingForDataset", "Queued", "Training", "Evaluating",
                    "AwaitingApproval", "Succeeded", "Failed", "Suspended"]
-PromotionState = Literal["Pending", "AwaitingApproval", "Promoted", "Blocked"]
+PromotionState = Literal["Pending", "AwaitingApproval", "Promoted", "Blocked", "RolledBack"]
 
 
 def _immutable(field: str) -> dict:
@@ -181,6 +182,15 @@ class PromotionSettings(ApiModel):
     alias: Optional[str] = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63,
                                  description="Alias to point at the adapter (defaults to the job name).")
     approval: Optional[Approval] = Field(None, description="Approval for manual promotion.")
+    targets: list[PromotionTarget] = Field(
+        default_factory=list, max_length=8,
+        description="Where the promoted adapter is published (vLLM, KServe, an OCI registry). Each target mirrors "
+                    "the alias: it serves the alias's adapter after a promotion and what the alias went back to "
+                    "after a rollback. A failing target is retried with backoff and never un-promotes the alias.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    revoked: bool = Field(False, description="Roll back: take this adapter out of service. The alias goes back to "
+                                             "the adapter it pointed at before (its history), and every target "
+                                             "follows. `ftctl rollback ALIAS` sets it.")
 
 
 class FineTuneJobSpec(ApiModel):
@@ -288,6 +298,12 @@ class PromotionStatus(ApiModel):
                           "it (e.g. kubectl-edit, argocd-controller); the API does not record user names.")
     approvedAt: Optional[str] = Field(None, description="When that manager wrote the approval (managedFields time).")
     reason: Optional[str] = Field(None, description="Why promotion is blocked or waiting.")
+    served: Optional[ServedAdapter] = Field(
+        None, description="What the alias points at after this job's last alias write (promotion or rollback): "
+                          "what its targets serve.")
+    rolledBackAt: Optional[str] = Field(None, description="When spec.promotion.revoked took the adapter out of service.")
+    targets: list[TargetStatus] = Field(default_factory=list, max_length=8,
+                                        description="One entry per spec.promotion.targets entry.")
 
 
 class FineTuneJobStatus(ApiModel):

@@ -60,6 +60,20 @@ if message == "" then
   message = phase
 end
 
+-- Promoted, and spec.promotion.targets hand the adapter to serving: Published says how that went.
+-- A failing target never un-promotes the alias, but nobody is served the new adapter: Degraded.
+local published = condition(status, "Published")
+if phase == "Succeeded" and published ~= nil and published.status == "False" then
+  hs.status = "Degraded"
+  hs.message = "Publishing to serving fails: " .. tostring(published.message or "") .. ". " .. message
+  return hs
+end
+if phase == "Succeeded" and published ~= nil and published.status == "Unknown" and published.reason == "Publishing" then
+  hs.status = "Progressing"
+  hs.message = message .. "; " .. tostring(published.message or "publishing")
+  return hs
+end
+
 if phase == "Succeeded" or is_true(status, "Ready") then
   hs.status = "Healthy"
   hs.message = message
