@@ -694,7 +694,7 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
         manager, at = governance.approval_writer(meta)
         promo.update({k: v for k, v in (("approvalManager", manager), ("approvedAt", at)) if v})
     if decision.promote:
-        uri = governance.alias_uri(spec["output"]["uri"], alias)
+        uri = alias_uri_of(ftj)
         if promo.get("aliasURI") != uri:
             record = governance.alias_record(meta.get("namespace", "default"), meta["name"], adapter["uri"], digest,
                                              outcome.passed, outcome.checks, now)
@@ -786,4 +786,4 @@ def alias_uri_of(ftj: dict) -> Optional[str]:
     spec = ftj.get("spec") or {}
     output = (spec.get("output") or {}).get("uri")
     alias = (spec.get("promotion") or {}).get("alias") or ftj["metadata"]["name"]
-    return governance.alias_uri(output, alias) if output else None
+    return governance.alias_uri(output, alias, (spec.get("promotion") or {}).get("aliasStore")) if output else None

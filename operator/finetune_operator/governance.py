@@ -369,8 +369,10 @@ def approval_writer(metadata: dict) -> tuple[Optional[str], Optional[str]]:
     return manager, newest.get("time")
 
 
-def alias_uri(output_uri: str, alias: str) -> str:
-    return f"{output_uri.rstrip('/')}/aliases/{alias}.json"
+def alias_uri(output_uri: str, alias: str, store: Optional[str] = None) -> str:
+    """<store>/<alias>.json, or <output>/aliases/<alias>.json when no store is named."""
+    folder = store.rstrip("/") if store else f"{output_uri.rstrip('/')}/aliases"
+    return f"{folder}/{alias}.json"
 
 
 def alias_record(namespace: str, name: str, adapter_uri: str, adapter_digest: str, passed: bool,

@@ -182,6 +182,11 @@ class PromotionSettings(ApiModel):
     alias: Optional[str] = Field(None, pattern=DNS_LABEL_PATTERN, max_length=63,
                                  description="Alias to point at the adapter (defaults to the job name).")
     approval: Optional[Approval] = Field(None, description="Approval for manual promotion.")
+    aliasStore: Optional[str] = Field(
+        None, pattern=URI_PATTERN, max_length=2048,
+        description="Folder of the alias record (<aliasStore>/<alias>.json; default: <output>/aliases). Jobs that "
+                    "succeed one another (each with its own output folder) name the same store, so a promotion "
+                    "keeps the earlier adapter in the alias history and a rollback can go back to it.")
     targets: list[PromotionTarget] = Field(
         default_factory=list, max_length=8,
         description="Where the promoted adapter is published (vLLM, KServe, an OCI registry). Each target mirrors "

@@ -18,7 +18,7 @@ TargetState = Literal["Pending", "Published", "Unpublished", "Retrying"]
 TARGET_KINDS: tuple[str, ...] = ("vllm", "kserve", "oci")
 
 #: An OCI repository without scheme or tag: registry[:port]/path (lower case, as the distribution spec says).
-OCI_REPOSITORY_PATTERN = r"^[a-z0-9.\-]+(:[0-9]+)?(/[a-z0-9]+([._\-]|__|-*)?[a-z0-9]*)+$"
+OCI_REPOSITORY_PATTERN = r"^[a-z0-9.\-]+(:[0-9]+)?(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)+$"
 OCI_TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
 
 
