@@ -321,3 +321,36 @@ def test_oci_refuses_a_tampered_adapter_and_a_repository_outside_the_prefix(buck
     other = PromotionTarget.model_validate({"name": "oci", "oci": {"repository": f"{oci_registry}/adapters/team-b/x"}})
     with pytest.raises(PublishError, match="outside what namespace team-a may push to"):
         asyncio.run(oci.publish(ctx, other, "prod", served))
+
+
+# --- beside vLLM: the adapters the ConfigMap lists, verified, put in place ------------------------
+
+def test_sync_adapters_puts_verified_adapters_in_place_and_refuses_tampered_ones(bucket, tmp_path):
+    import subprocess
+    import sys
+
+    from finetune_trainer import storage
+
+    good = _adapter(bucket, {"adapter_model.safetensors": b"weights-a", "adapter_config.json": b"{}"})
+    bad = _adapter(bucket, {"adapter_model.safetensors": b"weights-b"})
+    storage.write_bytes(f"{bad.uri}/adapter_model.safetensors", b"swapped after governance")
+    target = PromotionTarget.model_validate({"name": "v", "vllm": {"configMap": "cm", "mountPath": str(tmp_path)}})
+    adapters = vllm.updated(vllm.updated({}, target, "prod", good), target, "canary", bad)
+    config = tmp_path / "adapters.json"
+    config.write_text(vllm.render(adapters)["adapters.json"])
+
+    def sync():
+        return subprocess.run([sys.executable, "-m", "finetune_trainer.cli", "sync-adapters", "--config", str(config)],
+                              capture_output=True, text=True, timeout=120)
+
+    out = sync()
+    assert out.returncode == 1 and "canary" in out.stderr and "sha256 does not match" in out.stderr
+    prod = tmp_path / "prod" / good.digest[7:23]
+    assert (prod / "adapter_model.safetensors").read_bytes() == b"weights-a"
+    assert not (tmp_path / "canary" / bad.digest[7:23]).exists()  # nothing half-written or tampered in place
+    assert not [p for p in tmp_path.rglob(".*partial*")]
+    config.write_text(vllm.render({"prod": adapters["prod"]})["adapters.json"])
+    assert sync().returncode == 0  # in place already: left alone
+    config.write_text(json.dumps({"prod": {**adapters["prod"], "path": "/etc/../root/x"}}))
+    refused = sync()
+    assert refused.returncode != 0 and "is not {uri, digest, absolute path}" in refused.stderr

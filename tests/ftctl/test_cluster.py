@@ -227,3 +227,29 @@ def test_submit_a_cluster_scoped_governance_policy(k8s, tmp_path):
     assert updated.exit_code == 0 and "strict configured" in updated.output
     stored = api(k8s).get_cluster_custom_object("finetune.dev", "v1alpha1", "governancepolicies", "strict")
     assert stored["spec"]["required"] == ["evaluation"]
+
+
+def test_rollback_revokes_the_job_the_alias_points_at_and_report_shows_the_targets(k8s):
+    quickstart(k8s)
+    promoted = {"phase": "Succeeded", "adapter": {"uri": "s3://b/a", "digest": DIGEST, "sizeBytes": 1},
+                "governance": {"checks": CHECKS, "passed": True, "adapterDigest": DIGEST},
+                "promotion": {"state": "Promoted", "alias": "support", "promotedAt": "2026-01-02T00:00:00Z",
+                              "served": {"uri": "s3://b/a", "digest": DIGEST},
+                              "targets": [{"name": "vllm", "kind": "vllm", "state": "Retrying", "attempts": 2,
+                                           "conditions": [{"type": "Published", "status": "False",
+                                                           "reason": "PublishFailed",
+                                                           "message": "ConfigMap cm exists without the label",
+                                                           "lastTransitionTime": "2026-01-02T00:00:00Z"}]}]}}
+    set_status(k8s, "support-assistant", promoted)
+    report = cli(k8s, "report", "support-assistant")
+    assert report.exit_code == 0 and "target vllm (vllm): Retrying" in report.output
+    assert "ConfigMap cm exists without the label" in report.output
+
+    missing = cli(k8s, "rollback", "nope")
+    assert missing.exit_code == 1 and "no promoted FineTuneJob holds alias nope" in missing.output
+    result = cli(k8s, "rollback", "support")
+    assert result.exit_code == 0, result.output
+    assert f"support-assistant revoked: alias support leaves {DIGEST}" in result.output
+    assert get_job(k8s, "support-assistant")["spec"]["promotion"]["revoked"] is True
+    wrong = cli(k8s, "rollback", "other-alias", "--job", "support-assistant")
+    assert wrong.exit_code == 1 and "did not promote alias other-alias" in wrong.output

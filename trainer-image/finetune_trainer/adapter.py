@@ -155,6 +155,32 @@ def verify(adapter_uri: str) -> tuple[bool, str]:
     return True, f"{adapter_uri}: {len(files)} files match manifest sha256:{hexdigest}"
 
 
+def verify_folder(folder: Path, digest: str) -> list[Path]:
+    """Check a downloaded adapter folder: its manifest has `digest` and every file it lists matches.
+    Returns the files (manifest first); raises ValueError naming what is wrong."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file() or manifest_path.stat().st_size > MANIFEST_MAX_BYTES:
+        raise ValueError(f"{folder}: no {MANIFEST} (or one larger than {MANIFEST_MAX_BYTES} bytes)")
+    raw = manifest_path.read_bytes()
+    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
+        raise ValueError(f"{folder}/{MANIFEST} does not have the digest {digest}")
+    try:
+        files = json.loads(raw)["files"]
+        if not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+            raise TypeError("files")
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise ValueError(f"{folder}/{MANIFEST}: not a valid manifest") from None
+    paths = [manifest_path]
+    for fname, meta in sorted(files.items()):
+        path = folder / fname
+        if not _plain_name(fname) or not path.is_file() or path.is_symlink():
+            raise ValueError(f"{folder}: {str(fname)[:200]!r} listed in the manifest is missing or not a plain file")
+        if storage.sha256_file(path) != meta.get("sha256"):
+            raise ValueError(f"{folder}/{fname}: sha256 does not match the manifest")
+        paths.append(path)
+    return paths
+
+
 def list_adapters(output_uri: str) -> list[str]:
     """URIs of the complete (verified) adapters under {output_uri}/adapters/ -- never a staging folder."""
     folders = {n.split("/", 1)[0] for n in storage.list_keys(adapters_uri(output_uri)) if "/" in n}

@@ -3,6 +3,7 @@
     finetune-trainer validate   --config validation.json   # Dataset validation (no GPU)
     finetune-trainer train      --config job.json          # LoRA / QLoRA / DoRA training
     finetune-trainer governance --config job.json          # governance checks on the adapter
+    finetune-trainer sync-adapters --config adapters.json  # beside vLLM: the promoted adapters, verified
 
 Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
 """
@@ -24,6 +25,7 @@ COMMANDS = {
     "validate": "finetune_trainer.validate",
     "train": "finetune_trainer.train",
     "governance": "finetune_trainer.governance.runner",
+    "sync-adapters": "finetune_trainer.sync_adapters",
 }
 
 

@@ -161,6 +161,22 @@ class Cluster:
         return self._call(self.custom.patch_namespaced_custom_object, GROUP, VERSION, self.namespace,
                           "finetunejobs", name, patch, what=f"FineTuneJob {name}")
 
+    def alias_holder(self, alias: str) -> dict:
+        """The promoted FineTuneJob that an alias points at now: of the jobs whose status says they
+        promoted `alias`, the one promoted last (a successor's promotion moved the alias to it)."""
+        holders = [j for j in self.list("FineTuneJob")
+                   if ((j.get("status") or {}).get("promotion") or {}).get("alias") == alias
+                   and j["status"]["promotion"].get("state") == "Promoted"]
+        if not holders:
+            raise FtctlError(f"no promoted FineTuneJob holds alias {alias} in namespace {self.namespace}")
+        return max(holders, key=lambda j: j["status"]["promotion"].get("promotedAt") or "")
+
+    def revoke(self, name: str, revoked: bool = True) -> dict:
+        """spec.promotion.revoked: the operator moves the alias back (or forward again) and the targets follow."""
+        patch = {"spec": {"promotion": {"revoked": revoked}}}
+        return self._call(self.custom.patch_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                          "finetunejobs", name, patch, what=f"FineTuneJob {name}")
+
     # --- pods ---------------------------------------------------------------------------------
     def trainer_pod(self, name: str) -> str:
         """The newest pod of the FineTuneJob's current trainer Job."""

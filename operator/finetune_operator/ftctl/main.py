@@ -232,6 +232,15 @@ def report(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJ
     if promotion:
         console.print(f"promotion: {promotion.get('state')}"
                       + (f" - {promotion.get('reason')}" if promotion.get("reason") else ""), markup=False)
+        served = promotion.get("served")
+        if served is not None and promotion.get("state") == "RolledBack":
+            console.print(f"rolled back at {promotion.get('rolledBackAt')}; alias {promotion.get('alias')} -> "
+                          f"{served.get('digest') or 'no adapter'}", markup=False)
+        for target in promotion.get("targets") or []:
+            published = next((c for c in target.get("conditions") or [] if c.get("type") == "Published"), {})
+            console.print(f"  target {target.get('name')} ({target.get('kind')}): {target.get('state')}"
+                          f" {target.get('adapterDigest') or ''} {published.get('message') or ''}".rstrip(),
+                          markup=False)
         if promotion.get("approvalManager"):
             console.print(f"approval written by {promotion['approvalManager']} at {promotion.get('approvedAt')}",
                           markup=False)
@@ -247,6 +256,25 @@ def approve(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTune
     who = by or cluster.user
     cluster.approve(name, digest, who)
     console.print(f"finetunejob.finetune.dev/{name} approved {digest}" + (f" by {who}" if who else ""))
+
+
+@app.command()
+@one_line_errors
+def rollback(ctx: typer.Context, alias: str = typer.Argument(..., help="A promotion alias."),
+             job: Optional[str] = typer.Option(None, "--job", help="Roll back this FineTuneJob instead of the one "
+                                                                   "the alias points at.")) -> None:
+    """Take the adapter an alias points at out of service: the alias goes back to the adapter it pointed
+    at before, and every serving target follows (sets spec.promotion.revoked on the holding job)."""
+    cluster = _cluster(ctx)
+    holder = cluster.get("FineTuneJob", job) if job else cluster.alias_holder(alias)
+    name = holder["metadata"]["name"]
+    promotion = (holder.get("status") or {}).get("promotion") or {}
+    if promotion.get("alias") != alias:
+        raise FtctlError(f"FineTuneJob {name} did not promote alias {alias} (its alias: {promotion.get('alias')})")
+    cluster.revoke(name)
+    digest = ((holder.get("status") or {}).get("adapter") or {}).get("digest")
+    console.print(f"finetunejob.finetune.dev/{name} revoked: alias {alias} leaves {digest}; "
+                  f"`ftctl report {name}` shows where it went back to", markup=False)
 
 
 def watch_exit_code(job: dict) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -22,7 +21,6 @@ from .context import Context, PublishError
 from .plan import Outcome
 
 CONFIG_MEDIA_TYPE = "application/vnd.finetune.adapter.config.v1+json"
-MANIFEST = "manifest.json"
 
 
 def allowed_repository(repository: str, namespace: str, prefix_template: str) -> bool:
@@ -35,29 +33,12 @@ def allowed_repository(repository: str, namespace: str, prefix_template: str) ->
 
 def _checked_folder(uri: str, digest: str, dest: Path) -> list[Path]:
     """Download the adapter and check it against its manifest; the files to push."""
-    from finetune_trainer import storage
+    from finetune_trainer import adapter, storage
 
-    folder = storage.download_folder(uri, dest)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise PublishError(f"{uri}: no {MANIFEST}")
-    raw = manifest_path.read_bytes()
-    if "sha256:" + hashlib.sha256(raw).hexdigest() != digest:
-        raise PublishError(f"{uri}: {MANIFEST} does not have the promoted digest {digest}")
     try:
-        files = json.loads(raw)["files"]
-        assert isinstance(files, dict)
-    except (ValueError, KeyError, AssertionError):
-        raise PublishError(f"{uri}: {MANIFEST} is not a valid adapter manifest") from None
-    paths = [manifest_path]
-    for name, meta in sorted(files.items()):
-        path = folder / name
-        if "/" in name or name.startswith(".") or not path.is_file():
-            raise PublishError(f"{uri}: {name[:200]!r} listed in the manifest is missing or not a plain file name")
-        if storage.sha256_file(path) != (meta or {}).get("sha256"):
-            raise PublishError(f"{uri}/{name}: sha256 does not match the manifest")
-        paths.append(path)
-    return paths
+        return adapter.verify_folder(storage.download_folder(uri, dest), digest)
+    except ValueError as exc:
+        raise PublishError(f"{uri}: {exc}") from None
 
 
 def _credentials(auth_file: str | None, registry: str) -> tuple[str, str] | None:
