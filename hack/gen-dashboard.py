@@ -101,6 +101,10 @@ PANELS = [
     panel("stat", "Promotions", "Promotion decisions by outcome over the dashboard's range.",
           [target("sum by (outcome) (increase(finetune_operator_promotions_total[$__range]))",
                   "{{outcome}}", instant=True)], w=8),
+    panel("bargauge", "Serving publishes", "Publishing to serving targets (vLLM, KServe, OCI) by kind and outcome "
+          "over the dashboard's range.",
+          [target("sum by (kind, outcome) (increase(finetune_operator_serving_publishes_total[$__range]))",
+                  "{{kind}} {{outcome}}", instant=True)], w=8, orientation="horizontal", displayMode="basic"),
     panel("stat", "GPU-hours", "GPU-hours used by trainer pods over the dashboard's range.",
           [target("sum(increase(finetune_operator_gpu_hours_total[$__range]))", "GPU-hours", instant=True)],
           unit="h", w=8),

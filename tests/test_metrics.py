@@ -224,3 +224,13 @@ def test_module_functions_are_served_over_http():
     assert "finetune_operator_reconcile_duration_seconds" in families
     metrics.forget("FineTuneJob", "http-ns", "http-job")
     metrics.forget("Dataset", "http-ns", "http-ds")
+
+
+def test_serving_publishes_count_by_kind_and_outcome_from_zero(m):
+    assert value(m, "finetune_operator_serving_publishes_total", kind="oci", outcome="failed") == 0
+    m.serving_publish("kserve", "failed")
+    m.serving_publish("kserve", "published")
+    assert value(m, "finetune_operator_serving_publishes_total", kind="kserve", outcome="failed") == 1
+    assert value(m, "finetune_operator_serving_publishes_total", kind="kserve", outcome="published") == 1
+    with pytest.raises(ValueError, match="unknown serving publish"):
+        m.serving_publish("triton", "published")

@@ -313,6 +313,9 @@ def test_alert_rules_fire_after_their_for_durations():
             {"series": 'finetune_operator_datasets{phase="Invalid"}', "values": "0x5 1x30"},
             {"series": failed, "values": "0x5 1x40"},
             {"series": blocked, "values": "0x40"},
+            # A target failing every 2 minutes from minute 5, then fixed at minute 25.
+            {"series": 'finetune_operator_serving_publishes_total{kind="kserve",outcome="failed"}',
+             "values": "0x5 1 1 2 2 3 3 4 4 5 5 6 6 7 7 8 8 9 9 10 10 10x30"},
         ],
         "alert_rule_test": [
             alerts("FineTuneOperatorDown", "14m"),  # down since 11m: still inside for: 5m
@@ -345,6 +348,14 @@ def test_alert_rules_fire_after_their_for_durations():
                                    "finetunejobs -A and the Failed condition."}}),
             alerts("FineTuneJobFailed", "30m"),  # the failure left the 15 minute window
             alerts("FineTuneGovernanceBlocked", "30m"),  # no promotion blocked
+            alerts("FineTuneServingPublishFailing", "12m"),  # failing since 6m: inside for: 10m
+            alerts("FineTuneServingPublishFailing", "18m", {
+                "exp_labels": {"severity": "warning", "kind": "kserve"},
+                "exp_annotations": {
+                    "summary": "A promoted adapter does not reach a serving target",
+                    "description": "Publishing to kserve targets keeps failing (retried with backoff). See "
+                                   "status.promotion.targets and the Published condition of the FineTuneJobs."}}),
+            alerts("FineTuneServingPublishFailing", "50m"),  # fixed at 25m: the 15 minute window is clean
         ],
     }]}
     (tmp / "tests.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
@@ -357,7 +368,7 @@ def test_alert_rules_fire_after_their_for_durations():
 def test_alert_rules_pass_promtool(observed):
     checked = observed["promtool"]
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 5 rules found" in checked.stdout
+    assert "SUCCESS: 6 rules found" in checked.stdout
 
 
 def test_both_endpoints_were_scraped(observed):

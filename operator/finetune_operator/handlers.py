@@ -701,6 +701,12 @@ async def _publish(body: dict, status: dict, indices: dict, logger: Any) -> None
     await kube.client().patch_status(body, {**new, **{k: None for k in old if k not in new}}, parse=False)
     STATE.written[meta["uid"]] = new
     _post_events(body, events)
+    kinds = {e.get("name"): e.get("kind") for e in (new.get("promotion") or {}).get("targets") or []}
+    for _, reason, message in events:  # "target <name>: ..."
+        name = message.split(":", 1)[0].removeprefix("target ")
+        if kinds.get(name):
+            metrics.serving_publish(kinds[name], {"Published": "published", "Unpublished": "unpublished"}.get(
+                reason, "failed"))
     wake = serving_plan.next_wakeup(new)
     if wake:
         key = ("Publish", meta.get("namespace"), meta["name"])

@@ -26,6 +26,8 @@ JOB_PHASES = ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating"
 DATASET_PHASES = ("Pending", "Validating", "Ready", "Invalid", "Failed")
 JOB_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 PROMOTION_OUTCOMES = ("promoted", "blocked", "awaiting_approval")
+SERVING_KINDS = ("vllm", "kserve", "oci")
+SERVING_OUTCOMES = ("published", "unpublished", "failed")
 GOVERNANCE_RUN_TRIGGERS = ("first", "policy_change")
 DEFAULT_RETENTION_SECONDS = 3600.0
 
@@ -93,6 +95,12 @@ class OperatorMetrics:
             "finetune_operator_governance_checks", "Governance check results.", ["check", "outcome"], registry=r)
         self.promotions = Counter(
             "finetune_operator_promotions", "Promotion decisions by outcome.", ["outcome"], registry=r)
+        self.serving_publishes = Counter(
+            "finetune_operator_serving_publishes", "Attempts to publish to serving targets, by target kind and outcome.",
+            ["kind", "outcome"], registry=r)
+        for kind in SERVING_KINDS:  # every series exists at 0, so rate() and alerts work from the start
+            for outcome in SERVING_OUTCOMES:
+                self.serving_publishes.labels(kind, outcome)
         self.governance_runs = Counter(
             "finetune_operator_governance_runs", "Governance runs started, by trigger (first run, policy change).",
             ["trigger"], registry=r)
@@ -192,6 +200,11 @@ class OperatorMetrics:
         if trigger not in GOVERNANCE_RUN_TRIGGERS:
             raise ValueError(f"unknown governance run trigger {trigger!r}: expected one of {GOVERNANCE_RUN_TRIGGERS}")
         self.governance_runs.labels(trigger).inc()
+
+    def serving_publish(self, kind: str, outcome: str) -> None:
+        if kind not in SERVING_KINDS or outcome not in SERVING_OUTCOMES:
+            raise ValueError(f"unknown serving publish {kind!r}/{outcome!r}")
+        self.serving_publishes.labels(kind, outcome).inc()
 
     def promotion(self, outcome: str) -> None:
         if outcome not in PROMOTION_OUTCOMES:
@@ -298,6 +311,10 @@ def governance_check(check: str, passed: bool) -> None:
 
 def promotion(outcome: str) -> None:
     DEFAULT.promotion(outcome)
+
+
+def serving_publish(kind: str, outcome: str) -> None:
+    DEFAULT.serving_publish(kind, outcome)
 
 
 def governance_run(trigger: str) -> None:

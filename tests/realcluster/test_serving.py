@@ -177,12 +177,28 @@ def test_promotion_publishes_everywhere_and_a_rollback_brings_the_targets_back(s
         manifest = registry.get_manifest(f"{repository}:bot")
         assert manifest["annotations"]["dev.finetune.adapter.digest"] == digest
 
+    # A target whose LLMInferenceService does not exist yet: it retries with backoff, the alias stays promoted.
+    promotion["targets"].append({"name": "late", "kserve": {"name": "llm-late"}})
     c.apply(h.finetunejob_manifest("first", ns, "ready", stack.model_uri, f"s3://{stack.bucket}/runs/{ns}/bot-1",
                                    promotion=promotion))
-    first = _published(c, ns, "first", "Promoted", 300, stack.op)
+
+    def retrying():
+        st = h.status(c, ns, "first")
+        late = [t for t in (st.get("promotion") or {}).get("targets") or [] if t["name"] == "late"]
+        return st if late and late[0]["state"] == "Retrying" else None
+    failing = wait_for(retrying, timeout=300, interval=1, what="the late target retrying")
+    assert failing["phase"] == "Succeeded" and failing["promotion"]["state"] == "Promoted"
+    published = get_condition(failing["conditions"], "Published")
+    assert published["status"] == "False" and "LLMInferenceService llm-late not found" in published["message"]
+    late = [t for t in failing["promotion"]["targets"] if t["name"] == "late"][0]
+    assert late["attempts"] >= 1 and late["nextAttemptAt"] > get_condition(late["conditions"], "Published")[
+        "lastTransitionTime"]
+    assert any(e["reason"] == "PublishFailed" and e["type"] == "Warning" for e in h.events(c, ns, "first"))
+    c.apply(llm_service("llm-late", ns))  # the next attempt (after its backoff) finds it
+    first = _published(c, ns, "first", "Promoted", 120, stack.op)
     a_digest, a_uri = first["adapter"]["digest"], first["adapter"]["uri"]
     assert {t["name"]: t["state"] for t in first["promotion"]["targets"]} == \
-        {"vllm": "Published", "kserve": "Published", "registry": "Published"}
+        {"vllm": "Published", "kserve": "Published", "registry": "Published", "late": "Published"}
     served_everywhere(a_digest, a_uri)
     assert f"sha256-{a_digest[7:]}" in registry.get_tags(repository)
 
