@@ -45,10 +45,12 @@ from .evaluation import EvaluationCheck
 from .explainability import ExplainabilityCheck
 from .pii_memorization import PIICheck
 from .provenance import ProvenanceCheck
+from .retention import RetentionCheck
 
 log = get_logger("governance")
 
-CHECKS = {c.name: c for c in (EvaluationCheck(), BiasCheck(), ProvenanceCheck(), PIICheck(), ExplainabilityCheck())}
+CHECKS = {c.name: c for c in (EvaluationCheck(), BiasCheck(), ProvenanceCheck(), PIICheck(), ExplainabilityCheck(),
+                               RetentionCheck())}
 REPORT = "governance.json"
 #: The folder with signing.key (the Secret volume of the governance Job).
 SIGNING_KEYS_ENV = "FINETUNE_SIGNING_KEYS"
