@@ -159,3 +159,31 @@ def test_retention_is_required_for_a_continual_job_only():
     assert "retention" in policy["required"] and policy["retention"]["maxForgetting"] == 0.05
     plain, _ = decisions.effective_policy(job(), [], OperatorConfig())
     assert "retention" not in plain["required"]
+
+
+def test_init_from_names_exactly_one_parent_as_the_api_server_checks_it():
+    from finetune_operator.api.validation import ManifestError, validate_manifest
+
+    def errors(init) -> list[str]:
+        try:
+            validate_manifest(job(init=init))
+        except ManifestError as exc:
+            return exc.errors
+        return []
+
+    assert errors({"alias": {"name": "support"}}) == []
+    for wrong in ({}, {"l2": 1.0}, {"alias": {"name": "a"}, "adapter": {"uri": "s3://bkt/x", "digest": D1}}):
+        assert any(e.startswith("spec.initFrom") and "exactly one of" in e for e in errors(wrong)), wrong
+
+
+def test_ftctl_run_refuses_a_continual_job_instead_of_training_from_the_base_model(tmp_path):
+    from rich.console import Console
+
+    from finetune_operator.ftctl.errors import EXIT_USAGE, FtctlError
+    from finetune_operator.ftctl.local import RunOptions, run_all
+    from finetune_operator.ftctl.manifests import ManifestSet
+
+    manifests = ManifestSet(datasets=[], jobs=[job(init={"alias": {"name": "support"}})], policies=[])
+    with pytest.raises(FtctlError) as exc:
+        run_all(manifests, RunOptions(cwd=tmp_path), Console(), reporter=None)
+    assert exc.value.exit_code == EXIT_USAGE and "spec.initFrom and training.replay" in str(exc.value)

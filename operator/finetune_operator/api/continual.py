@@ -42,12 +42,14 @@ class AdapterParent(ApiModel):
                         description="sha256 of its manifest.json; any other adapter there stops the job.")
 
 
+#: On the spec.initFrom field (with its immutability rule: a field's rules replace its model's).
+EXACTLY_ONE_PARENT = {
+    "rule": "(has(self.fineTuneJob) ? 1 : 0) + (has(self.alias) ? 1 : 0) + (has(self.adapter) ? 1 : 0) == 1",
+    "message": "spec.initFrom needs exactly one of fineTuneJob, alias or adapter"}
+
+
 class InitFrom(ApiModel):
     """The adapter to continue training from: exactly one of fineTuneJob, alias, adapter."""
-
-    model_config = ApiModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [{
-        "rule": "(has(self.fineTuneJob) ? 1 : 0) + (has(self.alias) ? 1 : 0) + (has(self.adapter) ? 1 : 0) == 1",
-        "message": "spec.initFrom needs exactly one of fineTuneJob, alias or adapter"}]}}
 
     fineTuneJob: Optional[FineTuneJobParent] = Field(None, description="Continue the promoted adapter of this FineTuneJob.")
     alias: Optional[AliasParent] = Field(None, description="Continue the adapter a promotion alias points at.")

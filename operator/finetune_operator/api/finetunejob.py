@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field
 
-from .continual import InitFrom, LineageStatus, ReplaySettings, ReplayStats
+from .continual import EXACTLY_ONE_PARENT, InitFrom, LineageStatus, ReplaySettings, ReplayStats
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
@@ -207,7 +207,8 @@ class FineTuneJobSpec(ApiModel):
     initFrom: Optional[InitFrom] = Field(
         None, description="Continue training an earlier adapter instead of starting from the base model "
         "(docs/continual.md); the retention check then becomes required.",
-        json_schema_extra=_immutable("spec.initFrom"))
+        json_schema_extra={"x-kubernetes-validations": [*_immutable("spec.initFrom")["x-kubernetes-validations"],
+                                                         EXACTLY_ONE_PARENT]})
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="The optimization loop.")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Scheduling and hardware.")
     output: OutputLocation = Field(..., description="Where adapters and checkpoints go.")
@@ -304,7 +305,8 @@ class FineTuneJobStatus(ApiModel):
                             "AwaitingApproval, Succeeded, Failed or Suspended.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="DatasetReady, Trained, GovernancePassed, Promoted, Failed, Suspended; and the kstatus "
+        description="DatasetReady, ParentReady (spec.initFrom), Trained, GovernancePassed, Promoted, Failed, "
+                    "Suspended; and the kstatus "
                     "conditions Ready (True only when promoted), Reconciling (work in progress; reason = the "
                     "phase), Stalled (cannot progress without a change: blocked, invalid data, rejected, failed); "
                     "see docs/gitops.md.",
