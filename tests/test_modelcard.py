@@ -67,3 +67,18 @@ def test_render_never_needs_a_dataset():
     ftj = td.ftj({"adapter": {"uri": "s3://a", "digest": td.DIGEST}})
     text = modelcard.render(ftj, ftj["status"], None, [], "prod", td.NOW)
     assert front_matter(text)["license"] == "other" and "prod" in text
+
+
+def test_a_continual_adapter_lists_the_adapters_it_continues():
+    chain = [{"digest": "sha256:" + "1" * 64, "datasetDigest": "sha256:" + "d" * 64},
+             {"digest": "sha256:" + "2" * 64, "datasetURI": "s3://data/first|evil"}]
+    ftj = td.ftj({"adapter": {"uri": "s3://a", "digest": td.DIGEST},
+                  "lineage": {"parentDigest": chain[0]["digest"], "parentURI": "s3://p", "source": "alias/prod",
+                              "depth": 2, "chain": chain}})
+    text = modelcard.render(ftj, ftj["status"], None, [], "prod", td.NOW)
+    assert "Continues `alias/prod`" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| parent |", "| ancestor 2 |"))]
+    assert rows[0] == f"| parent | {chain[0]['digest']} | {chain[0]['datasetDigest']} |"
+    assert rows[1].startswith(f"| ancestor 2 | {chain[1]['digest']} | s3://data/first") and rows[1].count(" | ") == 2
+    plain = modelcard.render(td.ftj({"adapter": {"uri": "s3://a", "digest": td.DIGEST}}), {}, None, [], "p", td.NOW)
+    assert "Continues" not in plain

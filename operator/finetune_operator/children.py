@@ -109,7 +109,7 @@ def validation_config(dataset: dict, output_uri: str) -> dict:
 
 
 def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Optional[str],
-                   progress_interval: float) -> dict:
+                   progress_interval: float, continual: Optional[dict] = None) -> dict:
     meta, spec = ftj["metadata"], ftj["spec"]
     cfg: dict[str, Any] = {
         "job": {"namespace": meta.get("namespace", "default"), "name": meta["name"], "uid": meta.get("uid")},
@@ -124,6 +124,7 @@ def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Opti
     for key in ("lora", "quantization", "training"):
         if spec.get(key) is not None:
             cfg[key] = spec[key]
+    cfg.update(continual or {})  # initFrom, replayData: what lineage.continual_plan resolved
     return cfg
 
 

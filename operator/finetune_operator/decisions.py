@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, governance, modelcard, kstatus
+from . import children, governance, lineage, modelcard, kstatus
 from .api.serving import PromotionTarget
 from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
@@ -342,6 +342,7 @@ class JobInputs:
     manifest_ok: Optional[tuple[bool, str]] = None  # adapter.verify(adapterURI)
     policies: list[dict] = field(default_factory=list)  # GovernancePolicy objects
     alias_current: Optional[dict] = None  # the alias record as stored now (read before an alias write)
+    continual: Optional[lineage.ContinualInputs] = None  # spec.initFrom / training.replay observations
 
 
 def progress_fields(record: Optional[dict]) -> Optional[dict]:
@@ -373,7 +374,22 @@ def effective_policy(ftj: dict, policies: list[dict], config: OperatorConfig) ->
         policies = [default]
     spec, ignored = governance.effective_policy(policies, ftj["metadata"].get("namespace", "default"),
                                                 ftj["spec"].get("governance"))
-    return spec.model_dump(mode="json", exclude_none=True), ignored
+    policy = spec.model_dump(mode="json", exclude_none=True)
+    if ftj["spec"].get("initFrom") and "retention" not in policy["required"]:
+        policy["required"].append("retention")  # a continual job must not forget what its parent knew
+    return policy, ignored
+
+
+def continual_of(ftj: dict, inputs: JobInputs) -> lineage.ContinualPlan:
+    """lineage.continual_plan for a job with spec.initFrom or training.replay (Ready and empty otherwise)."""
+    spec = ftj["spec"]
+    if not (spec.get("initFrom") or (spec.get("training") or {}).get("replay")):
+        return lineage.ContinualPlan("Ready")
+    typed = lineage.typed_job(ftj)
+    if typed is None:
+        return lineage.ContinualPlan("Invalid", "spec.initFrom / training.replay: the spec does not validate",
+                                     lineage.INIT_FROM_INVALID)
+    return lineage.continual_plan(typed, inputs.continual or lineage.ContinualInputs())
 
 
 @_with_kstatus("FineTuneJob")
@@ -482,10 +498,18 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
             to_phase("WaitingForDataset", f"waiting for Dataset {ds_name} ({why}{detail})", "WaitingForDataset")
             return _finish(old, status, plan)
         cond("DatasetReady", True, "DatasetReady", f"Dataset {ds_name} is Ready ({ds_status.get('digest', '')})")
+        cont = continual_of(ftj, inputs)
+        if cont.state != "Ready":
+            return _finish(old, _continual_not_ready(cont, status, cond, to_phase, fail), plan)
+        if cont.lineage is not None:
+            status["lineage"] = cont.lineage
+            cond("ParentReady", True, "ParentVerified",
+                 f"parent adapter {cont.lineage['parentDigest']} ({cont.lineage['source']}) verified")
         attempt = max(attempt, 1)
         trainer_name = children.trainer_job_name(meta["name"], attempt)
         train_cfg = children.trainer_config(ftj, ds_status.get("validatedURI"), dataset["spec"]["format"],
-                                            ds_status.get("digest"), config.progress_interval)
+                                            ds_status.get("digest"), config.progress_interval,
+                                            continual=cont.trainer_fields)
         cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
         job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
         plan.create.extend([cm, job])
@@ -505,7 +529,8 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         # Just created (our cache has not seen it yet) or deleted behind our back: create-or-adopt.
         train_cfg = children.trainer_config(ftj, ((dataset or {}).get("status") or {}).get("validatedURI") or "",
                                             ((dataset or {}).get("spec") or {}).get("format", "chat"),
-                                            old.get("datasetDigest"), config.progress_interval)
+                                            old.get("datasetDigest"), config.progress_interval,
+                                            continual=continual_of(ftj, inputs).trainer_fields)
         if dataset is not None:
             cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
             job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
@@ -538,6 +563,8 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         else:
             status["adapter"] = {"uri": result["adapterURI"], "digest": result["digest"],
                                  "sizeBytes": int(result.get("sizeBytes") or 0)}
+            if isinstance((result.get("metrics") or {}).get("replay"), dict):
+                status["replay"] = result["metrics"]["replay"]
             status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
             eval_loss = (result.get("metrics") or {}).get("evalLoss")
             if status.get("progress") is not None or eval_loss is not None:
@@ -550,6 +577,21 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
             to_phase("Evaluating", f"adapter {result['digest']} trained; running governance checks", "Trained")
             return _finish(old, _evaluate(ftj, inputs, config, now, status, plan, cond, to_phase, fail), plan)
     return _finish(old, status, plan)
+
+
+def _continual_not_ready(cont: lineage.ContinualPlan, status: dict, cond, to_phase, fail) -> dict:
+    """Before the trainer starts: the parent is not promoted yet, a replay Dataset is not Ready, or
+    spec.initFrom names an adapter that cannot be used (Failed: a tampered parent never trains)."""
+    if cont.state == "Invalid":
+        cond("ParentReady", False, cont.reason, cont.message)
+        fail(cont.reason, cont.message)
+    elif cont.reason == lineage.WAITING_FOR_PARENT:
+        cond("ParentReady", False, cont.reason, cont.message)
+        to_phase("Pending", cont.message, cont.reason)
+    else:
+        cond("DatasetReady", False, cont.reason, cont.message)
+        to_phase("WaitingForDataset", cont.message, cont.reason)
+    return status
 
 
 @dataclass
@@ -650,9 +692,11 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
     report = inputs.report  # this run's own report (governance/run-N.json), if it exists yet
     if state.state == "Missing" and report is None:
         dataset = inputs.dataset or {}
+        parent = lineage.parent_from_status(lineage.typed_job(ftj)) if spec.get("initFrom") else None
         train_cfg = children.trainer_config(ftj, ((dataset.get("status") or {}).get("validatedURI") or ""),
                                             (dataset.get("spec") or {}).get("format", "chat"),
-                                            status.get("datasetDigest"), config.progress_interval)
+                                            status.get("datasetDigest"), config.progress_interval,
+                                            continual={"initFrom": parent.model_dump(mode="json")} if parent else None)
         gov_cfg = children.governance_config(train_cfg, policy, dataset.get("spec") or {},
                                              (dataset.get("status") or {}).get("piiFindings") or {}, adapter["uri"],
                                              run=run.number, report_uri=run.report_uri)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import attestation
-from .api.governance import CHECK_NAMES, CheckResult, GovernanceSpec
+from .api.governance import ALL_CHECKS, CHECK_NAMES, CheckResult, GovernanceSpec
 
 #: allowedLicenses after intersecting non-empty lists that share nothing: no license is
 #: allowed. An empty list would mean "any license", so the emptiness needs a marker that
@@ -47,10 +47,11 @@ _STRICTNESS: dict[str, dict[str, str]] = {
     "bias": {"maxGap": "min", "maxFlipRate": "min", "maxDemographicParityDifference": "min"},
     "pii": {"maxFindings": "min", "maxMemorizationRate": "min"},
     "explainability": {"samples": "max", "maxProtectedAttributeShare": "min"},
+    "retention": {"maxForgetting": "min"},
 }
 # Data locations: not comparable by strictness; the first policy (by name) that sets one wins,
 # and a job may only add one where the policy has none.
-_LOCATIONS: dict[str, str] = {"evaluation": "evalSetURI", "bias": "probesURI"}
+_LOCATIONS: dict[str, str] = {"evaluation": "evalSetURI", "bias": "probesURI", "retention": "evalSetURIs"}
 
 _DEFAULTS = GovernanceSpec().model_dump()
 
@@ -88,7 +89,7 @@ def applies_to(policy: dict, namespace: str) -> bool:
 
 def _merge_policy(merged: dict, spec: dict) -> None:
     """Fold one (validated, defaulted) policy spec into `merged`, strictest wins."""
-    merged["required"] = sorted(set(merged["required"]) | set(spec["required"]), key=CHECK_NAMES.index)
+    merged["required"] = sorted(set(merged["required"]) | set(spec["required"]), key=ALL_CHECKS.index)
     for section, fields in _STRICTNESS.items():
         for name, how in fields.items():
             merged[section][name] = _stricter(merged[section][name], spec[section][name], how)
@@ -119,7 +120,7 @@ def _apply_job(merged: dict, job: dict) -> list[str]:
         if dropped and set(job["required"] or []) != set(_DEFAULTS["required"]):
             ignored.append(f"spec.governance.required omits {', '.join(dropped)} which the policy requires; "
                            "they stay required")
-        merged["required"] = sorted(set(merged["required"]) | wanted, key=CHECK_NAMES.index)
+        merged["required"] = sorted(set(merged["required"]) | wanted, key=ALL_CHECKS.index)
     for section, fields in _STRICTNESS.items():
         for name, how in fields.items():
             if name not in (job.get(section) or {}):
@@ -281,7 +282,7 @@ def read_report(envelope: Any, bound: ReportBinding, keys: attestation.Keyring,
         return _untrusted(required, "; ".join(problems))
     if required is None:
         policy = predicate.get("policy") if isinstance(predicate.get("policy"), dict) else {}
-        required = [n for n in policy.get("required") or CHECK_NAMES if n in CHECK_NAMES]
+        required = [n for n in policy.get("required") or CHECK_NAMES if n in ALL_CHECKS]
     checks: list[CheckResult] = []
     raw_checks = predicate.get("checks") if isinstance(predicate.get("checks"), list) else []
     for raw in raw_checks:

@@ -28,7 +28,7 @@ import kopf
 
 from finetune_trainer import storage
 
-from . import attestation, children, config as config_mod, decisions, kube, metrics
+from . import attestation, children, config as config_mod, decisions, kube, lineage, metrics
 from .serving import plan as serving_plan, publish as serving_publish
 from .api.meta import GROUP, VERSION
 from .conditions import bounded, now_iso
@@ -538,7 +538,8 @@ async def _wake_waiting_jobs(namespace: str, dataset: str, indices: dict, logger
     """A Dataset changed: reconcile the FineTuneJobs that wait for it (they have no trainer Job yet)."""
     waiting = []
     for (ns, name), ftj in list(STATE.finetunejobs.items()):
-        if ns == namespace and ftj["spec"].get("datasetRef", {}).get("name") == dataset:
+        replay = ((ftj["spec"].get("training") or {}).get("replay") or {}).get("datasets") or []
+        if ns == namespace and (ftj["spec"].get("datasetRef", {}).get("name") == dataset or dataset in replay):
             if not (_with_written_status(ftj).get("status") or {}).get("trainerJob"):
                 waiting.append(name)
     for name in waiting:
@@ -645,6 +646,8 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
         # What the alias points at now: a promotion keeps it in the new record's history, a rollback
         # goes back to it. Storage trouble raises (the reconcile is retried): a history is never dropped.
         inputs.alias_current = await _read_alias(decisions.alias_uri_of(body))
+    if (spec.get("initFrom") or (spec.get("training") or {}).get("replay")) and not adapter_digest:
+        inputs.continual = await _continual_inputs(body, indices)
     plan = decisions.plan_finetunejob(body, inputs, CONFIG, now_iso())
     if plan.status is not None:
         await _ensure_finalizer(body, plan.status, logger)  # before the status says training started
@@ -653,6 +656,10 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
     new = plan.status
     if new is None:
         return
+    if new.get("phase") == "Succeeded" and phase != "Succeeded":  # a promotion: children may wait for it
+        task = asyncio.create_task(_wake_children(ns, meta["name"], indices, logger))
+        STATE.event_tasks.add(task)
+        task.add_done_callback(STATE.event_tasks.discard)
     metrics.job_phase(ns, meta["name"], new.get("phase", "Pending"))
     if new.get("gpuHours"):
         metrics.gpu_hours(ns, meta["name"], new["gpuHours"])
@@ -721,6 +728,53 @@ async def _publish(body: dict, status: dict, indices: dict, logger: Any) -> None
 
         STATE.retry_tasks[key] = asyncio.create_task(again())
         logger.info(f"serving target(s) failing; next attempt in {delay:.0f}s")
+async def _continual_inputs(body: dict, indices: dict) -> lineage.ContinualInputs:
+    """What spec.initFrom and training.replay need observed: the replay Datasets, and (until
+    status.lineage records it) the parent: its FineTuneJob or alias record, its manifest, its files."""
+    ns, spec = body["metadata"].get("namespace"), body["spec"]
+    found = lineage.ContinualInputs()
+    for name in ((spec.get("training") or {}).get("replay") or {}).get("datasets") or []:
+        ds = _one(indices["datasets_idx"], (ns, name))
+        found.replay_datasets[name] = lineage.typed_dataset(_with_written_status(ds) if ds else None)
+    job = lineage.typed_job(body)
+    if job is None or job.spec.initFrom is None or lineage.parent_from_status(job) is not None:
+        return found
+    parent_job, record = None, None
+    if job.spec.initFrom.fineTuneJob is not None:
+        parent = STATE.finetunejobs.get((ns, job.spec.initFrom.fineTuneJob.name))
+        parent_job = lineage.typed_job(_with_written_status(parent)) if parent else None
+    elif job.spec.initFrom.alias is not None:
+        record = await _read_json(lineage.alias_location(job.spec))
+    found.resolution = lineage.resolve_init_from(job.spec, parent_job, record)
+    if found.resolution.state == "Resolved":
+        from finetune_trainer import adapter as adapter_mod
+
+        uri = found.resolution.parent.uri
+        try:
+            raw = await asyncio.to_thread(storage.read_bytes_limited, storage.join(uri, adapter_mod.MANIFEST),
+                                          adapter_mod.MANIFEST_MAX_BYTES)
+            found.manifest_digest = lineage.manifest_digest(raw)
+            found.manifest = json.loads(raw)
+        except (FileNotFoundError, ValueError) as exc:  # missing, too large or not JSON: the plan says why
+            found.verified = (False, f"{uri}/{adapter_mod.MANIFEST}: {'missing' if isinstance(exc, FileNotFoundError) else 'not a valid manifest'}")
+            return found
+        # Other errors (S3 unreachable) propagate: the reconcile is retried, the job does not fail.
+        found.verified = await asyncio.to_thread(adapter_mod.verify, uri)
+    return found
+
+
+async def _wake_children(namespace: str, parent: str, indices: dict, logger: Any) -> None:
+    """A FineTuneJob was promoted: reconcile the jobs whose spec.initFrom waits for it (by name, or by
+    an alias, which only a promotion writes) and that have not resolved their parent yet."""
+    waiting = []
+    for (ns, name), ftj in list(STATE.finetunejobs.items()):
+        init = ftj["spec"].get("initFrom") or {}
+        if ns != namespace or not init or (_with_written_status(ftj).get("status") or {}).get("lineage"):
+            continue
+        if (init.get("fineTuneJob") or {}).get("name") == parent or init.get("alias"):
+            waiting.append(name)
+    for name in waiting:
+        await reconcile_finetunejob(namespace, name, indices, logger)
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")

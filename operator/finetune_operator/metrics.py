@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .api.governance import CHECK_NAMES
+from .api.governance import ALL_CHECKS
 
 JOB_PHASES = ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating",
               "AwaitingApproval", "Succeeded", "Failed", "Suspended")
@@ -125,7 +125,7 @@ class OperatorMetrics:
             self.promotions.labels(outcome)
         for trigger in GOVERNANCE_RUN_TRIGGERS:
             self.governance_runs.labels(trigger)
-        for check in CHECK_NAMES:
+        for check in ALL_CHECKS:
             for outcome in ("passed", "failed"):
                 self.governance_checks.labels(check, outcome)
         for kind in ("FineTuneJob", "Dataset"):

@@ -109,4 +109,11 @@ def render(ftj: dict, status: dict, dataset: Optional[dict], checks: list[dict],
     lines += ["", "## Lineage", "",
               f"Base model `{_line(base.get('uri'))}` → Dataset digest `{_line(status.get('datasetDigest'))}` → "
               f"adapter `{_line(adapter.get('digest'))}` → alias `{_line(alias)}`.", ""]
+    chain = (status.get("lineage") or {}).get("chain") or []
+    if chain:  # spec.initFrom: the adapters this one continues, newest first (docs/continual.md)
+        lines += [f"Continues `{_line((status.get('lineage') or {}).get('source'))}`; the adapters below this one, "
+                  "newest first (`ftctl lineage` walks them):", "", "| | Adapter digest | Dataset |", "|---|---|---|"]
+        lines += _rows((f"{'parent' if i == 0 else f'ancestor {i + 1}'}", e.get("digest"),
+                        e.get("datasetDigest") or e.get("datasetURI")) for i, e in enumerate(chain[:32]))
+        lines.append("")
     return "\n".join(lines)

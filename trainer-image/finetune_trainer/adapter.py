@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from . import __version__, storage
 from .errors import ConfigError, TransientError
@@ -34,8 +34,10 @@ def adapters_uri(output_uri: str) -> str:
     return storage.join(output_uri, "adapters")
 
 
-def build_manifest(folder: Path, *, base_model: dict, dataset: dict, training: dict, metrics: dict) -> bytes:
-    """manifest.json bytes: deterministic (sorted keys, no timestamps), so the same run gives the same digest."""
+def build_manifest(folder: Path, *, base_model: dict, dataset: dict, training: dict, metrics: dict,
+                   lineage: Optional[dict] = None, replay: Optional[list] = None) -> bytes:
+    """manifest.json bytes: deterministic (sorted keys, no timestamps), so the same run gives the same digest.
+    `lineage` (spec.initFrom: parent and chain) and `replay` (the replayed data) only when set."""
     files = {name: {"sha256": storage.sha256_file(folder / name), "size": (folder / name).stat().st_size}
              for name in ADAPTER_FILES}
     manifest = {
@@ -46,6 +48,10 @@ def build_manifest(folder: Path, *, base_model: dict, dataset: dict, training: d
         "metrics": metrics,
         "trainerVersion": __version__,
     }
+    if lineage is not None:
+        manifest["lineage"] = lineage
+    if replay:
+        manifest["replay"] = replay
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapter, checkpoint, data, model_io, storage
+from . import adapter, checkpoint, continual, data, model_io, storage
 from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from .logs import get_logger
 from .objective import PrefixCache, cached_loss_sum, evaluate, loss_sum
@@ -74,8 +74,9 @@ class StopFlag:
 class DataStream:
     """Micro-batches in (epoch, batch index) order; the position is all a checkpoint needs."""
 
-    def __init__(self, examples, *, seed: int, batch_size: int, max_len: int, packing: bool, pad_id: int):
-        self.examples, self.seed, self.batch_size = examples, seed, batch_size
+    def __init__(self, examples, *, seed: int, batch_size: int, max_len: int, packing: bool, pad_id: int,
+                 mix: "continual.ReplayMix | None" = None):
+        self.examples, self.seed, self.batch_size, self.mix = examples, seed, batch_size, mix
         self.max_len, self.packing, self.pad_id = max_len, packing, pad_id
         self.lengths = [len(e) for e in examples]
         self._cache: dict[int, list] = {}
@@ -83,14 +84,15 @@ class DataStream:
 
     def epoch(self, epoch: int) -> list:
         if epoch not in self._cache:
-            self._cache = {epoch: data.epoch_batches(
+            batches = self.mix.epoch_batches if self.mix is not None else data.epoch_batches
+            self._cache = {epoch: batches(
                 self.lengths, epoch=epoch, seed=self.seed, batch_size=self.batch_size,
                 max_len=self.max_len, packing=self.packing)}
         return self._cache[epoch]
 
     def next_step(self, state: checkpoint.TrainState, accumulation: int) -> list[dict]:
         """Up to `accumulation` micro-batches for one optimizer step; a step never spans two epochs."""
-        if state.batch_index >= self.batches_per_epoch:
+        if state.batch_index >= len(self.epoch(state.epoch)):  # replay: epochs may pack into more or fewer rows
             state.epoch, state.batch_index = state.epoch + 1, 0
         batches = self.epoch(state.epoch)[state.batch_index:state.batch_index + accumulation]
         state.batch_index += len(batches)
@@ -121,7 +123,9 @@ def run_fingerprint(cfg) -> str:
     import hashlib
     import json
 
-    relevant = cfg.model_dump(mode="json", include={"baseModel", "data", "method", "lora", "quantization", "training"})
+    # initFrom / replayData only when set: the fingerprints of other runs stay what they were.
+    relevant = cfg.model_dump(mode="json", include={"baseModel", "data", "method", "lora", "quantization", "training"}
+                              | ({"initFrom"} if cfg.initFrom else set()) | ({"replayData"} if cfg.replayData else set()))
     for cadence in ("evalEverySteps", "checkpointEverySteps", "keepCheckpoints"):
         relevant["training"].pop(cadence, None)
     relevant["baseModel"].pop("credentials", None)  # which Secret holds the keys does not change the model
@@ -155,6 +159,8 @@ def _run(cfg, stop: StopFlag) -> int:
     # Where this process's time goes, in the "done" log line (ftctl run prints it per phase).
     seconds: dict[str, float] = {}
     load_started = time.perf_counter()
+    # The parent first: a tampered or missing parent stops the run before anything else is loaded.
+    parent = continual.fetch_parent(cfg.initFrom) if cfg.initFrom is not None else None
     model_dir = model_io.fetch_model(cfg.baseModel.uri, cfg.baseModel.digest)
     base_digest = cfg.baseModel.digest or model_io.model_digest(model_dir)  # recorded in the adapter manifest
     tokenizer = model_io.load_tokenizer(model_dir)
@@ -168,8 +174,14 @@ def _run(cfg, stop: StopFlag) -> int:
     if not train_set:
         raise ConfigError(f"{cfg.data.uri}/train.jsonl: no example has a response token within maxSeqLength")
     pad_id = tokenizer.pad_token_id
-    stream = DataStream(
-        train_set, seed=t.seed, batch_size=t.batchSize, max_len=t.maxSeqLength, packing=t.packing, pad_id=pad_id)
+    # training.replay: the pool follows the new examples in one list; ReplayMix picks each epoch's share.
+    pool = continual.replay_pool(cfg, tokenizer) if cfg.replayData else []
+    mix = continual.ReplayMix(len(train_set), len(pool), t.replay.fraction, t.seed) if pool and t.replay else None
+    if mix is not None:
+        log.info("replay", extra={"event": "replay", **mix.stats([d.name for d in cfg.replayData])})
+    train_set = train_set + pool
+    stream = DataStream(train_set, seed=t.seed, batch_size=t.batchSize, max_len=t.maxSeqLength, packing=t.packing,
+                        pad_id=pad_id, mix=mix)
     steps_per_epoch = math.ceil(stream.batches_per_epoch / t.gradientAccumulationSteps)
     n_steps = total_steps(t, steps_per_epoch)
 
@@ -179,6 +191,13 @@ def _run(cfg, stop: StopFlag) -> int:
                                     gradient_checkpointing=t.gradientCheckpointing)
     model = model_io.build_peft_model(base, cfg.method, cfg.lora, cfg.baseModel.uri)
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = None
+    if parent is not None:
+        continual.load_parent_weights(model, parent)
+        lineage = continual.lineage_record(parent)
+        parent.cleanup()
+        if cfg.initFrom.l2 > 0:  # the parent's weights, before a checkpoint below replaces the live ones
+            anchor = continual.ParentAnchor(params, cfg.initFrom.l2)
     optimizer = torch.optim.AdamW(params, lr=t.learningRate, weight_decay=t.weightDecay,
                                   fused=device.type == "cuda")
     from transformers import get_scheduler
@@ -259,6 +278,8 @@ def _run(cfg, stop: StopFlag) -> int:
             loss = step_loss_sum(batch) / n_targets
             scaler.scale(loss).backward()
             step_loss += loss.detach()
+        if anchor is not None:  # reported loss stays the task's; the penalty only shapes the update
+            scaler.scale(anchor.penalty()).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
         scaler.step(optimizer)
@@ -324,8 +345,11 @@ def _run(cfg, stop: StopFlag) -> int:
             state.last_eval_loss = run_eval()
         metrics = {"trainLoss": state.last_loss, "evalLoss": state.last_eval_loss,
                    "tokens": state.tokens_seen, "steps": state.step}
+        if mix is not None:
+            metrics["replay"] = mix.stats([d.name for d in cfg.replayData])
         export_started = time.perf_counter()
-        result = export_adapter(model, cfg, precision, metrics, base_digest)
+        result = export_adapter(model, cfg, precision, metrics, base_digest,
+                                lineage=lineage if parent is not None else None)
         seconds.update(steps=train_seconds, export=time.perf_counter() - export_started)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
         log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
@@ -337,7 +361,7 @@ def _run(cfg, stop: StopFlag) -> int:
         progress.close()
 
 
-def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str) -> dict:
+def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str, lineage=None) -> dict:
     import tempfile
 
     training = cfg.model_dump(mode="json", include={"method", "lora", "quantization", "training"})
@@ -349,5 +373,6 @@ def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str) 
             folder,
             base_model={"uri": cfg.baseModel.uri, "digest": base_digest},
             dataset={"uri": cfg.data.uri, "digest": cfg.data.digest, "format": cfg.data.format},
-            training=training, metrics=metrics)
+            training=training, metrics=metrics, lineage=lineage,
+            replay=[d.model_dump(mode="json", exclude_none=True) for d in cfg.replayData] or None)
         return adapter.publish(folder, manifest, cfg.outputURI, run_id=uuid.uuid4().hex[:12], metrics=metrics)

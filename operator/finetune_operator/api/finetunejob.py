@@ -6,6 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field
 
+from .continual import EXACTLY_ONE_PARENT, InitFrom, LineageStatus, ReplaySettings, ReplayStats
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
@@ -111,6 +112,8 @@ class TrainingSettings(ApiModel):
     evalEverySteps: int = Field(50, ge=1, description="Compute eval loss every N optimizer steps (and at the end).")
     checkpointEverySteps: int = Field(100, ge=1, description="Write a resumable checkpoint every N optimizer steps.")
     keepCheckpoints: int = Field(2, ge=1, le=100, description="How many complete checkpoints to keep.")
+    replay: Optional[ReplaySettings] = Field(
+        None, description="Mix examples of earlier Datasets into each epoch (continual fine-tuning; docs/continual.md).")
 
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
@@ -216,6 +219,11 @@ class FineTuneJobSpec(ApiModel):
                            "with quantization it is QDoRA).")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape.")
     quantization: Optional[Quantization] = Field(None, description="4-bit base-model quantization (QLoRA / QDoRA).")
+    initFrom: Optional[InitFrom] = Field(
+        None, description="Continue training an earlier adapter instead of starting from the base model "
+        "(docs/continual.md); the retention check then becomes required.",
+        json_schema_extra={"x-kubernetes-validations": [*_immutable("spec.initFrom")["x-kubernetes-validations"],
+                                                         EXACTLY_ONE_PARENT]})
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="The optimization loop.")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Scheduling and hardware.")
     output: OutputLocation = Field(..., description="Where adapters and checkpoints go.")
@@ -318,7 +326,8 @@ class FineTuneJobStatus(ApiModel):
                             "AwaitingApproval, Succeeded, Failed or Suspended.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="DatasetReady, Trained, GovernancePassed, Promoted, Failed, Suspended; and the kstatus "
+        description="DatasetReady, ParentReady (spec.initFrom), Trained, GovernancePassed, Promoted, Failed, "
+                    "Suspended; and the kstatus "
                     "conditions Ready (True only when promoted), Reconciling (work in progress; reason = the "
                     "phase), Stalled (cannot progress without a change: blocked, invalid data, rejected, failed); "
                     "see docs/gitops.md.",
@@ -331,6 +340,8 @@ class FineTuneJobStatus(ApiModel):
     adapter: Optional[AdapterRef] = Field(None, description="The trained adapter.")
     governance: Optional[GovernanceStatus] = Field(None, description="Governance results.")
     promotion: Optional[PromotionStatus] = Field(None, description="Promotion of the adapter.")
+    lineage: Optional[LineageStatus] = Field(None, description="The parent adapter (spec.initFrom) and its ancestors.")
+    replay: Optional[ReplayStats] = Field(None, description="What training.replay mixed into training.")
     gpuHours: float = Field(0, ge=0, description="GPU-hours used by trainer pods so far.")
     startTime: Optional[str] = Field(None, description="When training started.")
     completionTime: Optional[str] = Field(None, description="When the job finished.")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 from pydantic import Field
 
 from .meta import DNS_LABEL_PATTERN, ApiModel, Resource, URI_PATTERN, age_column
 
-CheckName = Literal["evaluation", "bias", "provenance", "pii", "explainability"]
+CheckName = Literal["evaluation", "bias", "provenance", "pii", "explainability", "retention"]
+#: The checks required by default (every job).
 CHECK_NAMES: tuple[str, ...] = ("evaluation", "bias", "provenance", "pii", "explainability")
+#: Checks that only mean something for some jobs: retention is required by default when spec.initFrom is set.
+CONTINUAL_CHECKS: tuple[str, ...] = ("retention",)
+ALL_CHECKS: tuple[str, ...] = CHECK_NAMES + CONTINUAL_CHECKS
 
 
 class EvaluationThresholds(ApiModel):
@@ -114,6 +118,20 @@ class ProvenanceRules(ApiModel):
         True, description="A Dataset that contains personal data must declare consent: obtained.")
 
 
+class RetentionThresholds(ApiModel):
+    """Continual fine-tuning: the new adapter must still do the earlier tasks (docs/continual.md)."""
+
+    maxForgetting: float = Field(
+        0.05, ge=0, le=10,
+        description="Largest allowed relative rise of the held-out loss on each earlier task versus the parent "
+        "adapter, (new - parent) / parent: 0.05 allows 5% higher loss. The new adapter must also stay below "
+        "the base model's loss on every earlier task.")
+    evalSetURIs: list[Annotated[str, Field(pattern=URI_PATTERN, max_length=2048)]] = Field(
+        default_factory=list, max_length=32,
+        description="Earlier tasks to check, each a validated data folder (with eval.jsonl) or a JSONL file in the "
+        "job's format; empty: the eval splits of the parent's Dataset and of every ancestor's.")
+
+
 class GovernanceSpec(ApiModel):
     """Which checks must pass before an adapter is promoted, and how strict each one is.
 
@@ -122,7 +140,8 @@ class GovernanceSpec(ApiModel):
 
     required: list[CheckName] = Field(
         default_factory=lambda: list(CHECK_NAMES),
-        description="Checks that must pass before promotion: evaluation, bias, provenance, pii, explainability.",
+        description="Checks that must pass before promotion: evaluation, bias, provenance, pii, explainability, "
+        "retention (required by default when spec.initFrom is set).",
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     evaluation: EvaluationThresholds = Field(default_factory=EvaluationThresholds, description="Thresholds of the evaluation check.")
@@ -131,6 +150,8 @@ class GovernanceSpec(ApiModel):
     explainability: ExplainabilityThresholds = Field(
         default_factory=ExplainabilityThresholds, description="Settings of the explainability check.")
     provenance: ProvenanceRules = Field(default_factory=ProvenanceRules, description="Rules of the provenance check.")
+    retention: RetentionThresholds = Field(default_factory=RetentionThresholds,
+                                           description="Thresholds of the retention check (continual fine-tuning).")
 
 
 class GovernancePolicySpec(GovernanceSpec):
@@ -174,7 +195,7 @@ class GovernancePolicy(Resource):
 class CheckResult(ApiModel):
     """The outcome of one governance check."""
 
-    name: str = Field(..., description="The check: evaluation, bias, provenance, pii or explainability.")
+    name: str = Field(..., description="The check: evaluation, bias, provenance, pii, explainability or retention.")
     passed: bool = Field(..., description="Whether the check passed. A check that could not run did not pass.")
     value: Optional[float] = Field(None, description="The measured value (e.g. relative improvement, gap).")
     threshold: Optional[float] = Field(None, description="The threshold the value was compared with.")

@@ -11,6 +11,7 @@ from typing import Optional
 
 from pydantic import Field
 
+from .continual import ReplayData, ResolvedParent
 from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
@@ -57,6 +58,8 @@ class TrainerConfig(ApiModel):
     quantization: Optional[Quantization] = None
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     outputURI: str = Field(..., pattern=URI_PATTERN, description="Run folder: checkpoints/, adapters/, progress.json.")
+    initFrom: Optional[ResolvedParent] = Field(None, description="The parent adapter spec.initFrom resolved to.")
+    replayData: list[ReplayData] = Field(default_factory=list, description="The training.replay Datasets' data.")
     governance: Optional[GovernanceSpec] = Field(None, description="Effective governance policy (governance command).")
     governanceInputs: Optional[GovernanceInputs] = Field(None, description="Inputs of the governance command.")
     metricsPort: int = Field(9400, ge=0, le=65535, description="Prometheus port; 0 disables the endpoint.")

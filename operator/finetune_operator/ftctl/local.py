@@ -24,7 +24,7 @@ from .. import attestation, children, decisions
 from ..api import DatasetStatus, FineTuneJobStatus
 from ..conditions import now_iso
 from . import answers, display, logic, models
-from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_INTERRUPTED, FtctlError
+from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, FtctlError
 from .executor import CommandResult, run_command
 from .manifests import ManifestSet
 from .timing import Timings, log_events
@@ -443,6 +443,14 @@ def run_all(manifests: ManifestSet, options: RunOptions, console: Console, repor
 
     A Dataset that is not Ready stops the run before any training, with its reasons.
     """
+    for job in manifests.jobs:
+        spec = job.get("spec") or {}
+        if spec.get("initFrom") or (spec.get("training") or {}).get("replay"):
+            # The operator resolves and verifies the parent and the replay Datasets (lineage.py); a
+            # local run would otherwise train from the base model without saying so.
+            raise FtctlError(f"FineTuneJob {job['metadata']['name']}: spec.initFrom and training.replay are "
+                             "resolved by the operator; ftctl run does not support them yet (use ftctl submit)",
+                             EXIT_USAGE)
     use_threads(console)
     run = LocalRun(manifests, options, console)
     for dataset in manifests.datasets:

@@ -3,6 +3,7 @@
     ftctl run DIR_OR_FILES... [--tiny]      # the whole pipeline on this machine, no cluster
     ftctl submit -f FILES                   # validate locally, then create or update on the cluster
     ftctl status [NAME] | watch NAME | logs NAME [-f] | report NAME | approve NAME --digest D
+    ftctl lineage NAME_OR_ALIAS             # the chain of adapters (spec.initFrom) down to the base model
 
 Every failure is one line on stderr (FTCTL_DEBUG=1 shows the traceback) and a non-zero exit.
 """
@@ -244,6 +245,28 @@ def report(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJ
         if promotion.get("approvalManager"):
             console.print(f"approval written by {promotion['approvalManager']} at {promotion.get('approvedAt')}",
                           markup=False)
+
+
+@app.command()
+@one_line_errors
+def lineage(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJob or a promotion alias.")) -> None:
+    """The chain of adapters behind a FineTuneJob or alias: digests, datasets, governance, promotion times."""
+    import json as json_
+
+    from finetune_trainer import storage
+
+    from . import lineage as chain
+
+    cluster = _cluster(ctx)
+    jobs = cluster.list("FineTuneJob")
+    uri, digest, what = chain.start_of(name, cluster.find("FineTuneJob", name), jobs,
+                                       lambda u: json_.loads(storage.read_bytes_limited(u, 1 << 20)))
+    links = chain.walk(uri, digest, jobs)
+    console.print(f"{what}: {len(links)} adapter(s)", markup=False)
+    for line in chain.render(links):
+        console.print(line, markup=False, soft_wrap=True)
+    if any(link.problem for link in links):
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()

@@ -30,6 +30,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from finetune_operator import attestation
 from finetune_operator.api.governance import CheckResult
@@ -44,10 +45,12 @@ from .evaluation import EvaluationCheck
 from .explainability import ExplainabilityCheck
 from .pii_memorization import PIICheck
 from .provenance import ProvenanceCheck
+from .retention import RetentionCheck
 
 log = get_logger("governance")
 
-CHECKS = {c.name: c for c in (EvaluationCheck(), BiasCheck(), ProvenanceCheck(), PIICheck(), ExplainabilityCheck())}
+CHECKS = {c.name: c for c in (EvaluationCheck(), BiasCheck(), ProvenanceCheck(), PIICheck(), ExplainabilityCheck(),
+                               RetentionCheck())}
 REPORT = "governance.json"
 #: The folder with signing.key (the Secret volume of the governance Job).
 SIGNING_KEYS_ENV = "FINETUNE_SIGNING_KEYS"
@@ -98,13 +101,20 @@ class AdapterRefused(ConfigError):
     """The adapter is not what its manifest says (or carries a pickle): every check fails with this."""
 
 
-def fetch_adapter(uri: str, dest: Path) -> Path:
+def fetch_adapter(uri: str, dest: Path, expected_digest: Optional[str] = None) -> Path:
     """The adapter's manifest-listed files only, each hashed while it streams to disk and never read
-    past its manifest size (a hostile bucket may serve a huge or endless object)."""
+    past its manifest size (a hostile bucket may serve a huge or endless object). With
+    `expected_digest`, the manifest itself must hash to it (a pinned adapter, e.g. a parent)."""
     from ..adapter import MANIFEST
 
     try:
-        manifest = json.loads(storage.read_bytes_limited(storage.join(uri, MANIFEST), 4 << 20))
+        raw = storage.read_bytes_limited(storage.join(uri, MANIFEST), 4 << 20)
+        if expected_digest is not None and "sha256:" + hashlib.sha256(raw).hexdigest() != expected_digest:
+            raise AdapterRefused(f"{uri}/{MANIFEST}: digest sha256:{hashlib.sha256(raw).hexdigest()} is not the "
+                                 f"expected {expected_digest} (the adapter changed after it was named)")
+        manifest = json.loads(raw)
+        (dest / MANIFEST).parent.mkdir(parents=True, exist_ok=True)
+        (dest / MANIFEST).write_bytes(raw)  # the bytes that were hashed: lineage is read from this copy
         files = manifest["files"]
         assert isinstance(files, dict)
     except FileNotFoundError:
