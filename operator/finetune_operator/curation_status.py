@@ -1,5 +1,6 @@
-"""What a validation report's curation stats may put into a Dataset's status, and the SmallDataset
-condition. Pure functions: the report is shaped by the user's data (and written by a pod), so
+"""What a validation report's curation stats may put into a Dataset's status, the SmallDataset
+condition, and the group counts of training.balance a trainer's result.json puts into a
+FineTuneJob's status. Pure functions: the report is shaped by the user's data (and written by a pod), so
 every list is cut to the API's bounds and every string clipped before it reaches status.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from .api.balance import MAX_GROUPS, BalanceReport
 from .api.curation import (MAX_EVAL_SETS, MAX_STATUS_EXAMPLES, MAX_STATUS_GROUPS, MAX_STATUS_LINES, STEPS,
                            CurationStats)
 from .conditions import bounded, set_condition
@@ -72,3 +74,19 @@ def with_small_dataset(conditions: list[dict], examples: int, recommended: int, 
 
 def without_small_dataset(conditions: list[dict]) -> list[dict]:
     return [c for c in conditions or [] if c.get("type") != SMALL_DATASET]
+
+
+def balance_status(raw: Any) -> Optional[dict]:
+    """result.json's balance counts, bounded (None when absent or malformed)."""
+    if not isinstance(raw, dict):
+        return None
+    groups = raw.get("groups") if isinstance(raw.get("groups"), list) else []
+    try:
+        return BalanceReport.model_validate({
+            "before": _int(raw.get("before")), "after": _int(raw.get("after")), "seed": _int(raw.get("seed")),
+            "groups": [{"name": bounded(g.get("name"), 128), "before": _int(g.get("before")),
+                        "after": _int(g.get("after")),
+                        "weight": g["weight"] if isinstance(g.get("weight"), (int, float)) and g["weight"] >= 0 else 1.0}
+                       for g in groups[:MAX_GROUPS] if isinstance(g, dict)]}).model_dump(mode="json")
+    except ValueError:
+        return None

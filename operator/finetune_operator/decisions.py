@@ -540,6 +540,8 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         else:
             status["adapter"] = {"uri": result["adapterURI"], "digest": result["digest"],
                                  "sizeBytes": int(result.get("sizeBytes") or 0)}
+            if curation_status.balance_status(result.get("balance")):  # training.balance ran
+                status["balance"] = curation_status.balance_status(result.get("balance"))
             status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
             eval_loss = (result.get("metrics") or {}).get("evalLoss")
             if status.get("progress") is not None or eval_loss is not None:
