@@ -291,3 +291,12 @@ def test_validate_source_reads_the_spec_tokenizer_too(tmp_path, tiny_model_dir):
     result = validate_source(with_tok)
     assert result.stats.curation.tokenCount == f"file://{tiny_model_dir}"
     assert result.stats.tokens != validate_source(spec(source=f"file://{tmp_path}/d.jsonl")).stats.tokens
+
+
+def test_pii_in_metadata_is_found_and_redacted_like_the_rest():
+    lines = [chat(f"Question {i}?", f"Answer {i}.", owner="jane.doe@example.com" if i == 2 else "team")
+             for i in range(6)]
+    rejected = validate_text(jsonl(lines), spec())
+    assert rejected.reason == "PIIFound" and rejected.pii_findings == {"email": 1}
+    redacted = validate_text(jsonl(lines), spec({"piiPolicy": "redact"}, {"fraction": 0.01}))
+    assert redacted.valid and "jane.doe" not in redacted.train_jsonl + redacted.eval_jsonl

@@ -12,8 +12,8 @@ does not see word order at all.
 - near-duplicates: MinHash (datasketch) of the example's word set (prompt and answer together),
   MinHash LSH for candidates, then the estimated Jaccard similarity of the two signatures must
   reach `threshold` (LSH alone lets through pairs well below it). Memory per example kept:
-  numPerm * 4 bytes of signature plus the LSH tables (~1.2 KiB at numPerm 128: 1 GiB per
-  ~800,000 examples; see docs/datasets.md).
+  numPerm * 4 bytes of signature plus datasketch's LSH tables, ~5.3 KB in all at numPerm 128
+  (hack/bench/curation_bench.py): ~200,000 examples per GiB of the validation Job's memory.
 - quality: token lengths of the prompt and the answer; an empty or placeholder answer; the
   repeated n-gram ratio of the answer; one answer (word for word) given to many prompts.
 - decontamination: the share of an example's word n-grams found in the evaluation data.

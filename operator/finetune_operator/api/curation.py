@@ -40,7 +40,7 @@ class NearDuplicates(ApiModel):
         "Word sets ignore order, so re-ordered words, case and whitespace variants are similarity 1.")
     numPerm: int = Field(128, ge=32, le=512,
                          description="MinHash permutations: more is a closer similarity estimate and more memory "
-                         "(4 bytes each per example kept).")
+                         "(~5 KB per example kept at 128: the signature and the LSH tables).")
 
 
 class QualityFilters(ApiModel):
