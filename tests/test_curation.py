@@ -300,3 +300,14 @@ def test_pii_in_metadata_is_found_and_redacted_like_the_rest():
     assert rejected.reason == "PIIFound" and rejected.pii_findings == {"email": 1}
     redacted = validate_text(jsonl(lines), spec({"piiPolicy": "redact"}, {"fraction": 0.01}))
     assert redacted.valid and "jane.doe" not in redacted.train_jsonl + redacted.eval_jsonl
+
+
+def test_a_very_long_example_lands_in_the_open_bucket_and_status_keeps_the_histogram():
+    lines = [chat("Write a lot.", "word " * 40_000)] + [chat(f"Short {i}?", "Yes.") for i in range(10)]
+    result = validate_text(jsonl(lines), spec(evaluation={"fraction": 0.01}))
+    assert result.valid, result.message
+    assert "word word" in result.train_jsonl  # (the split put it in training)
+    buckets = {b.le: b.count for b in result.stats.curation.tokenHistogram}
+    assert buckets[-1] == 1 and sum(buckets.values()) == result.stats.examples
+    bounded = curation_status.curation_stats(result.stats.curation.model_dump(mode="json"))
+    assert {b["le"] for b in bounded["tokenHistogram"]} == set(buckets)

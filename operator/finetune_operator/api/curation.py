@@ -108,7 +108,7 @@ class CountEntry(ApiModel):
 class HistogramBucket(ApiModel):
     """Examples whose token count is at most `le` (and above the previous bucket's)."""
 
-    le: int = Field(..., ge=0, description="Upper bound of the bucket in tokens (-1: no bound).")
+    le: int = Field(..., ge=-1, description="Upper bound of the bucket in tokens (-1: no bound).")
     count: int = Field(0, ge=0, description="Training examples in the bucket.")
 
 
