@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 from array import array
 from dataclasses import dataclass, field
@@ -533,11 +534,13 @@ def _second_pass(train_path: Path, eval_path: Path, fmt: str, numbers: array, to
     local train file, and the stats of what stays; returns how many training examples stay."""
     boilerplate = same.boilerplate() if same is not None else set()
     overlap = _overlap_index(decon, eval_path, eval_sets, budget) if decon is not None else None
+    filtering = bool(boilerplate) or overlap is not None  # else only the stats: nothing is rewritten
     out_path = train_path.with_name(train_path.name + ".kept")
     n = 0
-    with open(train_path, "rb") as src, open(out_path, "wb") as out:
+    with open(train_path, "rb") as src, open(out_path if filtering else os.devnull, "wb") as out:
         for i, raw in enumerate(src):
-            ex = parse_line(raw.decode("utf-8"), fmt)
+            # Without a filter a line is parsed only for its metadata (a canonical line without the key has none).
+            ex = parse_line(raw.decode("utf-8"), fmt) if filtering or b'"metadata":' in raw else None
             problem = same.check(cur.answer_text(ex), boilerplate) if boilerplate else None
             if problem is None and overlap is not None:
                 problem = overlap.check(ex.text())
@@ -548,12 +551,13 @@ def _second_pass(train_path: Path, eval_path: Path, fmt: str, numbers: array, to
             n += 1
             kept.tokens += tokens[i]
             kept.histogram.add(tokens[i])
-            meta = ex.metadata or {}
+            meta = (ex.metadata if ex is not None else None) or {}
             kept.sources.add(meta.get("source"))
             tags = meta.get("tags")
             for tag in (tags if isinstance(tags, list) else [tags]):
                 kept.tags.add(tag)
-    out_path.replace(train_path)
+    if filtering:
+        out_path.replace(train_path)
     return n
 
 
