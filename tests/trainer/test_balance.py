@@ -82,6 +82,8 @@ def test_without_settings_nothing_changes_and_too_many_groups_is_a_config_error(
     many = [example(f"p {i}", group=f"g{i}") for i in range(65)]
     with pytest.raises(ConfigError, match="65 groups, at most 64"):
         rebalance(many, settings(metadataField="group"), seed=1)
+    with pytest.raises(ConfigError, match="longer than 63 characters"):
+        rebalance([example("p", group="g" * 500)], settings(metadataField="group"), seed=1)
 
 
 def test_the_api_needs_a_way_to_label():

@@ -20,7 +20,7 @@ from finetune_operator.api.balance import MAX_GROUPS, BalanceReport, BalanceSett
 
 from .curation import answer_text, prompt_text
 from .errors import ConfigError
-from .formats import Example
+from .formats import Example, clip
 
 
 def _phrase(text: str) -> re.Pattern:
@@ -73,7 +73,11 @@ def rebalance(examples: Sequence[Example], settings: Optional[BalanceSettings],
     label = Labeler(settings)
     members: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
-        members.setdefault(label(ex), []).append(i)
+        group = label(ex)
+        if len(group) > 63:  # a label, not data: the counts name every group (status, manifest)
+            raise ConfigError(f"training.balance: the group {clip(group, 40)!r} (metadata.{settings.metadataField}) "
+                              "is longer than 63 characters")
+        members.setdefault(group, []).append(i)
     if len(members) > MAX_GROUPS:
         raise ConfigError(f"training.balance: {len(members)} groups, at most {MAX_GROUPS} "
                           f"(first ones: {', '.join(sorted(members)[:5])})")
