@@ -317,3 +317,18 @@ def test_a_very_long_example_lands_in_the_open_bucket_and_status_keeps_the_histo
     assert buckets[-1] == 1 and sum(buckets.values()) == result.stats.examples
     bounded = curation_status.curation_stats(result.stats.curation.model_dump(mode="json"))
     assert {b["le"] for b in bounded["tokenHistogram"]} == set(buckets)
+
+
+def test_sixteen_evaluation_files_from_the_spec_and_the_policies_are_all_used_and_listed(tmp_path):
+    uris = []
+    for i in range(16):
+        path = tmp_path / f"eval-{i}.jsonl"
+        path.write_text(json.dumps({"prompt": f"held out question {i} alpha beta gamma delta", "answer": "x"}) + "\n")
+        uris.append(f"file://{path}")
+    lines = [chat(f"Training question {i} on other things entirely?", f"Answer {i}.") for i in range(10)]
+    lines.append(chat("held out question 15 alpha beta gamma delta", "x"))
+    result = validate_text(jsonl(lines), spec({"decontamination": {"evalSetURIs": uris[:8]}}), eval_set_uris=uris[8:])
+    assert result.valid, result.message
+    assert result.stats.curation.evalSetURIs == uris
+    assert [n for n, e in removed(result).items() if e["step"] == "decontamination"] == [11]
+    assert curation_status.curation_stats(result.stats.curation.model_dump(mode="json"))["evalSetURIs"] == uris

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from finetune_trainer import storage
 
-from .api.curation import MAX_EVAL_SETS
+from .api.curation import MAX_EVAL_SETS, MAX_EVAL_SETS_USED
 from .api.meta import API_VERSION
 from .config import OperatorConfig
 
@@ -108,7 +108,7 @@ def validation_config(dataset: dict, output_uri: str, eval_set_uris: Sequence[st
     cfg = {"job": {"namespace": meta.get("namespace", "default"), "name": meta["name"], "uid": meta.get("uid")},
            "dataset": dataset["spec"], "outputURI": output_uri}
     if eval_set_uris and ((dataset["spec"].get("curation") or {}).get("decontamination") is not None):
-        cfg["policyEvalSetURIs"] = list(eval_set_uris)[:MAX_EVAL_SETS]
+        cfg["policyEvalSetURIs"] = list(eval_set_uris)[:MAX_EVAL_SETS]  # the first by policy name
     return cfg
 
 
@@ -116,7 +116,7 @@ def dataset_eval_sets(dataset: Optional[dict]) -> list[str]:
     """The evaluation files a Dataset's validation decontaminated against (its status), which the
     provenance check's re-validation must use too."""
     curation = (((dataset or {}).get("status") or {}).get("stats") or {}).get("curation") or {}
-    return list(curation.get("evalSetURIs") or [])[:MAX_EVAL_SETS]
+    return list(curation.get("evalSetURIs") or [])[:MAX_EVAL_SETS_USED]
 
 
 def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Optional[str],

@@ -10,7 +10,7 @@ import re
 from typing import Any, Optional
 
 from .api.balance import MAX_GROUPS, BalanceReport
-from .api.curation import (MAX_EVAL_SETS, MAX_STATUS_EXAMPLES, MAX_STATUS_GROUPS, MAX_STATUS_LINES, STEPS,
+from .api.curation import (MAX_EVAL_SETS_USED, MAX_STATUS_EXAMPLES, MAX_STATUS_GROUPS, MAX_STATUS_LINES, STEPS,
                            CurationStats)
 from .conditions import bounded, set_condition
 
@@ -51,7 +51,7 @@ def curation_stats(raw: Any) -> Optional[dict]:
                            for b in histogram[:24] if isinstance(b, dict)],
         "sources": _counts(raw.get("sources"), MAX_STATUS_GROUPS),
         "tags": _counts(raw.get("tags"), MAX_STATUS_GROUPS),
-        "evalSetURIs": [bounded(u, 2048) for u in uris[:MAX_EVAL_SETS] if isinstance(u, str)],
+        "evalSetURIs": [bounded(u, 2048) for u in uris[:MAX_EVAL_SETS_USED] if isinstance(u, str)],
         "removedURI": bounded(raw["removedURI"], 2048) if isinstance(raw.get("removedURI"), str) else None,
         "tokenCount": bounded(raw.get("tokenCount") or "", 256),
     }

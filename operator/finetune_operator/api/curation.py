@@ -26,6 +26,8 @@ MAX_STATUS_LINES = 10
 MAX_STATUS_EXAMPLES = 3
 MAX_STATUS_GROUPS = 20
 MAX_EVAL_SETS = 8
+#: The spec's evaluation files and the policies' together (each list at most MAX_EVAL_SETS).
+MAX_EVAL_SETS_USED = 2 * MAX_EVAL_SETS
 
 _URI = Annotated[str, Field(pattern=URI_PATTERN, max_length=2048)]
 
@@ -126,7 +128,7 @@ class CurationStats(ApiModel):
                                       description="Training examples per metadata.source (the most common).")
     tags: list[CountEntry] = Field(default_factory=list, max_length=MAX_STATUS_GROUPS,
                                    description="Training examples per metadata.tags value (the most common).")
-    evalSetURIs: list[str] = Field(default_factory=list, max_length=MAX_EVAL_SETS,
+    evalSetURIs: list[str] = Field(default_factory=list, max_length=MAX_EVAL_SETS_USED,
                                    description="Evaluation files the training examples were decontaminated against.")
     removedURI: Optional[str] = Field(None, description="removed.jsonl: every removed line with its step.")
     tokenCount: str = Field("", description="How tokens were counted: the tokenizer's URI, or the estimate.")

@@ -11,7 +11,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from .curation import MAX_EVAL_SETS
+from .curation import MAX_EVAL_SETS, MAX_EVAL_SETS_USED
 from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
@@ -44,7 +44,7 @@ class GovernanceInputs(ApiModel):
     baseModelDigest: Optional[str] = Field(None, description="Digest of the base model the adapter was trained on.")
     run: int = Field(1, ge=1, description="The governance run's number (a policy change starts a new run).")
     datasetEvalSetURIs: list[str] = Field(
-        default_factory=list, max_length=MAX_EVAL_SETS,
+        default_factory=list, max_length=MAX_EVAL_SETS_USED,
         description="The evaluation files the validation decontaminated against (the Dataset's status): the "
         "provenance check re-validates with the same ones.")
     reportURI: Optional[str] = Field(
