@@ -124,11 +124,12 @@ def quality_check(example: Example, q: QualityFilters, count_text: Callable[[str
 
 class SameAnswerIndex:
     """Answers given, word for word (case and punctuation aside), to more than `limit` different
-    prompts. Memory: per distinct answer a 64-bit key and at most limit + 1 prompt keys."""
+    prompts. Memory: per distinct answer a dict entry with its first prompt's key (most answers
+    are given once); a set of at most limit + 1 prompt keys only for an answer seen with two."""
 
     def __init__(self, limit: int, min_words: int):
         self.limit, self.min_words = limit, min_words
-        self._prompts: dict[int, set[int]] = {}
+        self._prompts: dict[int, int | set[int]] = {}
 
     def answer_key(self, answer: str) -> Optional[int]:
         ws = words(answer)
@@ -138,12 +139,19 @@ class SameAnswerIndex:
         key = self.answer_key(answer)
         if key is None:
             return
-        prompts = self._prompts.setdefault(key, set())
-        if len(prompts) <= self.limit:
-            prompts.add(_key(" ".join(words(prompt))))
+        prompt_key = _key(" ".join(words(prompt)))
+        seen = self._prompts.get(key)
+        if seen is None:
+            self._prompts[key] = prompt_key
+        elif isinstance(seen, int):
+            if seen != prompt_key:
+                self._prompts[key] = {seen, prompt_key}
+        elif len(seen) <= self.limit:
+            seen.add(prompt_key)
 
     def boilerplate(self) -> set[int]:
-        return {key for key, prompts in self._prompts.items() if len(prompts) > self.limit}
+        return {key for key, prompts in self._prompts.items()
+                if (1 if isinstance(prompts, int) else len(prompts)) > self.limit}
 
     def check(self, answer: str, boilerplate: set[int]) -> Optional[Removal]:
         key = self.answer_key(answer)
