@@ -76,7 +76,7 @@ class FakeKubelet:
         self.behaviours: dict[str, Behaviour] = {}
         self.base_env = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                          "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                         # A worktree that puts its own sources first (PYTHONPATH) runs them in its pods too.
+                         # Pods run the code the tests import (a worktree's, when PYTHONPATH puts it first).
                          **({"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}),
                          **(base_env or {})}
         self.started_jobs: list[str] = []  # every Job the kubelet started a pod for (in order)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
 from finetune_trainer import storage
 
+from .api.curation import MAX_EVAL_SETS, MAX_EVAL_SETS_USED
 from .api.meta import API_VERSION
 from .config import OperatorConfig
 
@@ -102,10 +103,20 @@ def dataset_output_uri(dataset: dict, config: OperatorConfig) -> str:
 
 # --- rendered configs -----------------------------------------------------------------------
 
-def validation_config(dataset: dict, output_uri: str) -> dict:
+def validation_config(dataset: dict, output_uri: str, eval_set_uris: Sequence[str] = ()) -> dict:
     meta = dataset["metadata"]
-    return {"job": {"namespace": meta.get("namespace", "default"), "name": meta["name"], "uid": meta.get("uid")},
-            "dataset": dataset["spec"], "outputURI": output_uri}
+    cfg = {"job": {"namespace": meta.get("namespace", "default"), "name": meta["name"], "uid": meta.get("uid")},
+           "dataset": dataset["spec"], "outputURI": output_uri}
+    if eval_set_uris and ((dataset["spec"].get("curation") or {}).get("decontamination") is not None):
+        cfg["policyEvalSetURIs"] = list(eval_set_uris)[:MAX_EVAL_SETS]  # the first by policy name
+    return cfg
+
+
+def dataset_eval_sets(dataset: Optional[dict]) -> list[str]:
+    """The evaluation files a Dataset's validation decontaminated against (its status), which the
+    provenance check's re-validation must use too."""
+    curation = (((dataset or {}).get("status") or {}).get("stats") or {}).get("curation") or {}
+    return list(curation.get("evalSetURIs") or [])[:MAX_EVAL_SETS_USED]
 
 
 def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Optional[str],
@@ -129,9 +140,12 @@ def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Opti
 
 
 def governance_config(train_cfg: dict, policy: dict, dataset_spec: dict, pii_findings: dict,
-                      adapter_uri: str, run: int = 1, report_uri: Optional[str] = None) -> dict:
+                      adapter_uri: str, run: int = 1, report_uri: Optional[str] = None,
+                      dataset_eval_set_uris: Sequence[str] = ()) -> dict:
     inputs = {"adapterURI": adapter_uri, "dataset": dataset_spec, "datasetPIIFindings": pii_findings or {},
               "baseModelDigest": train_cfg["baseModel"].get("digest"), "run": run}
+    if dataset_eval_set_uris:
+        inputs["datasetEvalSetURIs"] = list(dataset_eval_set_uris)
     if report_uri:
         inputs["reportURI"] = report_uri
     return {**train_cfg, "metricsPort": 0, "governance": policy, "governanceInputs": inputs}
@@ -279,7 +293,7 @@ def pod_template_shape(job: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def validation_children(dataset: dict, config: OperatorConfig) -> tuple[dict, dict]:
+def validation_children(dataset: dict, config: OperatorConfig, eval_set_uris: Sequence[str] = ()) -> tuple[dict, dict]:
     """The validation Job and its ConfigMap for the Dataset's current generation."""
     meta = dataset["metadata"]
     ns, generation = meta.get("namespace", "default"), meta.get("generation") or 1
@@ -289,7 +303,7 @@ def validation_children(dataset: dict, config: OperatorConfig) -> tuple[dict, di
     secret = (((spec.get("output") or {}).get("credentials") or {}).get("name")
               or ((spec.get("source") or {}).get("credentials") or {}).get("name")
               or config.s3_credentials_secret)
-    cfg = validation_config(dataset, dataset_output_uri(dataset, config))
+    cfg = validation_config(dataset, dataset_output_uri(dataset, config), eval_set_uris)
     cm = config_map(name, ns, dataset, labels, "validation.json", cfg)
     job = batch_job(name=name, namespace=ns, owner=dataset, labels=labels, image=config.trainer_image,
                     command=["finetune-trainer", "validate", "--config", f"{CONFIG_DIR}/validation.json"],

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, governance, lineage, modelcard, kstatus
+from . import children, curation_status, governance, lineage, modelcard, kstatus
 from .api.serving import PromotionTarget
 from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
@@ -171,8 +171,9 @@ MAX_LINE_NUMBERS = 20
 
 @_with_kstatus("Dataset")
 def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict], report: Optional[dict],
-                 config: OperatorConfig, now: str) -> Plan:
-    """Validate each generation of a Dataset once: Validating -> Ready | Invalid | Failed."""
+                 config: OperatorConfig, now: str, *, eval_set_uris: tuple[str, ...] = ()) -> Plan:
+    """Validate each generation of a Dataset once: Validating -> Ready | Invalid | Failed.
+    `eval_set_uris`: the evalSetURI of the policies that apply (decontaminated against)."""
     meta = dataset["metadata"]
     generation = meta.get("generation") or 1
     old = dataset.get("status") or {}
@@ -202,7 +203,7 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
             plan.events.append(("Normal" if phase in ("Validating", "Ready") else "Warning", reason, message))
 
     if state.state == "Missing":
-        plan.create.extend(children.validation_children(dataset, config))
+        plan.create.extend(children.validation_children(dataset, config, eval_set_uris))
         to_phase("Validating", False, "Validating", f"validation Job {name} created")
     elif state.state in ("Pending", "Running", "Unschedulable", "ImagePull"):
         msg = state.message if state.state in ("Unschedulable", "ImagePull") else f"validation Job {name} is running"
@@ -211,6 +212,9 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
         stats = report.get("stats") or {}
         status["stats"] = {k: int(stats.get(k) or 0) for k in
                            ("examples", "evalExamples", "tokens", "duplicatesRemoved", "invalidLines")}
+        curated = curation_status.curation_stats(stats.get("curation"))
+        if curated is not None:
+            status["stats"]["curation"] = curated
         status["piiFindings"] = dict(report.get("piiFindings") or {})
         status["invalidLineNumbers"] = list(report.get("invalidLineNumbers") or [])[:MAX_LINE_NUMBERS]
         status["reportURI"] = f"{output}/report.json"
@@ -224,6 +228,9 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
             status["validatedURI"] = report.get("validatedURI") or output
             to_phase("Ready", True, "Validated",
                      f"{status['stats']['examples']} examples ({status['stats']['evalExamples']} for evaluation)")
+            recommended = (dataset["spec"].get("curation") or {}).get("recommendedExamples", 5000)
+            status["conditions"] = curation_status.with_small_dataset(
+                status["conditions"], status["stats"]["examples"], recommended, generation, now)
         else:
             status.pop("digest", None)
             lines = status["invalidLineNumbers"]
@@ -232,6 +239,7 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
             if lines and not re.search(rf"\b{int(lines[0])}\b", message):  # unless the message names it
                 message += f" (first offending lines: {', '.join(map(str, lines[:5]))})"
             to_phase("Invalid", False, report.get("reason") or "Invalid", message)
+            status["conditions"] = curation_status.without_small_dataset(status["conditions"])
     elif state.state == "Succeeded":
         to_phase("Failed", False, "NoReport", f"validation Job {name} succeeded but wrote no report.json at {output}")
     else:
@@ -565,6 +573,8 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
                                  "sizeBytes": int(result.get("sizeBytes") or 0)}
             if isinstance((result.get("metrics") or {}).get("replay"), dict):
                 status["replay"] = result["metrics"]["replay"]
+            if curation_status.balance_status(result.get("balance")):  # training.balance ran
+                status["balance"] = curation_status.balance_status(result.get("balance"))
             status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
             eval_loss = (result.get("metrics") or {}).get("evalLoss")
             if status.get("progress") is not None or eval_loss is not None:
@@ -699,7 +709,8 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
                                             continual={"initFrom": parent.model_dump(mode="json")} if parent else None)
         gov_cfg = children.governance_config(train_cfg, policy, dataset.get("spec") or {},
                                              (dataset.get("status") or {}).get("piiFindings") or {}, adapter["uri"],
-                                             run=run.number, report_uri=run.report_uri)
+                                             run=run.number, report_uri=run.report_uri,
+                                             dataset_eval_set_uris=children.dataset_eval_sets(dataset))
         plan.create.extend(children.governance_children(ftj, name, gov_cfg, config))
         if run.ignored and run.new:
             plan.events.append(("Warning", "GovernanceLooseningIgnored", "; ".join(run.ignored)[:1000]))

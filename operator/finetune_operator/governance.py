@@ -192,6 +192,18 @@ def statement_digest(envelope: Any) -> Optional[str]:
         return None
 
 
+def policy_eval_sets(policies: list[dict], namespace: str) -> tuple[str, ...]:
+    """The evalSetURI of every GovernancePolicy that applies to `namespace`, by policy name: what a
+    Dataset there is decontaminated against (whichever policy a job ends up under)."""
+    uris = []
+    for policy in sorted((p for p in policies if applies_to(p, namespace)),
+                         key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        uri = (((policy.get("spec") or {}).get("evaluation") or {}).get("evalSetURI"))
+        if isinstance(uri, str) and uri and uri not in uris:
+            uris.append(uri)
+    return tuple(uris)
+
+
 def policy_digest(policy: Optional[dict]) -> str:
     """sha256 of an effective policy, normalized through the API model (defaults filled in, unset
     fields dropped) so the operator's policy and the copy a report records hash alike."""

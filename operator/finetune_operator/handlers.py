@@ -32,6 +32,7 @@ from . import attestation, children, config as config_mod, decisions, kube, line
 from .serving import plan as serving_plan, publish as serving_publish
 from .api.meta import GROUP, VERSION
 from .conditions import bounded, now_iso
+from .governance import policy_eval_sets
 
 log = logging.getLogger("finetune_operator")
 
@@ -525,7 +526,9 @@ async def _reconcile_dataset(namespace: str, name: str, indices: dict, logger: A
                     report = await _read_json(f"{children.dataset_output_uri(body, CONFIG)}/report.json")
                 except ValueError:
                     report = None
-            plan = decisions.plan_dataset(body, job, pods, report, CONFIG, now_iso())
+            policies = [p for store in indices["policies_idx"].values() for p in store]
+            plan = decisions.plan_dataset(body, job, pods, report, CONFIG, now_iso(),
+                                          eval_set_uris=policy_eval_sets(policies, namespace))
             await _apply(plan, body, logger)
         if plan.status is None:
             return False

@@ -72,8 +72,10 @@ def save_peft_files(model, folder: Path, base_model_uri: str) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics: dict) -> dict[str, Any]:
-    """Stage, then copy into adapters/<digest-hex>/ (manifest last, read back), then write result.json."""
+def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics: dict,
+            balance: Optional[dict] = None) -> dict[str, Any]:
+    """Stage, then copy into adapters/<digest-hex>/ (manifest last, read back), then write result.json
+    (with the group counts of training.balance, when it ran, for the job's status)."""
     hexdigest = hashlib.sha256(manifest).hexdigest()
     digest = "sha256:" + hexdigest
     staging = storage.join(adapters_uri(output_uri), f".staging-{run_id}")
@@ -100,6 +102,8 @@ def publish(folder: Path, manifest: bytes, output_uri: str, run_id: str, metrics
         storage.delete_prefix(storage.join(adapters_uri(output_uri), leftover))
     size = sum(json.loads(manifest)["files"][n]["size"] for n in ADAPTER_FILES) + len(manifest)
     result = {"adapterURI": final, "digest": digest, "sizeBytes": size, "metrics": metrics}
+    if balance:
+        result["balance"] = balance
     storage.write_text(storage.join(output_uri, RESULT), json.dumps(result, indent=1, sort_keys=True))
     log.info("adapter published", extra={"event": "adapter_published", "digest": digest, "uri": final})
     return result

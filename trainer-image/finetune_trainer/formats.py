@@ -4,6 +4,10 @@
 - instruction: {"instruction": str, "input": str (optional), "output": str}               (Alpaca style)
 - completion:  {"prompt": str, "completion": str}
 
+Any of them may carry `"metadata": {...}` (source, tags, a group label for training.balance, ...):
+flat string / number / boolean values or lists of strings, kept in the validated files and never
+trained on (see `parse_metadata`).
+
 Every example becomes messages; the trainer renders them with the model's chat template
 (completion examples are rendered as raw prompt + completion text, no template) and
 computes the loss only on assistant / completion tokens. A new format (e.g. image-text)
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 ROLES = ("system", "user", "assistant")
@@ -43,6 +47,8 @@ class Example:
 
     messages: tuple[tuple[str, str], ...]
     raw: bool = False
+    #: the line's `metadata` object (validated by parse_metadata), or None; not part of equality
+    metadata: Optional[dict] = field(default=None, compare=False, hash=False)
 
     def text(self) -> str:
         return "\n".join(content for _, content in self.messages)
@@ -86,6 +92,39 @@ def _known_fields(obj: dict, allowed: set[str]) -> None:
         raise FormatError(clip(unknown[0]), f"unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
+#: Bounds of a line's metadata: labels, not data.
+MAX_METADATA_KEYS = 32
+MAX_METADATA_STRING = 1024
+MAX_METADATA_LIST = 64
+
+
+def parse_metadata(obj: dict) -> Optional[dict]:
+    """The line's `metadata`: an object of at most MAX_METADATA_KEYS flat values (string, number,
+    boolean, null, or a list of strings), or None when absent. Raises FormatError naming the key."""
+    if "metadata" not in obj:
+        return None
+    meta = obj["metadata"]
+    if not isinstance(meta, dict):
+        raise FormatError("metadata", f"must be an object, got {json_type(meta)}")
+    if len(meta) > MAX_METADATA_KEYS:
+        raise FormatError("metadata", f"has {len(meta)} keys, at most {MAX_METADATA_KEYS}")
+    for key, value in meta.items():
+        where = f"metadata.{clip(key, 40)}"
+        if len(key) > 128:
+            raise FormatError(where, "key longer than 128 characters")
+        if isinstance(value, list):
+            if len(value) > MAX_METADATA_LIST or not all(isinstance(v, str) and len(v) <= MAX_METADATA_STRING
+                                                         for v in value):
+                raise FormatError(where, f"a list must hold at most {MAX_METADATA_LIST} strings of at most "
+                                  f"{MAX_METADATA_STRING} characters")
+        elif isinstance(value, str):
+            if len(value) > MAX_METADATA_STRING:
+                raise FormatError(where, f"longer than {MAX_METADATA_STRING} characters")
+        elif value is not None and not isinstance(value, (bool, int, float)):
+            raise FormatError(where, f"must be a string, number, boolean or list of strings, got {json_type(value)}")
+    return meta
+
+
 def parse_chat(obj: dict) -> Example:
     messages = obj.get("messages")
     if messages is None:
@@ -111,25 +150,25 @@ def parse_chat(obj: dict) -> Example:
         out.append((role, content))
     if not any(role == "assistant" and content.strip() for role, content in out):
         raise FormatError("messages", "needs at least one non-empty assistant message to learn from")
-    return Example(tuple(out))
+    return Example(tuple(out), metadata=parse_metadata(obj))
 
 
 def parse_instruction(obj: dict) -> Example:
-    _known_fields(obj, {"instruction", "input", "output", "system"})
+    _known_fields(obj, {"instruction", "input", "output", "system", "metadata"})
     instruction = _string(obj, "instruction")
     extra = _string(obj, "input", required=False)
     output = _string(obj, "output")
     system = _string(obj, "system", required=False)
     prompt = instruction if not extra else f"{instruction}\n\n{extra}"
     msgs = ((("system", system),) if system else ()) + (("user", prompt), ("assistant", output))
-    return Example(msgs)
+    return Example(msgs, metadata=parse_metadata(obj))
 
 
 def parse_completion(obj: dict) -> Example:
-    _known_fields(obj, {"prompt", "completion"})
+    _known_fields(obj, {"prompt", "completion", "metadata"})
     prompt = _string(obj, "prompt", required=False) or ""
     completion = _string(obj, "completion")
-    return Example((("user", prompt), ("assistant", completion)), raw=True)
+    return Example((("user", prompt), ("assistant", completion)), raw=True, metadata=parse_metadata(obj))
 
 
 PARSERS: dict[str, Callable[[dict], Example]] = {
@@ -286,8 +325,16 @@ def iter_examples(text: str, fmt: str) -> Iterator[tuple[int, Example | FormatEr
     return iter_parsed(split_lines(text), fmt)
 
 
-def to_record(example: Example, fmt: str) -> dict:
-    """The canonical JSON form of an example in its declared format (what validated files hold)."""
+def to_record(example: Example, fmt: str, with_metadata: bool = True) -> dict:
+    """The canonical JSON form of an example in its declared format (what validated files hold);
+    `with_metadata` False: the content alone (what deduplication and the eval split look at)."""
+    record = _content_record(example, fmt)
+    if with_metadata and example.metadata is not None:
+        record["metadata"] = example.metadata
+    return record
+
+
+def _content_record(example: Example, fmt: str) -> dict:
     msgs = [{"role": r, "content": c} for r, c in example.messages]
     if fmt == "completion":
         return {"prompt": msgs[0]["content"], "completion": msgs[1]["content"]}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import adapter, checkpoint, continual, data, model_io, storage
+from . import adapter, balance, checkpoint, continual, data, model_io, storage
 from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from .logs import get_logger
 from .objective import PrefixCache, cached_loss_sum, evaluate, loss_sum
@@ -165,8 +165,12 @@ def _run(cfg, stop: StopFlag) -> int:
     base_digest = cfg.baseModel.digest or model_io.model_digest(model_dir)  # recorded in the adapter manifest
     tokenizer = model_io.load_tokenizer(model_dir)
     data.ensure_chat_template(tokenizer, log)
-    train_set = data.tokenize_all(data.read_examples(cfg.data.uri, "train.jsonl", cfg.data.format),
-                                  tokenizer, t.maxSeqLength)
+    # training.balance: group-balanced re-sampling (balance.py); counts go to the manifest and result.json.
+    train_examples, balanced = balance.rebalance(data.read_examples(cfg.data.uri, "train.jsonl", cfg.data.format),
+                                                 t.balance, t.seed)
+    if balanced:
+        log.info("training data balanced", extra={"event": "balanced", **balanced.model_dump(mode="json")})
+    train_set = data.tokenize_all(train_examples, tokenizer, t.maxSeqLength)
     eval_set = data.tokenize_all(data.read_examples(cfg.data.uri, "eval.jsonl", cfg.data.format),
                                  tokenizer, t.maxSeqLength)
     log.info("data tokenized", extra={"event": "data", "train_examples": len(train_set),
@@ -348,7 +352,7 @@ def _run(cfg, stop: StopFlag) -> int:
         if mix is not None:
             metrics["replay"] = mix.stats([d.name for d in cfg.replayData])
         export_started = time.perf_counter()
-        result = export_adapter(model, cfg, precision, metrics, base_digest,
+        result = export_adapter(model, cfg, precision, metrics, base_digest, balanced,
                                 lineage=lineage if parent is not None else None)
         seconds.update(steps=train_seconds, export=time.perf_counter() - export_started)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
@@ -361,7 +365,7 @@ def _run(cfg, stop: StopFlag) -> int:
         progress.close()
 
 
-def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str, lineage=None) -> dict:
+def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str, balanced=None, lineage=None) -> dict:
     import tempfile
 
     training = cfg.model_dump(mode="json", include={"method", "lora", "quantization", "training"})
@@ -372,7 +376,9 @@ def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str, 
         manifest = adapter.build_manifest(
             folder,
             base_model={"uri": cfg.baseModel.uri, "digest": base_digest},
-            dataset={"uri": cfg.data.uri, "digest": cfg.data.digest, "format": cfg.data.format},
+            dataset={"uri": cfg.data.uri, "digest": cfg.data.digest, "format": cfg.data.format,
+                     **({"balance": balanced.model_dump(mode="json")} if balanced else {})},
             training=training, metrics=metrics, lineage=lineage,
             replay=[d.model_dump(mode="json", exclude_none=True) for d in cfg.replayData] or None)
-        return adapter.publish(folder, manifest, cfg.outputURI, run_id=uuid.uuid4().hex[:12], metrics=metrics)
+        return adapter.publish(folder, manifest, cfg.outputURI, run_id=uuid.uuid4().hex[:12], metrics=metrics,
+                               balance=balanced.model_dump(mode="json") if balanced else None)

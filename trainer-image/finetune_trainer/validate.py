@@ -8,10 +8,14 @@ held in memory, for ftctl, governance and tests):
 1. parse the line with the declared format (formats.parse_line: strict JSON -- no duplicate keys,
    NaN, huge numbers, deep nesting or lone surrogates); an error keeps the line number, the field,
    and a bounded excerpt of the line (report.json only: the excerpt is data);
-2. drop exact duplicates when `curation.deduplicate` (same canonical JSON of the parsed example);
-   with a separate `evaluation.uri`, read first, training examples that also appear in the
-   evaluation file are dropped too (and counted), so eval loss is never measured on training data;
+2. drop exact duplicates when `curation.deduplicate` (same canonical JSON of the parsed example,
+   its `metadata` aside); with a separate `evaluation.uri`, read first, training examples that
+   also appear in the evaluation file are dropped too (and counted), so eval loss is never
+   measured on training data;
 3. scan every string for PII (see pii.py) and apply `curation.piiPolicy`;
+3a. the curation steps that are set (curation.py): `quality` filters (source lines only, not a
+   separate evaluation file), then `nearDuplicates` (the evaluation file's examples are indexed
+   first, so a training near-duplicate of one is removed);
 4. split off the evaluation set: an example goes to eval when
    sha256("{seed}:{canonical JSON}") read as a fraction in [0, 1) is below
    `evaluation.fraction`. The decision depends only on the example and the seed, so
@@ -21,14 +25,21 @@ held in memory, for ftctl, governance and tests):
    `tokenizers` library), otherwise an estimate of one token per 4 non-whitespace
    characters of message content (rounded up per example);
 6. write the example to the train or eval file (local temp files, uploaded at the end);
+7. once every line is read, one more pass over the (local) train file: `quality.maxPromptsPerAnswer`
+   (one answer given to many prompts) and `decontamination` (n-gram overlap with the eval file,
+   `decontamination.evalSetURIs` and the policies' evalSetURI), then the stats of what is kept
+   (token-length histogram, examples per metadata.source and metadata.tags);
 
 then decide validity (a source that is not JSON Lines or is over `source.maxBytes`, too many
 invalid lines, PII under `reject`, fewer than `curation.minExamples` training examples) and
 compute the content digest: "sha256:" + sha256(train.jsonl bytes + eval.jsonl bytes), where each
 file holds one canonical JSON object per line (sorted keys, no spaces, UTF-8, "\\n" after each).
 
-Outputs: {outputURI}/train.jsonl and eval.jsonl (only when valid) and report.json, always,
-written last. A data problem is not a command failure: the report says Invalid and the
+Every line a step removes is one line of removed.jsonl (line, step, detail); status and
+report.json hold the counts and the first lines (report.json with bounded, redacted excerpts).
+
+Outputs: {outputURI}/train.jsonl and eval.jsonl (only when valid), removed.jsonl, and report.json,
+always, written last. A data problem is not a command failure: the report says Invalid and the
 command exits 0; a missing source exits 3, S3 unreachable exits 4.
 """
 
@@ -37,18 +48,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import tempfile
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
+from finetune_operator.api.curation import CurationStats
 from finetune_operator.api.dataset import DatasetSpec, DatasetStats
 from finetune_operator.api.trainer_config import ValidationConfig
 
+from . import curation as cur
 from . import jsonlines, pii, storage
 from .errors import ConfigError
-from .formats import Example, FormatError, clip, is_blank, parse_line, to_record
+from .formats import Example, FormatError, clip, is_blank, loads_strict, parse_line, to_record
 from .jsonlines import ByteBudget, Line, SourceProblem
 from .logs import get_logger
 
@@ -110,6 +124,11 @@ class ValidationResult:
     #: validate_lines: the validated files, in its work folder (valid results only)
     train_path: Optional[Path] = None
     eval_path: Optional[Path] = None
+    #: every removed line (removed.jsonl), in the work folder; validate_text: its text
+    removed_path: Optional[Path] = None
+    removed_jsonl: str = ""
+    #: the curation record of report.json: settings, their digest, removals with excerpts
+    curation: dict = field(default_factory=dict)
 
     def report(self, *, source_uri: str, validated_uri: str, fmt: str) -> dict:
         return {
@@ -125,6 +144,7 @@ class ValidationResult:
             "validatedURI": validated_uri,
             "sourceURI": source_uri,
             "format": fmt,
+            "curation": self.curation,
         }
 
 
@@ -166,9 +186,22 @@ class DigestSet:
     def __len__(self) -> int:
         return self._count
 
+    @staticmethod
+    def _key(canonical: str) -> int:
+        return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "little") or 1
+
+    def __contains__(self, canonical: str) -> bool:
+        key, slots, mask = self._key(canonical), self._slots, self._mask
+        i = key & mask
+        while slots[i]:
+            if slots[i] == key:
+                return True
+            i = (i + 1) & mask
+        return False
+
     def add(self, canonical: str) -> bool:
         """Record an example; False when it was already there."""
-        key = int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "little") or 1
+        key = self._key(canonical)
         slots, mask = self._slots, self._mask
         i = key & mask
         while slots[i]:
@@ -242,7 +275,25 @@ def _scan_pii(number: int, ex: Example, policy: str, findings: dict[str, int],
         if hits and policy == "redact":
             content, changed = pii.redact(content, hits), True
         new_messages.append((role, content))
-    return Example(tuple(new_messages), raw=ex.raw) if changed else ex
+    metadata = ex.metadata
+    if metadata:  # labels may hold PII too: counted, and redacted with the rest
+        scanned = {}
+        for key, value in metadata.items():
+            values = value if isinstance(value, list) else [value]
+            out = []
+            for item in values:
+                hits = pii.find(item) if isinstance(item, str) else []
+                for hit in hits:
+                    findings[hit.kind] = findings.get(hit.kind, 0) + 1
+                    kind_lines = lines.setdefault(hit.kind, [])
+                    if number not in kind_lines and len(kind_lines) < 5:
+                        kind_lines.append(number)
+                if hits and policy == "redact":
+                    item, changed = pii.redact(item, hits), True
+                out.append(item)
+            scanned[key] = out if isinstance(value, list) else out[0]
+        metadata = scanned
+    return Example(tuple(new_messages), raw=ex.raw, metadata=metadata) if changed else ex
 
 
 def _sha256_files(*paths: Path) -> str:
@@ -270,65 +321,129 @@ def validate_lines(
     *,
     workdir: Path,
     count_tokens: Optional[Callable[[Example], int]] = None,
+    count_text: Optional[Callable[[str], int]] = None,
+    eval_set_uris: Sequence[str] = (),
 ) -> ValidationResult:
     """Validate and curate a stream of lines; the validated files go to `workdir` (see the module
-    docstring for the rules). Memory: one line, the digests of the examples, the first errors."""
+    docstring for the rules). Memory: one line, the digests of the examples, the first errors, and
+    what the curation steps that are set keep per example (docs/datasets.md)."""
     fmt, curation = spec.format, spec.curation
     count_tokens = count_tokens or estimate_tokens
+    count_text = count_text or cur.estimate_text_tokens
+    quality, near, decon = curation.quality, curation.nearDuplicates, curation.decontamination
     errors = _Errors()
     seen = DigestSet() if curation.deduplicate else None
+    eval_seen = DigestSet() if curation.deduplicate and eval_lines is not None else None
+    near_index = cur.NearDuplicateIndex(near.threshold, near.numPerm) if near else None
+    same = cur.SameAnswerIndex(quality.maxPromptsPerAnswer, quality.minAnswerWordsForSameAnswer) if quality else None
+    removed = cur.RemovalLog(workdir / "removed.jsonl", pii.redact)
     findings: dict[str, int] = {}
     pii_lines: dict[str, list[int]] = {}
-    duplicates = tokens = n_train = n_eval = 0
+    duplicates = eval_tokens = n_train = n_eval = 0
+    train_numbers, train_tokens = array("q"), array("q")  # per line of the train file: source line, tokens
     fraction, seed = spec.evaluation.fraction or 0.0, spec.evaluation.seed
     lowest: Optional[tuple[float, int]] = None  # (score, index in the train file): the fallback eval example
     fatal: Optional[LineError] = None
     fatal_reason = ""
     train_path, eval_path = workdir / "train.jsonl", workdir / "eval.jsonl"
 
-    def curated(stream: Iterator[tuple[int, Example]]) -> Iterator[tuple[str, Example]]:
-        nonlocal duplicates, tokens
+    def curated(stream: Iterator[tuple[int, Example]], eval_file: bool) -> Iterator[tuple[int, str, str, Example]]:
+        nonlocal duplicates
+        file = "eval" if eval_file else None
         for number, ex in stream:
-            canon = canonical_json(to_record(ex, fmt))
-            if seen is not None and not seen.add(canon):
+            content = canonical_json(to_record(ex, fmt, with_metadata=False))
+            if seen is not None and not seen.add(content):
                 duplicates += 1
+                in_eval = not eval_file and eval_seen is not None and content in eval_seen
+                removed.add(number, cur.Removal("exactDuplicate", "exact duplicate of an evaluation example" if in_eval
+                                                else "exact duplicate of an earlier example"),
+                            text=ex.text(), file=file, kind="eval" if in_eval else "exact")
                 continue
+            if eval_file and eval_seen is not None:
+                eval_seen.add(content)
             redacted = _scan_pii(number, ex, curation.piiPolicy, findings, pii_lines)
             if redacted is not ex:
-                ex, canon = redacted, canonical_json(to_record(redacted, fmt))
-            tokens += count_tokens(ex)
-            yield canon, ex
+                ex, content = redacted, canonical_json(to_record(redacted, fmt, with_metadata=False))
+            problem = cur.quality_check(ex, quality, count_text) if quality and not eval_file else None
+            if problem is None and same is not None and not eval_file:  # before near-duplicates remove some
+                same.add(cur.prompt_text(ex), cur.answer_text(ex))
+            if problem is None and near_index is not None:
+                found = near_index.match_or_add(-number if eval_file else number, ex.text())
+                if found is not None:
+                    of, similarity = found
+                    what = f"evaluation file line {-of}" if of < 0 else f"line {of}"
+                    problem = cur.Removal("nearDuplicate", f"near-duplicate of {what} (Jaccard {similarity:.2f})",
+                                          of_line=abs(of))
+                    kind = "eval" if of < 0 else "near"
+            if problem is not None:
+                removed.add(number, problem, text=ex.text(), file=file,
+                            kind=kind if problem.step == "nearDuplicate" else None)
+                continue
+            yield number, content, canonical_json(to_record(ex, fmt)), ex
 
     with open(train_path, "wb") as train_out, open(eval_path, "wb") as eval_out:
         try:
             if eval_lines is not None:
-                for canon, _ in curated(_examples(eval_lines, fmt, errors, eval_file=True)):
+                for _, _, canon, ex in curated(_examples(eval_lines, fmt, errors, eval_file=True), True):
                     eval_out.write(canon.encode("utf-8") + b"\n")
+                    eval_tokens += count_tokens(ex)
                     n_eval += 1
-            for canon, _ in curated(_examples(lines, fmt, errors, eval_file=False)):
-                score = split_score(canon, seed) if eval_lines is None else 1.0
+            for number, content, canon, ex in curated(_examples(lines, fmt, errors, eval_file=False), False):
+                score = split_score(content, seed) if eval_lines is None else 1.0
                 if score < fraction:
                     eval_out.write(canon.encode("utf-8") + b"\n")
+                    eval_tokens += count_tokens(ex)
                     n_eval += 1
                     continue
                 if lowest is None or score < lowest[0]:
                     lowest = (score, n_train)
                 train_out.write(canon.encode("utf-8") + b"\n")
+                train_numbers.append(number)
+                train_tokens.append(count_tokens(ex))
                 n_train += 1
         except SourceProblem as exc:  # not JSON Lines, or over maxBytes: stop reading
             fatal_reason = exc.reason
             fatal = LineError(exc.line, "source", exc.problem, getattr(exc, "label", None) or exc.file,
                               exc.file_line if exc.file else None)
     if eval_lines is None and n_eval == 0 and fraction > 0 and n_train > 1 and fatal is None:
-        _move_line(train_path, lowest[1], eval_path)
+        index = lowest[1]
+        _move_line(train_path, index, eval_path)
+        eval_tokens += train_tokens[index]
+        del train_numbers[index], train_tokens[index]
         n_train, n_eval = n_train - 1, 1
 
-    stats = DatasetStats(examples=n_train, evalExamples=n_eval, tokens=tokens,
-                         duplicatesRemoved=duplicates, invalidLines=errors.count)
+    eval_sets = list(dict.fromkeys([*(decon.evalSetURIs if decon else []), *eval_set_uris]))
+    summary = _Kept()
+    if fatal is None:
+        try:
+            n_train = _second_pass(train_path, eval_path, fmt, train_numbers, train_tokens, removed, summary,
+                                   same, decon, eval_sets, _budget(spec))
+        except _EvalSetProblem as exc:
+            fatal_reason, fatal = "InvalidEvalSet", LineError(None, "curation.decontamination", str(exc))
+    removed.close()
+
+    ran = [step for step, on in (("exactDuplicate", curation.deduplicate),
+                                 *((s, quality is not None) for s in ("promptLength", "answerLength", "emptyAnswer",
+                                                                      "repetition")),
+                                 ("nearDuplicate", near is not None),
+                                 ("sameAnswer", quality is not None and quality.maxPromptsPerAnswer > 0),
+                                 ("decontamination", decon is not None)) if on]
+    settings = {**curation.model_dump(mode="json"), "evalSetURIs": eval_sets if decon else []}
+    curation_stats = CurationStats(
+        settingsDigest=cur.settings_digest(settings), steps=removed.steps(ran), duplicates=dict(removed.duplicates),
+        tokenHistogram=summary.histogram.buckets(), sources=summary.sources.top(), tags=summary.tags.top(),
+        evalSetURIs=eval_sets if decon else [],
+        tokenCount=curation.tokenizerURI or "estimate: 1 token per 4 non-whitespace characters")
+    stats = DatasetStats(examples=n_train, evalExamples=n_eval, tokens=eval_tokens + summary.tokens,
+                         duplicatesRemoved=duplicates, invalidLines=errors.count, curation=curation_stats)
     listed = errors.listed + ([fatal] if fatal else [])
     result = ValidationResult(
         valid=False, reason="", message="", stats=stats, digest=None, pii_findings=findings,
-        errors=listed, invalid_line_numbers=errors.source_lines, pii_lines=pii_lines)
+        errors=listed, invalid_line_numbers=errors.source_lines, pii_lines=pii_lines,
+        removed_path=workdir / "removed.jsonl",
+        curation={"settings": settings, "settingsDigest": curation_stats.settingsDigest,
+                  "removed": {step: removed.counts.get(step, 0) for step in ran},
+                  "examples": {step: rows for step, rows in removed.examples.items()}})
 
     if fatal is not None:
         result.reason = fatal_reason
@@ -347,10 +462,13 @@ def validate_lines(
         result.reason = "PIIFound"
         result.message = f"personal data found and piiPolicy is reject: {kinds}"
         return result
+    curated_away = {step: n for step, n in removed.counts.items() if step != "exactDuplicate" and n}
     if n_train < curation.minExamples:
         result.reason = "TooFewExamples"
         result.message = (f"{n_train} valid training examples after curation, "
                           f"minimum is {curation.minExamples}")
+        if curated_away:
+            result.message += " (curation removed " + ", ".join(f"{k}={v}" for k, v in curated_away.items()) + ")"
         return result
 
     result.train_path, result.eval_path = train_path, eval_path
@@ -359,6 +477,8 @@ def validate_lines(
     notes = []
     if duplicates:
         notes.append(f"{duplicates} duplicates removed")
+    if curated_away:
+        notes.append("curation removed " + ", ".join(f"{k}={v}" for k, v in curated_away.items()))
     if errors.count:
         notes.append(f"{errors.count} invalid lines dropped")
     if findings:
@@ -367,6 +487,78 @@ def validate_lines(
     result.message = (f"{stats.examples} training and {stats.evalExamples} evaluation examples, "
                       f"{stats.tokens} tokens" + (f" ({'; '.join(notes)})" if notes else ""))
     return result
+
+
+class _EvalSetProblem(ValueError):
+    """An evaluation file to decontaminate against cannot be read (named, with the line)."""
+
+
+@dataclass
+class _Kept:
+    """Stats of the training examples that survive the second pass."""
+
+    tokens: int = 0
+    histogram: cur.TokenHistogram = field(default_factory=cur.TokenHistogram)
+    sources: cur.TopCounts = field(default_factory=cur.TopCounts)
+    tags: cur.TopCounts = field(default_factory=cur.TopCounts)
+
+
+def _overlap_index(settings, eval_path: Path, eval_sets: Sequence[str], budget: ByteBudget) -> "cur.OverlapIndex":
+    index = cur.OverlapIndex(settings)
+    with open(eval_path, "rb") as fh:  # our own canonical lines
+        for raw in fh:
+            index.add(cur.record_text(json.loads(raw)))
+    for uri in eval_sets:
+        label = clip(uri, 200)
+        try:
+            for line in jsonlines.read(uri, budget):
+                if line.problem is not None:
+                    raise _EvalSetProblem(f"{label} line {line.number}: {line.problem}")
+                if is_blank(line.text):
+                    continue
+                try:
+                    index.add(cur.record_text(loads_strict(line.text)))
+                except FormatError as exc:
+                    raise _EvalSetProblem(f"{label} line {line.number}: {exc}") from None
+        except FileNotFoundError:
+            raise _EvalSetProblem(f"{label}: evaluation file not found") from None
+        except SourceProblem as exc:
+            raise _EvalSetProblem(f"{label}: {exc.problem}") from None
+    return index
+
+
+def _second_pass(train_path: Path, eval_path: Path, fmt: str, numbers: array, tokens: array,
+                 removed: "cur.RemovalLog", kept: _Kept, same: Optional["cur.SameAnswerIndex"], decon,
+                 eval_sets: Sequence[str], budget: ByteBudget) -> int:
+    """The steps that need every line first (one answer for many prompts, decontamination) over the
+    local train file, and the stats of what stays; returns how many training examples stay."""
+    boilerplate = same.boilerplate() if same is not None else set()
+    overlap = _overlap_index(decon, eval_path, eval_sets, budget) if decon is not None else None
+    filtering = bool(boilerplate) or overlap is not None  # else only the stats: nothing is rewritten
+    out_path = train_path.with_name(train_path.name + ".kept")
+    n = 0
+    with open(train_path, "rb") as src, open(out_path if filtering else os.devnull, "wb") as out:
+        for i, raw in enumerate(src):
+            # Without a filter a line is parsed only for its metadata (a canonical line without the key has none).
+            ex = parse_line(raw.decode("utf-8"), fmt) if filtering or b'"metadata":' in raw else None
+            problem = same.check(cur.answer_text(ex), boilerplate) if boilerplate else None
+            if problem is None and overlap is not None:
+                problem = overlap.check(ex.text())
+            if problem is not None:
+                removed.add(numbers[i], problem, text=ex.text())
+                continue
+            out.write(raw)
+            n += 1
+            kept.tokens += tokens[i]
+            kept.histogram.add(tokens[i])
+            meta = (ex.metadata if ex is not None else None) or {}
+            kept.sources.add(meta.get("source"))
+            tags = meta.get("tags")
+            for tag in (tags if isinstance(tags, list) else [tags]):
+                kept.tags.add(tag)
+    if filtering:
+        out_path.replace(train_path)
+    return n
 
 
 def _text_lines(text: str, budget: ByteBudget) -> Iterator[Line]:
@@ -385,35 +577,49 @@ def validate_text(
     eval_text: Optional[str] = None,
     *,
     count_tokens: Optional[Callable[[Example], int]] = None,
+    eval_set_uris: Sequence[str] = (),
 ) -> ValidationResult:
     """`validate_lines` on a dataset held in memory; the validated files come back as text."""
     with tempfile.TemporaryDirectory(prefix="ft-validate-") as workdir:
         evaluation = None if eval_text is None else _eval_lines(_text_lines(eval_text, _budget(spec)))
+        counters = _counters(spec, count_tokens)
         result = validate_lines(_text_lines(text, _budget(spec)), spec, evaluation, workdir=Path(workdir),
-                                count_tokens=count_tokens)
+                                count_tokens=counters[0], count_text=counters[1], eval_set_uris=eval_set_uris)
         if result.valid:
             result.train_jsonl = result.train_path.read_text(encoding="utf-8")
             result.eval_jsonl = result.eval_path.read_text(encoding="utf-8")
-        result.train_path = result.eval_path = None
+        result.removed_jsonl = result.removed_path.read_text(encoding="utf-8")
+        result.train_path = result.eval_path = result.removed_path = None
     return result
 
 
+def _counters(spec: DatasetSpec, count_tokens: Optional[Callable[[Example], int]]):
+    """(per example, per text) token counters: the caller's, else spec.curation.tokenizerURI's, else None
+    (the estimate)."""
+    if count_tokens is not None or not spec.curation.tokenizerURI:
+        return count_tokens, None
+    tok = load_tokenizer(spec.curation.tokenizerURI)
+    text = lambda content: len(tok.encode(content, add_special_tokens=False).ids)  # noqa: E731
+    return (lambda ex: sum(text(content) for _, content in ex.messages)), text
+
+
 def validate_source(spec: DatasetSpec, *, count_tokens: Optional[Callable[[Example], int]] = None,
-                    workdir: Optional[Path] = None) -> ValidationResult:
+                    workdir: Optional[Path] = None, eval_set_uris: Sequence[str] = ()) -> ValidationResult:
     """`validate_lines` on the spec's source (and evaluation file) as they are now, streamed: what the
     command computes. Without `workdir` the validated files go to a temp folder that is removed, so
     only the result is kept (governance re-validates a source to compare its digest this way)."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ft-validate-") as tmp:
-            result = validate_source(spec, count_tokens=count_tokens, workdir=Path(tmp))
-            result.train_path = result.eval_path = None
+            result = validate_source(spec, count_tokens=count_tokens, workdir=Path(tmp), eval_set_uris=eval_set_uris)
+            result.train_path = result.eval_path = result.removed_path = None
             return result
     jsonlines.source_files(spec.source.uri)  # a missing source or eval file fails before any reading
     if spec.evaluation.uri:
         jsonlines.source_files(spec.evaluation.uri)
     evaluation = _eval_lines(jsonlines.read(spec.evaluation.uri, _budget(spec))) if spec.evaluation.uri else None
+    counters = _counters(spec, count_tokens)
     return validate_lines(jsonlines.read(spec.source.uri, _budget(spec)), spec, evaluation, workdir=workdir,
-                          count_tokens=count_tokens)
+                          count_tokens=counters[0], count_text=counters[1], eval_set_uris=eval_set_uris)
 
 
 def _eval_lines(lines: Iterator[Line]) -> Iterator[Line]:
@@ -457,16 +663,22 @@ def read_source(uri: str, max_bytes: Optional[int] = None) -> tuple[str, list[tu
     return "".join(parts), starts
 
 
-def tokenizer_counter(tokenizer_uri: str) -> Callable[[Example], int]:
-    """Exact token counts with tokenizer.json (the `tokenizers` library; no torch)."""
+def load_tokenizer(tokenizer_uri: str):
+    """tokenizer.json of a model folder (the `tokenizers` library; no torch). Only that file is fetched."""
     from tokenizers import Tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="ft-tokenizer-"))
-    folder = storage.download_folder(tokenizer_uri, tmp)
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ConfigError(f"{tokenizer_uri}: no tokenizer.json in this folder")
-    tok = Tokenizer.from_file(str(path))
+    path = tmp / "tokenizer.json"
+    try:
+        storage.download_file(storage.join(tokenizer_uri, "tokenizer.json"), path)
+    except FileNotFoundError:
+        raise ConfigError(f"{tokenizer_uri}: no tokenizer.json in this folder") from None
+    return Tokenizer.from_file(str(path))
+
+
+def tokenizer_counter(tokenizer_uri: str) -> Callable[[Example], int]:
+    """Exact token counts with tokenizer.json (the `tokenizers` library; no torch)."""
+    tok = load_tokenizer(tokenizer_uri)
     return lambda ex: sum(len(tok.encode(content, add_special_tokens=False).ids) for _, content in ex.messages)
 
 
@@ -477,10 +689,14 @@ def run(config_path: str) -> int:
     counter = tokenizer_counter(config.tokenizerURI) if config.tokenizerURI else None
     try:
         with tempfile.TemporaryDirectory(prefix="ft-validate-") as workdir:
-            result = validate_source(spec, count_tokens=counter, workdir=Path(workdir))
+            result = validate_source(spec, count_tokens=counter, workdir=Path(workdir),
+                                     eval_set_uris=config.policyEvalSetURIs)
             if result.valid:  # uploaded from the temp files: never in memory
                 storage.upload_file(result.train_path, storage.join(config.outputURI, "train.jsonl"))
                 storage.upload_file(result.eval_path, storage.join(config.outputURI, "eval.jsonl"))
+            removed_uri = storage.join(config.outputURI, "removed.jsonl")
+            storage.upload_file(result.removed_path, removed_uri)
+            result.stats.curation.removedURI = removed_uri
     except FileNotFoundError as exc:
         raise ConfigError(f"dataset source not found: {exc}") from None
     except PermissionError as exc:  # a source the Job may not read is a configuration problem, not a crash

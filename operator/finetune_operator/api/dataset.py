@@ -9,6 +9,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field
 
+from .curation import CurationStats, Decontamination, NearDuplicates, QualityFilters
 from .meta import DIGEST_PATTERN, ApiModel, Condition, Resource, SecretRef, URI_PATTERN, age_column
 
 # Data formats follow the usual JSONL conventions; the trainer's formats module parses them.
@@ -96,6 +97,21 @@ class Curation(ApiModel):
         0, ge=0, description="How many malformed lines are tolerated (dropped) before the Dataset is Invalid.")
     piiPolicy: PIIPolicy = Field(
         "reject", description="What to do with PII found in the data: reject the Dataset, redact it, or allow it.")
+    # The curation steps (api/curation.py, docs/datasets.md): each is off until its object is present.
+    nearDuplicates: Optional[NearDuplicates] = Field(
+        None, description="Remove near-duplicates (MinHash LSH), keeping the first of each cluster.")
+    quality: Optional[QualityFilters] = Field(
+        None, description="Quality filters: token lengths, empty or placeholder answers, repetition, one answer "
+        "given to many prompts.")
+    decontamination: Optional[Decontamination] = Field(
+        None, description="Remove training examples whose n-grams overlap the evaluation data.")
+    tokenizerURI: Optional[str] = Field(
+        None, pattern=URI_PATTERN, max_length=2048,
+        description="Folder with the base model's tokenizer.json: token counts (stats, length filters) are exact. "
+        "Unset: an estimate of one token per 4 non-whitespace characters.")
+    recommendedExamples: int = Field(
+        5000, ge=0, description="Below this many training examples the Ready Dataset gets the warning condition "
+        "SmallDataset=True (not a failure).")
 
 
 class DatasetOutput(ApiModel):
@@ -129,6 +145,7 @@ class DatasetStats(ApiModel):
     tokens: int = Field(0, ge=0, description="Tokens in the validated data (whitespace-free estimate or tokenizer count).")
     duplicatesRemoved: int = Field(0, ge=0, description="Exact duplicates removed.")
     invalidLines: int = Field(0, ge=0, description="Malformed lines found.")
+    curation: Optional[CurationStats] = Field(None, description="What the curation steps removed, and data stats.")
 
 
 class DatasetStatus(ApiModel):

@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 from pydantic import Field
 
 from .continual import EXACTLY_ONE_PARENT, InitFrom, LineageStatus, ReplaySettings, ReplayStats
+from .balance import BalanceReport, BalanceSettings
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
@@ -114,6 +115,9 @@ class TrainingSettings(ApiModel):
     keepCheckpoints: int = Field(2, ge=1, le=100, description="How many complete checkpoints to keep.")
     replay: Optional[ReplaySettings] = Field(
         None, description="Mix examples of earlier Datasets into each epoch (continual fine-tuning; docs/continual.md).")
+    balance: Optional[BalanceSettings] = Field(
+        None, description="Group-balanced sampling: re-sample the training examples so each group contributes "
+        "equally or to given weights (docs/datasets.md).")
 
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
@@ -337,6 +341,7 @@ class FineTuneJobStatus(ApiModel):
     trainerJob: Optional[str] = Field(None, description="Name of the trainer Job.")
     governanceJob: Optional[str] = Field(None, description="Name of the governance Job.")
     datasetDigest: Optional[str] = Field(None, description="Digest of the Dataset the run trained on.")
+    balance: Optional[BalanceReport] = Field(None, description="Group counts before and after training.balance.")
     adapter: Optional[AdapterRef] = Field(None, description="The trained adapter.")
     governance: Optional[GovernanceStatus] = Field(None, description="Governance results.")
     promotion: Optional[PromotionStatus] = Field(None, description="Promotion of the adapter.")

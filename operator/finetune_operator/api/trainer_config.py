@@ -12,6 +12,7 @@ from typing import Optional
 from pydantic import Field
 
 from .continual import ReplayData, ResolvedParent
+from .curation import MAX_EVAL_SETS, MAX_EVAL_SETS_USED
 from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
@@ -43,6 +44,10 @@ class GovernanceInputs(ApiModel):
     datasetPIIFindings: dict[str, int] = Field(default_factory=dict, description="PII findings of the validation.")
     baseModelDigest: Optional[str] = Field(None, description="Digest of the base model the adapter was trained on.")
     run: int = Field(1, ge=1, description="The governance run's number (a policy change starts a new run).")
+    datasetEvalSetURIs: list[str] = Field(
+        default_factory=list, max_length=MAX_EVAL_SETS_USED,
+        description="The evaluation files the validation decontaminated against (the Dataset's status): the "
+        "provenance check re-validates with the same ones.")
     reportURI: Optional[str] = Field(
         None, pattern=URI_PATTERN, description="Where this run's report goes (besides {adapterURI}/governance.json).")
 
@@ -74,3 +79,7 @@ class ValidationConfig(ApiModel):
     outputURI: str = Field(..., pattern=URI_PATTERN, description="Folder for train.jsonl, eval.jsonl, report.json.")
     tokenizerURI: Optional[str] = Field(
         None, pattern=URI_PATTERN, description="Optional tokenizer folder for exact token counts.")
+    policyEvalSetURIs: list[str] = Field(
+        default_factory=list, max_length=MAX_EVAL_SETS,
+        description="evalSetURI of the GovernancePolicies that apply to the namespace (resolved by the operator): "
+        "training examples are decontaminated against them when curation.decontamination is set.")

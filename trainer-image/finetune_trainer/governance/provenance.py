@@ -50,12 +50,13 @@ def declaration_findings(provenance, rules) -> list[tuple[str, bool, str]]:
     return out
 
 
-def current_dataset_digest(spec) -> tuple[str | None, str]:
-    """Validate the Dataset's source as it is now; (digest or None, message)."""
+def current_dataset_digest(spec, eval_set_uris=()) -> tuple[str | None, str]:
+    """Validate the Dataset's source as it is now (decontaminated against the same evaluation files
+    as the validation Job: `eval_set_uris`); (digest or None, message)."""
     from ..validate import validate_source
 
     # Streamed like the validation Job (bounded memory; a tolerated non-UTF-8 line is a dropped line here too).
-    result = validate_source(spec)
+    result = validate_source(spec, eval_set_uris=eval_set_uris)
     return result.digest, result.message
 
 
@@ -75,7 +76,7 @@ class ProvenanceCheck:
 
         trained_on = ctx.config.data.digest
         try:
-            current, why = current_dataset_digest(spec)
+            current, why = current_dataset_digest(spec, ctx.inputs.datasetEvalSetURIs)
         except FileNotFoundError as exc:
             current, why = None, f"source not found: {exc}"
         if not trained_on:
