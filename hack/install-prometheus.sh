@@ -1,33 +1,6 @@
 #!/usr/bin/env bash
-# Installs Debian's prometheus package (prometheus + promtool) when either is missing.
-# Idempotent; needs root (CI and the dev machines run as root). The package's own service is
-# not started: tests start their own Prometheus on a free port.
+# Debian's prometheus package (prometheus + promtool) for the metrics tests; idempotent.
 set -euo pipefail
-
-if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
-  exit 0
-fi
-
-SUDO=""
-if [[ "$(id -u)" != "0" ]]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
-    echo "install-prometheus.sh: not root and no sudo; cannot apt-get install prometheus" >&2
-    exit 1
-  fi
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-# policy-rc.d 101 keeps the package's postinst from starting a system-wide Prometheus.
-POLICY=/usr/sbin/policy-rc.d
-CREATED_POLICY=0
-if [[ ! -e "$POLICY" ]]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
-  $SUDO chmod 0755 "$POLICY"
-  CREATED_POLICY=1
-fi
-trap '[[ $CREATED_POLICY == 1 ]] && $SUDO rm -f "$POLICY"' EXIT
-
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-command -v prometheus >/dev/null && command -v promtool >/dev/null
+cd "$(dirname "$0")"
+./apt-install.sh prometheus prometheus promtool
 prometheus --version 2>&1 | head -n1
