@@ -183,6 +183,12 @@ def continual_plan(ftj: FineTuneJob, inputs: ContinualInputs) -> ContinualPlan:
     spec = ftj.spec
     fields: dict[str, Any] = {}
     lineage = ftj.status.lineage.model_dump(mode="json", exclude_none=True) if ftj.status and ftj.status.lineage else None
+    # Replay first: while a replay Dataset is not Ready the parent is not read (handlers skip it too).
+    replay, why = replay_data(spec, inputs.replay_datasets)
+    if why:
+        return ContinualPlan("Waiting", why, "WaitingForDataset")
+    if replay:
+        fields["replayData"] = [r.model_dump(mode="json", exclude_none=True) for r in replay]
     if spec.initFrom is not None:
         parent = parent_from_status(ftj)
         if parent is None:  # not resolved yet: resolve and check the parent now
@@ -200,11 +206,6 @@ def continual_plan(ftj: FineTuneJob, inputs: ContinualInputs) -> ContinualPlan:
                 return ContinualPlan("Invalid", bounded(exc), INIT_FROM_INVALID)
             lineage = status_lineage(parent, chain)
         fields["initFrom"] = parent.model_dump(mode="json")
-    replay, why = replay_data(spec, inputs.replay_datasets)
-    if why:
-        return ContinualPlan("Waiting", why, "WaitingForDataset")
-    if replay:
-        fields["replayData"] = [r.model_dump(mode="json", exclude_none=True) for r in replay]
     return ContinualPlan("Ready", trainer_fields=fields, lineage=lineage)
 
 
