@@ -214,3 +214,11 @@ def test_a_lost_trainer_job_is_not_recreated_without_its_replay_data():
 
     cfg = json.loads(next(m for m in plan.create if m["kind"] == "ConfigMap")["data"]["job.json"])
     assert cfg["initFrom"]["digest"] == D1 and cfg["replayData"][0]["name"] == "old"
+
+
+def test_a_hostile_chain_is_bounded_before_it_reaches_status():
+    below = [{"digest": D2, "uri": "s3://bkt/" + "u" * 5000, "datasetDigest": "not-a-digest", "extra": "x" * 9999}]
+    chain = lineage.chain_of("s3://bkt/x", D1, {**PARENT_MANIFEST, "lineage": {"chain": below}})
+    assert chain[1] == {"digest": D2, "uri": ("s3://bkt/" + "u" * 5000)[:2048]}
+    with pytest.raises(ValueError, match="malformed lineage.chain"):
+        lineage.chain_of("s3://bkt/x", D1, {**PARENT_MANIFEST, "lineage": {"chain": [{"digest": "x" * 5000}]}})
