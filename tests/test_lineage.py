@@ -187,3 +187,38 @@ def test_ftctl_run_refuses_a_continual_job_instead_of_training_from_the_base_mod
     with pytest.raises(FtctlError) as exc:
         run_all(manifests, RunOptions(cwd=tmp_path), Console(), reporter=None)
     assert exc.value.exit_code == EXIT_USAGE and "spec.initFrom and training.replay" in str(exc.value)
+
+
+def test_a_continual_job_is_never_judged_without_its_parent():
+    # status.lineage gone (e.g. the status was rewritten): no governance Job that would find "nothing to retain".
+    status = {"phase": "Evaluating", "adapter": {"uri": "s3://bkt/runs/child/adapters/" + "c" * 64, "digest": D2},
+              "datasetDigest": "sha256:" + "e" * 64}
+    ftj = job(init={"adapter": {"uri": "s3://bkt/x", "digest": D1}}, status=status)
+    plan = decisions.plan_finetunejob(ftj, inputs(), OperatorConfig(), "2026-01-01T00:00:00Z")
+    assert plan.create == [] and plan.status["phase"] == "Failed"
+    assert get_condition(plan.status["conditions"], "Failed")["reason"] == "LineageMissing"
+
+
+def test_a_lost_trainer_job_is_not_recreated_without_its_replay_data():
+    lineage_status = {"parentDigest": D1, "parentURI": "s3://bkt/x", "source": "adapter", "depth": 1,
+                      "chain": [{"digest": D1}]}
+    ftj = job(init={"adapter": {"uri": "s3://bkt/x", "digest": D1}}, replay={"datasets": ["old"]},
+              status={"phase": "Training", "trainerJob": "child-train-1", "lineage": lineage_status})
+    gone = decisions.JobInputs(dataset=ready_dataset("new"), continual=lineage.ContinualInputs(
+        replay_datasets={"old": None}))
+    assert decisions.plan_finetunejob(ftj, gone, OperatorConfig(), "2026-01-01T00:00:00Z").create == []
+    back = decisions.JobInputs(dataset=ready_dataset("new"), continual=lineage.ContinualInputs(
+        replay_datasets={"old": lineage.typed_dataset(ready_dataset("old"))}))
+    plan = decisions.plan_finetunejob(ftj, back, OperatorConfig(), "2026-01-01T00:00:00Z")
+    import json
+
+    cfg = json.loads(next(m for m in plan.create if m["kind"] == "ConfigMap")["data"]["job.json"])
+    assert cfg["initFrom"]["digest"] == D1 and cfg["replayData"][0]["name"] == "old"
+
+
+def test_a_hostile_chain_is_bounded_before_it_reaches_status():
+    below = [{"digest": D2, "uri": "s3://bkt/" + "u" * 5000, "datasetDigest": "not-a-digest", "extra": "x" * 9999}]
+    chain = lineage.chain_of("s3://bkt/x", D1, {**PARENT_MANIFEST, "lineage": {"chain": below}})
+    assert chain[1] == {"digest": D2, "uri": ("s3://bkt/" + "u" * 5000)[:2048]}
+    with pytest.raises(ValueError, match="malformed lineage.chain"):
+        lineage.chain_of("s3://bkt/x", D1, {**PARENT_MANIFEST, "lineage": {"chain": [{"digest": "x" * 5000}]}})

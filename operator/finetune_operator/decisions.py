@@ -535,11 +535,13 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
 
     if state.state == "Missing":
         # Just created (our cache has not seen it yet) or deleted behind our back: create-or-adopt.
+        cont = continual_of(ftj, inputs)
         train_cfg = children.trainer_config(ftj, ((dataset or {}).get("status") or {}).get("validatedURI") or "",
                                             ((dataset or {}).get("spec") or {}).get("format", "chat"),
                                             old.get("datasetDigest"), config.progress_interval,
-                                            continual=continual_of(ftj, inputs).trainer_fields)
-        if dataset is not None:
+                                            continual=cont.trainer_fields)
+        # Without its parent or replay data the run would be another run: wait until they are back.
+        if dataset is not None and cont.state == "Ready":
             cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
             job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
             plan.create.extend([cm, job])
@@ -702,7 +704,13 @@ def _evaluate(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: str, st
     report = inputs.report  # this run's own report (governance/run-N.json), if it exists yet
     if state.state == "Missing" and report is None:
         dataset = inputs.dataset or {}
-        parent = lineage.parent_from_status(lineage.typed_job(ftj)) if spec.get("initFrom") else None
+        typed = lineage.typed_job(ftj) if spec.get("initFrom") else None
+        parent = lineage.parent_from_status(typed) if typed is not None else None
+        if spec.get("initFrom") and parent is None:  # retention needs the parent: never judge without it
+            message = "spec.initFrom is set but status.lineage names no parent adapter: the retention check cannot run"
+            cond("GovernancePassed", False, "LineageMissing", message)
+            fail("LineageMissing", message)
+            return status
         train_cfg = children.trainer_config(ftj, ((dataset.get("status") or {}).get("validatedURI") or ""),
                                             (dataset.get("spec") or {}).get("format", "chat"),
                                             status.get("datasetDigest"), config.progress_interval,

@@ -742,6 +742,8 @@ async def _continual_inputs(body: dict, indices: dict) -> lineage.ContinualInput
     job = lineage.typed_job(body)
     if job is None or job.spec.initFrom is None or lineage.parent_from_status(job) is not None:
         return found
+    if lineage.replay_data(job.spec, found.replay_datasets)[1]:
+        return found  # waiting for a replay Dataset anyway: the parent is read and hashed once they are Ready
     parent_job, record = None, None
     if job.spec.initFrom.fineTuneJob is not None:
         parent = STATE.finetunejobs.get((ns, job.spec.initFrom.fineTuneJob.name))
@@ -759,7 +761,8 @@ async def _continual_inputs(body: dict, indices: dict) -> lineage.ContinualInput
             found.manifest_digest = lineage.manifest_digest(raw)
             found.manifest = json.loads(raw)
         except (FileNotFoundError, ValueError) as exc:  # missing, too large or not JSON: the plan says why
-            found.verified = (False, f"{uri}/{adapter_mod.MANIFEST}: {'missing' if isinstance(exc, FileNotFoundError) else 'not a valid manifest'}")
+            why = "missing" if isinstance(exc, FileNotFoundError) else "not a valid manifest"
+            found.verified = (False, f"{uri}/{adapter_mod.MANIFEST}: {why}")
             return found
         # Other errors (S3 unreachable) propagate: the reconcile is retried, the job does not fail.
         found.verified = await asyncio.to_thread(adapter_mod.verify, uri)

@@ -11,6 +11,7 @@ an alias record, a parent's manifest): no I/O here, so every rule is tested with
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -114,16 +115,28 @@ def chain_of(parent_uri: str, parent_digest: str, parent_manifest: dict) -> list
         else None
     if below is None:
         below = []
-    if not isinstance(below, list) or not all(isinstance(e, dict) and isinstance(e.get("digest"), str) for e in below):
+    if not isinstance(below, list) or not all(isinstance(e, dict) and _DIGEST.match(str(e.get("digest")))
+                                              for e in below):
         raise ValueError("spec.initFrom: the parent's manifest has a malformed lineage.chain")
-    chain = [{k: v for k, v in entry.items() if v is not None}] + [
-        {k: str(v)[:2048] for k, v in e.items()
-         if k in ("digest", "uri", "datasetDigest", "datasetURI", "datasetFormat") and v is not None}
-        for e in below]
+    # Read from a bucket: only the known keys, strings of bounded length, digests that are digests.
+    chain = [_clean(entry)] + [_clean(e) for e in below]
     if len(chain) > MAX_LINEAGE_DEPTH:
         raise ValueError(f"spec.initFrom: the parent's chain has {len(chain) - 1} ancestors; at most "
                          f"{MAX_LINEAGE_DEPTH - 1} are supported")
     return chain
+
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _clean(entry: dict) -> dict:
+    out = {}
+    for key in ("digest", "uri", "datasetDigest", "datasetURI", "datasetFormat"):
+        value = entry.get(key)
+        if value is None or (key == "datasetDigest" and not _DIGEST.match(str(value))):
+            continue
+        out[key] = str(value)[:2048 if key.endswith(("uri", "URI")) else 80]
+    return out
 
 
 def status_lineage(parent: ResolvedParent, chain: list[dict]) -> dict:
@@ -187,6 +200,12 @@ def continual_plan(ftj: FineTuneJob, inputs: ContinualInputs) -> ContinualPlan:
     spec = ftj.spec
     fields: dict[str, Any] = {}
     lineage = ftj.status.lineage.model_dump(mode="json", exclude_none=True) if ftj.status and ftj.status.lineage else None
+    # Replay first: while a replay Dataset is not Ready the parent is not read (handlers skip it too).
+    replay, why = replay_data(spec, inputs.replay_datasets)
+    if why:
+        return ContinualPlan("Waiting", why, "WaitingForDataset")
+    if replay:
+        fields["replayData"] = [r.model_dump(mode="json", exclude_none=True) for r in replay]
     if spec.initFrom is not None:
         parent = parent_from_status(ftj)
         if parent is None:  # not resolved yet: resolve and check the parent now
@@ -204,11 +223,6 @@ def continual_plan(ftj: FineTuneJob, inputs: ContinualInputs) -> ContinualPlan:
                 return ContinualPlan("Invalid", bounded(exc), INIT_FROM_INVALID)
             lineage = status_lineage(parent, chain)
         fields["initFrom"] = parent.model_dump(mode="json")
-    replay, why = replay_data(spec, inputs.replay_datasets)
-    if why:
-        return ContinualPlan("Waiting", why, "WaitingForDataset")
-    if replay:
-        fields["replayData"] = [r.model_dump(mode="json", exclude_none=True) for r in replay]
     return ContinualPlan("Ready", trainer_fields=fields, lineage=lineage)
 
 

@@ -133,3 +133,11 @@ def test_replay_is_recorded_in_the_result_and_the_manifest(inputs):
                                            "datasets": ["earlier"]}
     assert manifest(result)["replay"] == replay_data
     assert json.dumps(manifest(result)).count("earlier") >= 1
+
+
+def test_replay_without_its_data_is_refused_not_ignored(inputs):
+    cfg = trainer_config(model_uri=inputs["model_uri"], data_uri=inputs["data_b"],
+                         output_uri=f"file://{inputs['root']}/runs/no-replay-data",
+                         training={"replay": {"datasets": ["earlier"], "fraction": 0.25}})
+    with pytest.raises(ConfigError, match="training.replay is set but the config has no replayData"):
+        train.run(str(write_config(cfg, inputs["root"] / "no-replay-data.json")))

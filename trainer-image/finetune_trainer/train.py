@@ -179,6 +179,9 @@ def _run(cfg, stop: StopFlag) -> int:
         raise ConfigError(f"{cfg.data.uri}/train.jsonl: no example has a response token within maxSeqLength")
     pad_id = tokenizer.pad_token_id
     # training.replay: the pool follows the new examples in one list; ReplayMix picks each epoch's share.
+    if t.replay and not cfg.replayData:
+        raise ConfigError("training.replay is set but the config has no replayData (the operator fills it in "
+                          "from the replay Datasets)")
     pool = continual.replay_pool(cfg, tokenizer) if cfg.replayData else []
     mix = continual.ReplayMix(len(train_set), len(pool), t.replay.fraction, t.seed) if pool and t.replay else None
     if mix is not None:
@@ -197,9 +200,11 @@ def _run(cfg, stop: StopFlag) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = None
     if parent is not None:
-        continual.load_parent_weights(model, parent)
-        lineage = continual.lineage_record(parent)
-        parent.cleanup()
+        try:
+            continual.load_parent_weights(model, parent)
+            lineage = continual.lineage_record(parent)
+        finally:
+            parent.cleanup()
         if cfg.initFrom.l2 > 0:  # the parent's weights, before a checkpoint below replaces the live ones
             anchor = continual.ParentAnchor(params, cfg.initFrom.l2)
     optimizer = torch.optim.AdamW(params, lr=t.learningRate, weight_decay=t.weightDecay,
