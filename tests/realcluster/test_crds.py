@@ -111,6 +111,7 @@ def test_every_default_is_applied_by_the_server(real_cluster, crds, namespace, k
         # Some optional objects only make sense with a required field inside; leave out the ones that
         # need one (affinity terms, approval) and keep those with defaults below them.
         spec["resources"] = {"tolerations": [{"operator": "Exists"}]}
+        spec.pop("initFrom")  # exactly one of fineTuneJob, alias, adapter: an empty one is invalid
     name = f"defaults-{kind.KIND.lower()}-{namespace}"
     manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": kind.KIND, "metadata": {"name": name}, "spec": spec}
     args = ("-n", namespace) if kind.SCOPE == "Namespaced" else ()
