@@ -255,3 +255,17 @@ def test_the_command_on_s3_reads_relative_images_and_uploads_the_copies(tmp_path
     copy = images.load_verified(part["image"], part["sha256"], out)
     assert copy.size == (32, 16)
     assert len([k for k in storage.list_keys(f"{out}/images") if k.endswith(".png")]) == 8
+
+
+def test_moving_the_dataset_folder_moves_no_example_between_the_splits(boards, tmp_path_factory):
+    import shutil
+
+    def held_out(folder: Path) -> set[str]:
+        (folder / "out").mkdir(exist_ok=True)
+        result = validate_source(spec(folder), workdir=folder / "out")
+        return {json.loads(line)["messages"][0]["content"][0]["sha256"]
+                for line in result.eval_path.read_text().splitlines()}
+
+    moved = tmp_path_factory.mktemp("elsewhere") / "copy"
+    shutil.copytree(boards, moved)
+    assert held_out(moved) == held_out(boards) != set()

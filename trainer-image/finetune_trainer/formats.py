@@ -74,10 +74,12 @@ class Part:
     source_sha256: Optional[str] = None
     where: str = ""  # the field path, for messages (messages[0].content[1])
 
-    def record(self) -> dict:
+    def record(self, with_uri: bool = True) -> dict:
+        """The part's canonical JSON; without the URI an image is its content (what deduplication and the
+        eval split look at, so moving a dataset's folder moves no example between the splits)."""
         if self.type == "text":
             return {"type": "text", "text": self.value}
-        out = {"type": "image", "image": self.value}
+        out = {"type": "image", "image": self.value} if with_uri or not self.sha256 else {"type": "image"}
         if self.sha256:
             out["sha256"] = self.sha256
         if self.source_sha256:
@@ -439,19 +441,20 @@ def iter_examples(text: str, fmt: str) -> Iterator[tuple[int, Example | FormatEr
 
 def to_record(example: Example, fmt: str, with_metadata: bool = True) -> dict:
     """The canonical JSON form of an example in its declared format (what validated files hold);
-    `with_metadata` False: the content alone (what deduplication and the eval split look at)."""
-    record = _content_record(example, fmt)
+    `with_metadata` False: the content alone (what deduplication and the eval split look at; an image is
+    its sha256 there, not its URI)."""
+    record = _content_record(example, fmt, with_uri=with_metadata)
     if with_metadata and example.metadata is not None:
         record["metadata"] = example.metadata
     return record
 
 
-def _content_record(example: Example, fmt: str) -> dict:
+def _content_record(example: Example, fmt: str, with_uri: bool = True) -> dict:
     msgs = [{"role": r, "content": c} for r, c in example.messages]
     if example.parts is not None:
         for msg, msg_parts in zip(msgs, example.parts):
             if msg_parts is not None:
-                msg["content"] = [p.record() for p in msg_parts]
+                msg["content"] = [p.record(with_uri) for p in msg_parts]
     if fmt == "completion":
         return {"prompt": msgs[0]["content"], "completion": msgs[1]["content"]}
     if fmt == "instruction":
