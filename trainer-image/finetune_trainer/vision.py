@@ -116,7 +116,9 @@ def _module_root(model, part: str) -> Optional[str]:
 def _linear_names(model, part: str, targets: list[str]) -> list[str]:
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or part_of(name) != part or name.endswith("lm_head"):
+        if not isinstance(module, torch.nn.Linear) or part_of(name) != part:
+            continue
+        if name.endswith("lm_head") and targets == ["all-linear"]:  # only when named, as peft's all-linear
             continue
         if targets == ["all-linear"] or name.split(".")[-1] in targets:
             out.append(name)
