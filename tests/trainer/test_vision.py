@@ -141,3 +141,28 @@ def test_a_resumed_run_ends_with_the_same_adapter(vlm_dir, board_data, tmp_path)
     storage.delete(f"{out}/result.json")
     assert train.run(str(path)) == 0
     assert read_json(f"{out}/result.json")["digest"] == uninterrupted
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_trained_vision_encoder_is_saved_with_the_adapter(vlm_dir, board_data, tmp_path, mode):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from finetune_trainer import train
+
+    out = f"file://{tmp_path / 'run'}"
+    cfg = config(vlm_dir, board_data, out, maxSteps=3,
+                 multimodal={"visionEncoder": mode, "visionLearningRate": 1e-2, "projector": "frozen"})
+    assert train.run(str(write_config(cfg, tmp_path / "config.json"))) == 0
+    folder = Path(read_json(f"{out}/result.json")["adapterURI"][len("file://"):])
+    parts = json.loads((folder / "manifest.json").read_text())["training"]["multimodal"]["parts"]
+    assert parts["vision"]["mode"] == ("lora" if mode == "lora" else "full") and parts["vision"]["learningRate"] == 1e-2
+    assert parts["projector"] == {"mode": "frozen", "trainableParams": 0}
+    weights = load_file(folder / "adapter_model.safetensors")
+    vision_keys = [k for k in weights if vision.part_of(k) == "vision"]
+    assert vision_keys and not [k for k in weights if vision.part_of(k) == "projector"]
+    base, _ = vision.load_base(vlm_dir, precision="fp32", device=torch.device("cpu"))
+    original = {n: p.clone() for n, p in base.named_parameters() if vision.part_of(n) == "vision"}
+    tuned = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    changed = [n for n, p in tuned.named_parameters() if n in original and not torch.equal(p, original[n])]
+    assert changed  # the encoder the adapter carries is not the base's
