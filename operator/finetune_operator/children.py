@@ -132,7 +132,7 @@ def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Opti
         # The trainer pod's metrics endpoint; Prometheus scrapes it through the pod annotations.
         "metricsPort": 9400,
     }
-    for key in ("lora", "quantization", "training"):
+    for key in ("lora", "quantization", "training", "multimodal"):
         if spec.get(key) is not None:
             cfg[key] = spec[key]
     cfg.update(continual or {})  # initFrom, replayData: what lineage.continual_plan resolved

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, curation_status, governance, lineage, modelcard, kstatus
+from . import children, curation_status, governance, image_status, lineage, modelcard, kstatus
 from .api.serving import PromotionTarget
 from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
@@ -215,6 +215,9 @@ def plan_dataset(dataset: dict, validation_job: Optional[dict], pods: list[dict]
         curated = curation_status.curation_stats(stats.get("curation"))
         if curated is not None:
             status["stats"]["curation"] = curated
+        images = image_status.image_stats(stats.get("images"))  # format image-text
+        if images is not None:
+            status["stats"]["images"] = images
         status["piiFindings"] = dict(report.get("piiFindings") or {})
         status["invalidLineNumbers"] = list(report.get("invalidLineNumbers") or [])[:MAX_LINE_NUMBERS]
         status["reportURI"] = f"{output}/report.json"

@@ -227,7 +227,9 @@ def record_text(obj: object) -> str:
         if isinstance(item, str):
             out.append(item)
         elif isinstance(item, dict):
-            stack.extend(reversed([v for k, v in item.items() if k not in ("metadata", "role")]))
+            # an image part's type, URI and digests are not text (image-text lines)
+            stack.extend(reversed([v for k, v in item.items()
+                                   if k not in ("metadata", "role", "type", "image", "sha256", "sourceSha256")]))
         elif isinstance(item, list):
             stack.extend(reversed(item))
     return "\n".join(out)

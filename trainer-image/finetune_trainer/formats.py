@@ -10,8 +10,12 @@ trained on (see `parse_metadata`).
 
 Every example becomes messages; the trainer renders them with the model's chat template
 (completion examples are rendered as raw prompt + completion text, no template) and
-computes the loss only on assistant / completion tokens. A new format (e.g. image-text)
-is one more parser in PARSERS.
+computes the loss only on assistant / completion tokens. A new format is one more parser in PARSERS.
+
+- image-text:  chat lines whose `content` may also be a list of parts, {"type": "text", "text": str} or
+               {"type": "image", "image": URI} (optionally "sha256": hex, checked against the bytes).
+               The messages' text is their text parts joined by "\n" (what PII, curation and token
+               counts see); `Example.parts` keeps the parts; images.py checks and digests the images.
 """
 
 from __future__ import annotations
@@ -49,9 +53,38 @@ class Example:
     raw: bool = False
     #: the line's `metadata` object (validated by parse_metadata), or None; not part of equality
     metadata: Optional[dict] = field(default=None, compare=False, hash=False)
+    #: image-text only: per message, its parts (None for a message whose content is a string)
+    parts: Optional[tuple[Optional[tuple["Part", ...]], ...]] = None
+
+    def images(self) -> list["Part"]:
+        return [p for msg in (self.parts or ()) for p in (msg or ()) if p.type == "image"]
 
     def text(self) -> str:
         return "\n".join(content for _, content in self.messages)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of an image-text message: text, or an image reference (as written; after validation the
+    canonical URI, its content digest and, for a standardised copy, the source's digest)."""
+
+    type: str  # "text" or "image"
+    value: str  # the text, or the image's URI
+    sha256: Optional[str] = None
+    source_sha256: Optional[str] = None
+    where: str = ""  # the field path, for messages (messages[0].content[1])
+
+    def record(self, with_uri: bool = True) -> dict:
+        """The part's canonical JSON; without the URI an image is its content (what deduplication and the
+        eval split look at, so moving a dataset's folder moves no example between the splits)."""
+        if self.type == "text":
+            return {"type": "text", "text": self.value}
+        out = {"type": "image", "image": self.value} if with_uri or not self.sha256 else {"type": "image"}
+        if self.sha256:
+            out["sha256"] = self.sha256
+        if self.source_sha256:
+            out["sourceSha256"] = self.source_sha256
+        return out
 
 
 def clip(text: str, limit: int = QUOTE_CHARS) -> str:
@@ -171,10 +204,91 @@ def parse_completion(obj: dict) -> Example:
     return Example((("user", prompt), ("assistant", completion)), raw=True, metadata=parse_metadata(obj))
 
 
+#: Most parts in one message and images in one example (a line of 10,000 images is not a training example).
+MAX_PARTS = 64
+MAX_IMAGES = 16
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _parts(content: list, where: str) -> tuple[Part, ...]:
+    if not content:
+        raise FormatError(where, "a list of parts must not be empty")
+    if len(content) > MAX_PARTS:
+        raise FormatError(where, f"has {len(content)} parts, at most {MAX_PARTS}")
+    out = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise FormatError(at, f"must be an object with type text or image, got {json_type(part)}")
+        kind = part.get("type")
+        if kind == "text":
+            _known_fields(part, {"type", "text"})
+            text = _string(part, "text", required=False)
+            if text is None:
+                raise FormatError(f"{at}.text", "missing required field")
+            out.append(Part("text", text, where=at))
+        elif kind == "image":
+            # sourceSha256: what validated files hold for a standardised copy (the source image's digest)
+            _known_fields(part, {"type", "image", "sha256", "sourceSha256"})
+            uri = part.get("image")
+            if not isinstance(uri, str) or not uri.strip():
+                raise FormatError(f"{at}.image", "must be a non-empty string (s3://, file:// or a relative path)"
+                                  if uri is not None else "missing required field")
+            if len(uri) > 2048:
+                raise FormatError(f"{at}.image", "longer than 2048 characters")
+            digest = part.get("sha256")
+            if digest is not None and not (isinstance(digest, str) and _HEX64.match(digest)):
+                raise FormatError(f"{at}.sha256", "must be 64 lower-case hex digits")
+            source = part.get("sourceSha256")
+            if source is not None and not (isinstance(source, str) and _HEX64.match(source)):
+                raise FormatError(f"{at}.sourceSha256", "must be 64 lower-case hex digits")
+            out.append(Part("image", uri, sha256=digest, source_sha256=source, where=f"{at}.image"))
+        else:
+            raise FormatError(f"{at}.type", f"must be text or image, got {quote(kind)}")
+    return tuple(out)
+
+
+def message_text(parts: tuple[Part, ...]) -> str:
+    return "\n".join(p.value for p in parts if p.type == "text")
+
+
+def parse_image_text(obj: dict) -> Example:
+    """Chat lines whose content may be a list of text and image parts (see the module docstring)."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return parse_chat(obj)  # the same messages for what is missing or not a list
+    plain, parts, images = [], [], 0
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            msg_parts = _parts(content, f"messages[{i}].content")
+            images += sum(p.type == "image" for p in msg_parts)
+            if msg.get("role") == "assistant" and any(p.type == "image" for p in msg_parts):
+                raise FormatError(f"messages[{i}].content", "an assistant message cannot hold images "
+                                  "(the model writes text)")
+            plain.append({**msg, "content": message_text(msg_parts)})
+            parts.append(msg_parts)
+        else:
+            plain.append(msg)
+            parts.append(None)
+    if images > MAX_IMAGES:
+        raise FormatError("messages", f"has {images} images, at most {MAX_IMAGES} per example")
+    chat = parse_chat({**obj, "messages": plain})
+    return Example(chat.messages, metadata=chat.metadata, parts=tuple(parts))
+
+
+def with_parts(example: Example, parts: tuple[Optional[tuple[Part, ...]], ...]) -> Example:
+    """The example with new parts (its messages' text re-derived from them)."""
+    messages = tuple((role, content if msg_parts is None else message_text(msg_parts))
+                     for (role, content), msg_parts in zip(example.messages, parts))
+    return Example(messages, raw=example.raw, metadata=example.metadata, parts=parts)
+
+
 PARSERS: dict[str, Callable[[dict], Example]] = {
     "chat": parse_chat,
     "instruction": parse_instruction,
     "completion": parse_completion,
+    "image-text": parse_image_text,
 }
 
 
@@ -327,15 +441,20 @@ def iter_examples(text: str, fmt: str) -> Iterator[tuple[int, Example | FormatEr
 
 def to_record(example: Example, fmt: str, with_metadata: bool = True) -> dict:
     """The canonical JSON form of an example in its declared format (what validated files hold);
-    `with_metadata` False: the content alone (what deduplication and the eval split look at)."""
-    record = _content_record(example, fmt)
+    `with_metadata` False: the content alone (what deduplication and the eval split look at; an image is
+    its sha256 there, not its URI)."""
+    record = _content_record(example, fmt, with_uri=with_metadata)
     if with_metadata and example.metadata is not None:
         record["metadata"] = example.metadata
     return record
 
 
-def _content_record(example: Example, fmt: str) -> dict:
+def _content_record(example: Example, fmt: str, with_uri: bool = True) -> dict:
     msgs = [{"role": r, "content": c} for r, c in example.messages]
+    if example.parts is not None:
+        for msg, msg_parts in zip(msgs, example.parts):
+            if msg_parts is not None:
+                msg["content"] = [p.record(with_uri) for p in msg_parts]
     if fmt == "completion":
         return {"prompt": msgs[0]["content"], "completion": msgs[1]["content"]}
     if fmt == "instruction":

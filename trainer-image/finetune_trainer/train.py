@@ -147,6 +147,10 @@ def run(config_path: str) -> int:
 
 
 def _run(cfg, stop: StopFlag) -> int:
+    if cfg.data.format == "image-text":  # a vision-language model: its own loop (vision.py)
+        from . import vision
+
+        return vision.run(cfg, stop)
     t = cfg.training
     log.info("training run starting", extra={"event": "start", "job": cfg.job.name, "namespace": cfg.job.namespace,
                                               "method": cfg.method, "output": cfg.outputURI})

@@ -8,6 +8,10 @@ held in memory, for ftctl, governance and tests):
 1. parse the line with the declared format (formats.parse_line: strict JSON -- no duplicate keys,
    NaN, huge numbers, deep nesting or lone surrogates); an error keeps the line number, the field,
    and a bounded excerpt of the line (report.json only: the excerpt is data);
+1a. image-text: every image part is found, read (at most 32 MiB), decoded and described (images.py:
+   malformed and hostile images are the line's error, naming the part); the part then holds the
+   image's absolute URI and sha256, so the content digest covers the image bytes; with
+   `curation.images` it points at a standardised copy (images/<sha256>.<ext> beside the validated files);
 2. drop exact duplicates when `curation.deduplicate` (same canonical JSON of the parsed example,
    its `metadata` aside); with a separate `evaluation.uri`, read first, training examples that
    also appear in the evaluation file are dropped too (and counted), so eval loss is never
@@ -60,9 +64,10 @@ from finetune_operator.api.dataset import DatasetSpec, DatasetStats
 from finetune_operator.api.trainer_config import ValidationConfig
 
 from . import curation as cur
+from . import images as img
 from . import jsonlines, pii, storage
 from .errors import ConfigError
-from .formats import Example, FormatError, clip, is_blank, loads_strict, parse_line, to_record
+from .formats import Example, FormatError, Part, clip, is_blank, loads_strict, parse_line, to_record, with_parts
 from .jsonlines import ByteBudget, Line, SourceProblem
 from .logs import get_logger
 
@@ -129,6 +134,8 @@ class ValidationResult:
     removed_jsonl: str = ""
     #: the curation record of report.json: settings, their digest, removals with excerpts
     curation: dict = field(default_factory=dict)
+    #: image-text with curation.images: the standardised copies (uploaded to {outputURI}/images/)
+    images_dir: Optional[Path] = None
 
     def report(self, *, source_uri: str, validated_uri: str, fmt: str) -> dict:
         return {
@@ -245,7 +252,8 @@ class _Errors:
                                          line.file_line if line.file else None, pii.redact(line.excerpt())))
 
 
-def _examples(lines: Iterable[Line], fmt: str, errors: _Errors, eval_file: bool) -> Iterator[tuple[int, Example]]:
+def _examples(lines: Iterable[Line], fmt: str, errors: _Errors, eval_file: bool,
+              images: Optional["img.ImageChecker"] = None) -> Iterator[tuple[int, Example]]:
     for line in lines:
         file = "eval" if eval_file else line.file
         if line.problem is not None:
@@ -255,6 +263,8 @@ def _examples(lines: Iterable[Line], fmt: str, errors: _Errors, eval_file: bool)
             continue
         try:
             example = parse_line(line.text, fmt)
+            if images is not None:  # every image found, decoded, described and digested (images.py)
+                example = images.check(example)
         except FormatError as exc:
             errors.add(line, exc.field, _format_problem(exc), file)
             continue
@@ -264,8 +274,13 @@ def _examples(lines: Iterable[Line], fmt: str, errors: _Errors, eval_file: bool)
 def _scan_pii(number: int, ex: Example, policy: str, findings: dict[str, int],
               lines: dict[str, list[int]]) -> Example:
     """Count PII per kind; with `redact`, the example with placeholders in its contents."""
+    if ex.parts is not None:  # image-text: the text parts are scanned one by one (the images are not text)
+        ex = _scan_pii_parts(number, ex, policy, findings, lines)
     new_messages, changed = [], False
-    for role, content in ex.messages:
+    for index, (role, content) in enumerate(ex.messages):
+        if ex.parts is not None and ex.parts[index] is not None:
+            new_messages.append((role, content))
+            continue
         hits = pii.find(content)
         for hit in hits:
             findings[hit.kind] = findings.get(hit.kind, 0) + 1
@@ -293,7 +308,29 @@ def _scan_pii(number: int, ex: Example, policy: str, findings: dict[str, int],
                 out.append(item)
             scanned[key] = out if isinstance(value, list) else out[0]
         metadata = scanned
-    return Example(tuple(new_messages), raw=ex.raw, metadata=metadata) if changed else ex
+    return Example(tuple(new_messages), raw=ex.raw, metadata=metadata, parts=ex.parts) if changed else ex
+
+
+def _scan_pii_parts(number: int, ex: Example, policy: str, findings: dict[str, int],
+                    lines: dict[str, list[int]]) -> Example:
+    new_parts, changed = [], False
+    for msg_parts in ex.parts:
+        if msg_parts is None:
+            new_parts.append(None)
+            continue
+        out = []
+        for part in msg_parts:
+            hits = pii.find(part.value) if part.type == "text" else []
+            for hit in hits:
+                findings[hit.kind] = findings.get(hit.kind, 0) + 1
+                kind_lines = lines.setdefault(hit.kind, [])
+                if number not in kind_lines and len(kind_lines) < 5:
+                    kind_lines.append(number)
+            if hits and policy == "redact":
+                part, changed = Part("text", pii.redact(part.value, hits), where=part.where), True
+            out.append(part)
+        new_parts.append(tuple(out))
+    return with_parts(ex, tuple(new_parts)) if changed else ex
 
 
 def _sha256_files(*paths: Path) -> str:
@@ -323,11 +360,16 @@ def validate_lines(
     count_tokens: Optional[Callable[[Example], int]] = None,
     count_text: Optional[Callable[[str], int]] = None,
     eval_set_uris: Sequence[str] = (),
+    image_base: Optional[str] = None,
+    eval_image_base: Optional[str] = None,
 ) -> ValidationResult:
     """Validate and curate a stream of lines; the validated files go to `workdir` (see the module
     docstring for the rules). Memory: one line, the digests of the examples, the first errors, and
-    what the curation steps that are set keep per example (docs/datasets.md)."""
+    what the curation steps that are set keep per example (docs/datasets.md). image-text: relative
+    image paths start at `image_base` (the source's folder) / `eval_image_base` (the evaluation file's)."""
     fmt, curation = spec.format, spec.curation
+    images = img.ImageChecker(image_base, curation.images, workdir) if fmt == "image-text" else None
+    eval_images = images.with_base(eval_image_base) if images is not None else None
     count_tokens = count_tokens or estimate_tokens
     count_text = count_text or cur.estimate_text_tokens
     quality, near, decon = curation.quality, curation.nearDuplicates, curation.decontamination
@@ -384,11 +426,11 @@ def validate_lines(
     with open(train_path, "wb") as train_out, open(eval_path, "wb") as eval_out:
         try:
             if eval_lines is not None:
-                for _, _, canon, ex in curated(_examples(eval_lines, fmt, errors, eval_file=True), True):
+                for _, _, canon, ex in curated(_examples(eval_lines, fmt, errors, eval_file=True, images=eval_images), True):
                     eval_out.write(canon.encode("utf-8") + b"\n")
                     eval_tokens += count_tokens(ex)
                     n_eval += 1
-            for number, content, canon, ex in curated(_examples(lines, fmt, errors, eval_file=False), False):
+            for number, content, canon, ex in curated(_examples(lines, fmt, errors, eval_file=False, images=images), False):
                 score = split_score(content, seed) if eval_lines is None else 1.0
                 if score < fraction:
                     eval_out.write(canon.encode("utf-8") + b"\n")
@@ -435,7 +477,8 @@ def validate_lines(
         evalSetURIs=eval_sets if decon else [],
         tokenCount=curation.tokenizerURI or "estimate: 1 token per 4 non-whitespace characters")
     stats = DatasetStats(examples=n_train, evalExamples=n_eval, tokens=eval_tokens + summary.tokens,
-                         duplicatesRemoved=duplicates, invalidLines=errors.count, curation=curation_stats)
+                         duplicatesRemoved=duplicates, invalidLines=errors.count, curation=curation_stats,
+                         images=images.stats() if images is not None else None)
     listed = errors.listed + ([fatal] if fatal else [])
     result = ValidationResult(
         valid=False, reason="", message="", stats=stats, digest=None, pii_findings=findings,
@@ -472,7 +515,10 @@ def validate_lines(
         return result
 
     result.train_path, result.eval_path = train_path, eval_path
+    # image-text: every image part holds its sha256, so the digest covers the image bytes too
     result.digest = _sha256_files(train_path, eval_path)
+    if images is not None and images.copies is not None and images.copies.is_dir():
+        result.images_dir = images.copies
     result.valid, result.reason = True, "Validated"
     notes = []
     if duplicates:
@@ -578,13 +624,17 @@ def validate_text(
     *,
     count_tokens: Optional[Callable[[Example], int]] = None,
     eval_set_uris: Sequence[str] = (),
+    image_base: Optional[str] = None,
 ) -> ValidationResult:
-    """`validate_lines` on a dataset held in memory; the validated files come back as text."""
+    """`validate_lines` on a dataset held in memory; the validated files come back as text (image-text:
+    relative image paths start at `image_base`; standardised copies are not kept)."""
     with tempfile.TemporaryDirectory(prefix="ft-validate-") as workdir:
         evaluation = None if eval_text is None else _eval_lines(_text_lines(eval_text, _budget(spec)))
         counters = _counters(spec, count_tokens)
         result = validate_lines(_text_lines(text, _budget(spec)), spec, evaluation, workdir=Path(workdir),
-                                count_tokens=counters[0], count_text=counters[1], eval_set_uris=eval_set_uris)
+                                count_tokens=counters[0], count_text=counters[1], eval_set_uris=eval_set_uris,
+                                image_base=image_base, eval_image_base=image_base)
+        result.images_dir = None
         if result.valid:
             result.train_jsonl = result.train_path.read_text(encoding="utf-8")
             result.eval_jsonl = result.eval_path.read_text(encoding="utf-8")
@@ -611,15 +661,16 @@ def validate_source(spec: DatasetSpec, *, count_tokens: Optional[Callable[[Examp
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="ft-validate-") as tmp:
             result = validate_source(spec, count_tokens=count_tokens, workdir=Path(tmp), eval_set_uris=eval_set_uris)
-            result.train_path = result.eval_path = result.removed_path = None
+            result.train_path = result.eval_path = result.removed_path = result.images_dir = None
             return result
-    jsonlines.source_files(spec.source.uri)  # a missing source or eval file fails before any reading
-    if spec.evaluation.uri:
-        jsonlines.source_files(spec.evaluation.uri)
+    files = jsonlines.source_files(spec.source.uri)  # a missing source or eval file fails before any reading
+    eval_files = jsonlines.source_files(spec.evaluation.uri) if spec.evaluation.uri else None
     evaluation = _eval_lines(jsonlines.read(spec.evaluation.uri, _budget(spec))) if spec.evaluation.uri else None
     counters = _counters(spec, count_tokens)
     return validate_lines(jsonlines.read(spec.source.uri, _budget(spec)), spec, evaluation, workdir=workdir,
-                          count_tokens=counters[0], count_text=counters[1], eval_set_uris=eval_set_uris)
+                          count_tokens=counters[0], count_text=counters[1], eval_set_uris=eval_set_uris,
+                          image_base=img.base_of(spec.source.uri, files),
+                          eval_image_base=img.base_of(spec.evaluation.uri, eval_files) if eval_files else None)
 
 
 def _eval_lines(lines: Iterator[Line]) -> Iterator[Line]:
@@ -694,6 +745,9 @@ def run(config_path: str) -> int:
             if result.valid:  # uploaded from the temp files: never in memory
                 storage.upload_file(result.train_path, storage.join(config.outputURI, "train.jsonl"))
                 storage.upload_file(result.eval_path, storage.join(config.outputURI, "eval.jsonl"))
+                if result.images_dir is not None:  # before report.json: its presence means all is there
+                    for copy in sorted(result.images_dir.iterdir()):
+                        storage.upload_file(copy, storage.join(config.outputURI, "images", copy.name))
             removed_uri = storage.join(config.outputURI, "removed.jsonl")
             storage.upload_file(result.removed_path, removed_uri)
             result.stats.curation.removedURI = removed_uri

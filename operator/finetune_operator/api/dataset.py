@@ -10,11 +10,12 @@ from typing import ClassVar, Literal, Optional
 from pydantic import Field
 
 from .curation import CurationStats, Decontamination, NearDuplicates, QualityFilters
+from .images import ImageStandardisation, ImageStats
 from .meta import DIGEST_PATTERN, ApiModel, Condition, Resource, SecretRef, URI_PATTERN, age_column
 
 # Data formats follow the usual JSONL conventions; the trainer's formats module parses them.
 # New formats (e.g. image-text) are added there and here, nowhere else.
-DataFormat = Literal["chat", "instruction", "completion"]
+DataFormat = Literal["chat", "instruction", "completion", "image-text"]
 PIIPolicy = Literal["reject", "redact", "allow"]
 Consent = Literal["obtained", "not-required", "unknown"]
 DatasetPhase = Literal["Pending", "Validating", "Ready", "Invalid", "Failed"]
@@ -112,6 +113,9 @@ class Curation(ApiModel):
     recommendedExamples: int = Field(
         5000, ge=0, description="Below this many training examples the Ready Dataset gets the warning condition "
         "SmallDataset=True (not a failure).")
+    images: Optional[ImageStandardisation] = Field(
+        None, description="format image-text: write resized, re-encoded copies of the images beside the validated "
+        "JSONL (its lines then point at the copies); unset: the lines point at the source images.")
 
 
 class DatasetOutput(ApiModel):
@@ -128,7 +132,9 @@ class DatasetSpec(ApiModel):
     source: DataSource = Field(..., description="Where the raw data is.")
     format: DataFormat = Field(
         ..., description="chat: {\"messages\": [{\"role\", \"content\"}]}; instruction: {\"instruction\", "
-        "\"input\" (optional), \"output\"}; completion: {\"prompt\", \"completion\"}.")
+        "\"input\" (optional), \"output\"}; completion: {\"prompt\", \"completion\"}; image-text: chat lines whose content may be a list of parts, "
+        "{\"type\": \"text\", \"text\"} or {\"type\": \"image\", \"image\": URI} (s3://, file:// or a path relative to "
+        "the source's folder), every image checked and digested (docs/multimodal.md).")
     evaluation: EvaluationSplit = Field(
         default_factory=lambda: EvaluationSplit(fraction=0.1), description="The held-out evaluation split.")
     provenance: Provenance = Field(..., description="Where the data came from, its license and consent.")
@@ -146,6 +152,7 @@ class DatasetStats(ApiModel):
     duplicatesRemoved: int = Field(0, ge=0, description="Exact duplicates removed.")
     invalidLines: int = Field(0, ge=0, description="Malformed lines found.")
     curation: Optional[CurationStats] = Field(None, description="What the curation steps removed, and data stats.")
+    images: Optional[ImageStats] = Field(None, description="format image-text: formats, modes and sizes of the images.")
 
 
 class DatasetStatus(ApiModel):

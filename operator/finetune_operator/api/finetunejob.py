@@ -11,6 +11,7 @@ from .balance import BalanceReport, BalanceSettings
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
+from .multimodal import Multimodal
 from .scheduling import Affinity, Toleration, label_map_field
 from .serving import PromotionTarget, ServedAdapter, TargetStatus
 
@@ -229,6 +230,10 @@ class FineTuneJobSpec(ApiModel):
         json_schema_extra={"x-kubernetes-validations": [*_immutable("spec.initFrom")["x-kubernetes-validations"],
                                                          EXACTLY_ONE_PARENT]})
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="The optimization loop.")
+    multimodal: Optional[Multimodal] = Field(
+        None, description="A vision-language base model (Dataset format image-text): what trains besides the LoRA "
+        "on the language model, and at what learning rate (docs/multimodal.md). Unset: vision encoder frozen, "
+        "projector trained.")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Scheduling and hardware.")
     output: OutputLocation = Field(..., description="Where adapters and checkpoints go.")
     governance: Optional[GovernanceSpec] = Field(

@@ -16,6 +16,7 @@ from .curation import MAX_EVAL_SETS, MAX_EVAL_SETS_USED
 from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
+from .multimodal import Multimodal
 from .meta import ApiModel, URI_PATTERN
 
 
@@ -62,6 +63,7 @@ class TrainerConfig(ApiModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quantization: Optional[Quantization] = None
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    multimodal: Optional[Multimodal] = Field(None, description="spec.multimodal (a vision-language base model).")
     outputURI: str = Field(..., pattern=URI_PATTERN, description="Run folder: checkpoints/, adapters/, progress.json.")
     initFrom: Optional[ResolvedParent] = Field(None, description="The parent adapter spec.initFrom resolved to.")
     replayData: list[ReplayData] = Field(default_factory=list, description="The training.replay Datasets' data.")

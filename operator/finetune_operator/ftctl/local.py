@@ -219,8 +219,10 @@ class LocalRun:
         """The job as it will run: absolute URIs, and for --tiny the tiny model and few steps."""
         ftj = logic.local_object(manifest, self.options.cwd)
         if self.options.tiny:
+            dataset = self.datasets.get(ftj["spec"]["datasetRef"]["name"]) or {}
+            vlm = (dataset.get("spec") or {}).get("format") == "image-text"  # a tiny LLaVA instead
             with self.console.status("Building the tiny model (cached after the first run) ..."):
-                tiny = models.tiny_model(self.options.state_dir)
+                tiny = models.tiny_vlm(self.options.state_dir) if vlm else models.tiny_model(self.options.state_dir)
             ftj["spec"] = shrink_for_tiny(ftj["spec"], tiny)
             return ftj
         base = models.local_path(ftj["spec"]["baseModel"]["uri"])
@@ -416,6 +418,8 @@ class LocalRun:
         """Every held-out example answered before and after, scored against its reference; the first
         `samples` are shown. (--samples 0 skips it all.)"""
         if self.options.samples <= 0:
+            return [], {}
+        if dataset["spec"]["format"] == "image-text":  # text-only answers say nothing about an image model
             return [], {}
         try:
             with self.console.status("Answering the held-out questions before and after the adapter ..."), \

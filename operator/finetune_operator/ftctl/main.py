@@ -88,6 +88,10 @@ class ConsoleReporter:
         if status.governance is not None:
             required = (status.governance.effectivePolicy or {}).get("required") or ()
             console.print(display.governance_table(status.governance.checks, status.governance.passed, required))
+            from .heatmaps import heatmap_lines
+
+            for line in heatmap_lines(status.governance.checks):  # a vision-language adapter's pictures
+                console.print(line, markup=False, soft_wrap=True)
         if outcome.samples:
             console.print(display.samples_table(outcome.samples))
         if status.phase == "Succeeded":
@@ -220,6 +224,10 @@ def report(ctx: typer.Context, name: str = typer.Argument(..., help="A FineTuneJ
     console.print(display.governance_table(governance["checks"], governance.get("passed"), required))
     console.print(f"adapter: {governance.get('adapterDigest')}  report: {governance.get('reportURI') or '-'}",
                   markup=False)
+    from .heatmaps import heatmap_lines
+
+    for line in heatmap_lines(governance["checks"]):  # a vision-language adapter's pictures
+        console.print(line, markup=False)
     runs = governance.get("runs") or 1
     signed = (f"signed by platform key {governance['signingKey'][:16]}" if governance.get("signingKey")
               else "not signed by a trusted key")

@@ -50,6 +50,28 @@ def tiny_model(state_dir: Path) -> Path:
     return target
 
 
+def tiny_vlm(state_dir: Path) -> Path:
+    """The tiny LLaVA of finetune_trainer.tiny_vlm (image-text jobs), built once like tiny_model."""
+    from finetune_trainer.tiny_vlm import build_tiny_vlm
+
+    target = state_dir / "models" / "tiny-llava-32px"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llava.", dir=target.parent))
+    try:
+        from finetune_trainer.boards import QUADRANTS, QUESTION, answer
+
+        build_tiny_vlm(tmp, extra_text=[QUESTION, *(answer(q) for q in (None, *QUADRANTS))])
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def is_quickstart_model(path: Path, cwd: Path) -> bool:
     return path.resolve() == (cwd / SMOLLM2_DIR).resolve()
 

@@ -79,6 +79,13 @@ class CheckContext:
         return self._cache["base_dir"]
 
     @property
+    def processor(self):
+        """image-text: the base model's processor (loaded with the model)."""
+        if "processor" not in self._cache:
+            self.model  # noqa: B018 - loads both
+        return self._cache["processor"]
+
+    @property
     def tokenizer(self):
         if "tokenizer" not in self._cache:
             from ..data import ensure_chat_template
@@ -99,7 +106,14 @@ class CheckContext:
     def model(self):
         """The base model with the adapter applied (eval mode, frozen)."""
         if "model" not in self._cache:
-            self._cache["model"] = load_adapted_model(self.config, self.base_model_dir, self.adapter_dir, self.device)
+            if self.config.data.format == "image-text":  # a vision-language model (governance/vlm.py)
+                from .vlm import load_adapted
+
+                self._cache["model"], self._cache["processor"] = load_adapted(
+                    self.config, self.base_model_dir, self.adapter_dir, self.device)
+            else:
+                self._cache["model"] = load_adapted_model(self.config, self.base_model_dir, self.adapter_dir,
+                                                          self.device)
         return self._cache["model"]
 
     def base_model_behaviour(self):

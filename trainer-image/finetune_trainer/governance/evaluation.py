@@ -52,6 +52,10 @@ def _normalize(text: str) -> str:
 
 def example_losses(ctx: CheckContext) -> tuple[list[float], list[float], list[int]]:
     """Per held-out example: summed loss with the base model, with the adapter, and its token count."""
+    if ctx.config.data.format == "image-text":  # through the processor, images included (vlm.py)
+        from .vlm import example_losses as vlm_losses
+
+        return vlm_losses(ctx, MAX_EVAL_EXAMPLES)
     from ..data import tokenize_all
     from ..objective import example_logprobs
 
@@ -144,16 +148,26 @@ def exact_match(ctx: CheckContext, uri: str) -> tuple[float, int]:
             raise ValueError(f"{uri} line {number}: {exc}") from None
         if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
             raise ValueError(f"{uri} line {number}: needs an object with `prompt` and `answer`")
+        if "image" in row and not (ctx.config.data.format == "image-text" and isinstance(row["image"], str)):
+            raise ValueError(f"{uri} line {number}: `image` needs a string URI and a vision-language job")
         rows.append(row)
         if len(rows) >= MAX_EXACT_MATCH_EXAMPLES:
             break
     if not rows:
         raise ValueError(f"{uri}: no examples")
     hits = 0
+    vlm = ctx.config.data.format == "image-text"
+    if vlm:
+        from .vlm import generate, set_folder
+
+        folder = set_folder(uri)
     for row in rows:
         answer = str(row["answer"])
         budget = len(tok(answer, add_special_tokens=False)["input_ids"]) + 4
-        generated = greedy_continue(ctx, prompt_ids(ctx, str(row["prompt"])), budget)
+        if vlm:  # the prompt with its image (if any) through the processor
+            generated = generate(ctx, str(row["prompt"]), row.get("image"), folder, budget)
+        else:
+            generated = greedy_continue(ctx, prompt_ids(ctx, str(row["prompt"])), budget)
         hits += _normalize(generated) == _normalize(answer)
     return hits / len(rows), len(rows)
 

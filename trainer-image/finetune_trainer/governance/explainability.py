@@ -136,6 +136,10 @@ class ExplainabilityCheck:
     name = "explainability"
 
     def run(self, ctx: CheckContext) -> CheckResult:
+        if ctx.config.data.format == "image-text":  # heatmaps over image patches too (vision_explain.py)
+            from .vision_explain import run_check
+
+            return run_check(ctx, self.name)
         t = ctx.policy.explainability
         terms = protected_terms(load_probes(ctx.policy.bias.probesURI))
         examples = ctx.examples("eval")[:t.samples]
