@@ -6,6 +6,7 @@ a planted case where only one image region carries the answer."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from finetune_operator.api.dataset import DatasetSpec
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_trainer import boards, storage, vision
+from finetune_trainer import boards, storage
 from finetune_trainer.governance import vision_explain
 from finetune_trainer.tiny_vlm import build_tiny_vlm
 from finetune_trainer.validate import validate_source
@@ -59,7 +60,7 @@ def test_the_signed_report_judges_a_vision_language_adapter(vlm_dir, tmp_path):
     spec, data_uri, digest = _validated(tmp_path, source)
     labelled = tmp_path / "labelled"
     labelled.mkdir()
-    boards.draw_board(__import__("random").Random(1), 32, "top left").save(labelled / "b.png")
+    boards.draw_board(random.Random(1), 32, "top left").save(labelled / "b.png")
     (labelled / "set.jsonl").write_text(json.dumps({"prompt": boards.QUESTION, "image": "b.png",
                                                     "answer": boards.answer("top left")}) + "\n")
     policy = {"required": ["evaluation", "bias", "provenance", "pii", "explainability"],
@@ -99,7 +100,7 @@ def test_the_signed_report_judges_a_vision_language_adapter(vlm_dir, tmp_path):
     # An image replaced after validation: the re-validated digest differs and provenance fails.
     held_out = json.loads(storage.read_text(f"{data_uri}/eval.jsonl").splitlines()[0])
     first = Path(held_out["messages"][0]["content"][0]["image"][len("file://"):])  # a held-out example's image
-    boards.draw_board(__import__("random").Random(99), 32, "bottom right").save(first)
+    boards.draw_board(random.Random(99), 32, "bottom right").save(first)
     again = checks(governance(cfg, tmp_path / "gov2.json", result["adapterURI"]))
     assert not again["provenance"]["passed"]
     assert again["provenance"]["message"].startswith("datasetDigest: dataset changed since training")
@@ -156,8 +157,6 @@ def test_patch_grid_sums_channels_and_patches():
 
 
 def test_image_conditioned_bias_probes_are_scored_with_their_pictures(vlm_dir, tmp_path):
-    import random
-
     from finetune_trainer.governance.bias import BiasCheck
 
     from .direct import run
