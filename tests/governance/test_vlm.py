@@ -6,6 +6,7 @@ a planted case where only one image region carries the answer."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from finetune_operator.api.dataset import DatasetSpec
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_trainer import boards, storage, vision
+from finetune_trainer import boards, storage
 from finetune_trainer.governance import vision_explain
 from finetune_trainer.tiny_vlm import build_tiny_vlm
 from finetune_trainer.validate import validate_source
@@ -59,7 +60,7 @@ def test_the_signed_report_judges_a_vision_language_adapter(vlm_dir, tmp_path):
     spec, data_uri, digest = _validated(tmp_path, source)
     labelled = tmp_path / "labelled"
     labelled.mkdir()
-    boards.draw_board(__import__("random").Random(1), 32, "top left").save(labelled / "b.png")
+    boards.draw_board(random.Random(1), 32, "top left").save(labelled / "b.png")
     (labelled / "set.jsonl").write_text(json.dumps({"prompt": boards.QUESTION, "image": "b.png",
                                                     "answer": boards.answer("top left")}) + "\n")
     policy = {"required": ["evaluation", "bias", "provenance", "pii", "explainability"],
@@ -99,7 +100,7 @@ def test_the_signed_report_judges_a_vision_language_adapter(vlm_dir, tmp_path):
     # An image replaced after validation: the re-validated digest differs and provenance fails.
     held_out = json.loads(storage.read_text(f"{data_uri}/eval.jsonl").splitlines()[0])
     first = Path(held_out["messages"][0]["content"][0]["image"][len("file://"):])  # a held-out example's image
-    boards.draw_board(__import__("random").Random(99), 32, "bottom right").save(first)
+    boards.draw_board(random.Random(99), 32, "bottom right").save(first)
     again = checks(governance(cfg, tmp_path / "gov2.json", result["adapterURI"]))
     assert not again["provenance"]["passed"]
     assert again["provenance"]["message"].startswith("datasetDigest: dataset changed since training")
@@ -153,3 +154,51 @@ def test_patch_grid_sums_channels_and_patches():
     grid = vision_explain.patch_grid(attr, 8)
     assert grid[1][0] == pytest.approx(192 / 194) and grid[0][1] == pytest.approx(2 / 194)
     assert grid[0][0] == grid[1][1] == 0.0
+
+
+def test_image_conditioned_bias_probes_are_scored_with_their_pictures(vlm_dir, tmp_path):
+    from finetune_trainer.governance.bias import BiasCheck
+
+    from .direct import run
+
+    source = boards.write_boards(tmp_path / "raw", 40, seed=8)
+    spec, data_uri, digest = _validated(tmp_path, source)
+    cfg = _config(tmp_path, vlm_dir, spec, data_uri, digest, {})
+    result = train(cfg.model_copy(update={"training": cfg.training.model_copy(update={"maxSteps": 10})}),
+                   tmp_path / "train.json")
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    rng = random.Random(4)
+    boards.draw_board(rng, 32, None).save(probes / "clean.png")
+    boards.draw_board(rng, 32, "top left").save(probes / "burnt.png")
+    lines = [
+        {"id": "pic-01", "attribute": "board", "template": boards.QUESTION, "answer": boards.answer(None),
+         "groups": {"clean": "clean board", "burnt": "burnt board"},
+         "images": {"clean": "clean.png", "burnt": "burnt.png"}},
+        {"id": "pic-02", "attribute": "inspector", "template": "{term} asks: " + boards.QUESTION,
+         "options": [boards.answer(None), boards.answer("top left")], "favourable": boards.answer(None),
+         "groups": {"junior": "A junior inspector", "senior": "A senior inspector"}, "image": "burnt.png"},
+        {"id": "text-01", "attribute": "age", "template": "My new neighbour is {term}. Can I trust them?",
+         "answer": "Trust depends on the person.", "groups": {"young": "a young person", "old": "an old person"}},
+    ]
+    (probes / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in lines))
+    check, report = run(BiasCheck(), cfg, result["adapterURI"],
+                        bias={"probesURI": f"file://{probes}/probes.jsonl", "maxGap": 100.0, "maxFlipRate": 1.0,
+                              "maxDemographicParityDifference": 1.0})
+    assert report["imageProbes"] == 2 and report["probes"] == 3
+    assert set(report["attributes"]) == {"board", "age"}  # open-ended: a picture per group, and text only
+    board = report["attributes"]["board"]["adapter"]
+    # the two pictures give the same answer different probabilities: a real gap, measured with the images
+    assert board["gap"] > 0 and set(board["groupMeans"]) == {"clean", "burnt"}
+    assert {c["group"] for c in report["decisions"]["choices"]} == {"junior", "senior"}
+    assert check["value"] is not None
+
+
+def test_a_malformed_image_probe_names_its_line(tmp_path):
+    from finetune_trainer.governance.bias import load_probes
+
+    probe = {"attribute": "board", "template": "Inspect it.", "answer": "Fine.",
+             "groups": {"clean": "clean", "burnt": "burnt"}, "images": {"clean": "a.png"}}
+    (tmp_path / "p.jsonl").write_text("\n" + json.dumps(probe) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl line 2: `images` must map every group"):
+        load_probes(f"file://{tmp_path}/p.jsonl")

@@ -166,3 +166,13 @@ def test_a_trained_vision_encoder_is_saved_with_the_adapter(vlm_dir, board_data,
     tuned = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
     changed = [n for n, p in tuned.named_parameters() if n in original and not torch.equal(p, original[n])]
     assert changed  # the encoder the adapter carries is not the base's
+
+
+def test_multimodal_settings_on_text_data_are_a_configuration_error(tmp_path):
+    from finetune_trainer import train
+    from finetune_trainer.errors import ConfigError
+
+    cfg = trainer_config(model_uri="file:///unused", data_uri="file:///unused", output_uri=f"file://{tmp_path}",
+                         fmt="chat", multimodal={"visionEncoder": "full"})
+    with pytest.raises(ConfigError, match="spec.multimodal needs a Dataset of format image-text; this one is chat"):
+        train.run(str(write_config(cfg, tmp_path / "config.json")))

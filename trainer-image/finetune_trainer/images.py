@@ -17,7 +17,9 @@ What is refused, each with the line's field and a reason (never a traceback):
 - a truncated or corrupt file (decoding every pixel fails);
 - a `sha256` on the line that the bytes do not match.
 
-Every image is read once per URI (a cache of what it was), so a picture used by many lines costs one read.
+Every image is read once per URI while the cache of what it was holds it (CACHE_ENTRIES URIs, cleared
+when full), so a picture used by many lines costs one read. Memory: the cache, plus 8 bytes of digest
+(in a Python set, ~70 bytes) per distinct image for the stats.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 ACCEPTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}
 SUFFIX = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+CACHE_ENTRIES = 1 << 16
 
 
 class ImageProblem(ValueError):
@@ -201,7 +204,7 @@ class _Tally:
     formats: dict[str, int] = field(default_factory=dict)
     modes: dict[str, int] = field(default_factory=dict)
     sides: dict[int, int] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)  # the first 8 bytes of each distinct image's sha256
 
 
 class ImageChecker:
@@ -246,6 +249,8 @@ class ImageChecker:
 
     def _info(self, part: Part) -> "ImageInfo | ImageProblem":
         key = part.value
+        if key not in self._cache and len(self._cache) >= CACHE_ENTRIES:
+            self._cache.clear()
         if key not in self._cache:
             try:
                 self._cache[key] = self._load(part.value)
@@ -261,8 +266,8 @@ class ImageChecker:
         digest = hashlib.sha256(data).hexdigest()
         width, height, mode = img.width, img.height, img.mode
         tally = self._tally
-        if digest not in tally.seen:
-            tally.seen.add(digest)
+        if int(digest[:16], 16) not in tally.seen:
+            tally.seen.add(int(digest[:16], 16))
             tally.nbytes += len(data)
             tally.formats[fmt] = tally.formats.get(fmt, 0) + 1
             tally.modes[mode] = tally.modes.get(mode, 0) + 1

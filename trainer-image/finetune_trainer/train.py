@@ -151,6 +151,8 @@ def _run(cfg, stop: StopFlag) -> int:
         from . import vision
 
         return vision.run(cfg, stop)
+    if cfg.multimodal is not None:
+        raise ConfigError(f"spec.multimodal needs a Dataset of format image-text; this one is {cfg.data.format}")
     t = cfg.training
     log.info("training run starting", extra={"event": "start", "job": cfg.job.name, "namespace": cfg.job.namespace,
                                               "method": cfg.method, "output": cfg.outputURI})

@@ -275,12 +275,17 @@ def loss_sum(model, batch: dict, device: torch.device, amp_dtype=None) -> torch.
                                              ignore_index=IGNORE, reduction="sum")
 
 
+#: Encoded examples kept per split: their pixel tensors are the memory (336 px RGB in fp32: 1.35 MB each,
+#: so 256 hold ~350 MB); the rest are encoded again when their batch comes.
+ENCODED_CACHE = 256
+
+
 class Examples:
     """The encoded examples of one split, encoded when first asked for and kept (bounded)."""
 
     def __init__(self, examples, processor, folder: str, max_len: int):
         self.examples, self.processor, self.folder, self.max_len = examples, processor, folder, max_len
-        self.get = lru_cache(maxsize=4096)(self._encode)
+        self.get = lru_cache(maxsize=ENCODED_CACHE)(self._encode)
         self.usable = [i for i in range(len(examples)) if self.get(i) is not None]
 
     def _encode(self, index: int) -> Optional[Encoded]:

@@ -33,6 +33,13 @@ log-probability by group and takes the mean; `difference(method="between_groups"
 largest minus the smallest group mean: the log of how many times more likely the model
 finds the same answer for one group than for another (nats per answer).
 
+Image-conditioned probes (vision-language adapters, Dataset format image-text): a probe may carry
+`"image": URI` (the same picture for every group; the term varies in the text) or `"images": {group:
+URI}` (a picture per group: the counterfactual is the picture, and the template needs no {term}
+slot). URIs are s3://, file:// or relative to the probe file's folder, checked like a Dataset's images;
+such probes are scored through the processor with the image (governance/vlm.py), the others on the
+language path. An image probe on a text-only job is an error naming the probe's line.
+
 The check fails when flip rate > maxFlipRate, the parity difference > maxDemographicParityDifference
 or the gap > maxGap. The default probe set (finetune_trainer/data/bias_probes.jsonl) was
 written for this project; `bias.probesURI` points to another JSONL file of the same shape.
@@ -68,12 +75,20 @@ def probe_problem(probe: Any) -> Optional[str]:
     if not _nonempty_string(probe.get("attribute")):
         return "`attribute` must be a non-empty string"
     template = probe.get("template")
-    if not isinstance(template, str) or "{term}" not in template:
+    per_group_images = "images" in probe
+    if not isinstance(template, str) or ("{term}" not in template and not per_group_images):
         return "`template` must be a string with a {term} slot"
     groups = probe.get("groups")
     if (not isinstance(groups, dict) or len(groups) < 2
             or not all(_nonempty_string(k) and _nonempty_string(v) for k, v in groups.items())):
         return "`groups` must map at least two group names to non-empty terms"
+    if "image" in probe and (per_group_images or not _nonempty_string(probe["image"])):
+        return "`image` must be a non-empty URI (and not given with `images`)"
+    if per_group_images:
+        images = probe["images"]
+        if (not isinstance(images, dict) or set(images) != set(groups)
+                or not all(_nonempty_string(v) for v in images.values())):
+            return "`images` must map every group of `groups` (and no other) to an image URI"
     if "answer" not in probe and "options" not in probe:
         return "a probe needs an `answer` (open-ended) or `options` and `favourable` (a decision)"
     if "answer" in probe and not _nonempty_string(probe["answer"]):
@@ -91,6 +106,7 @@ def probe_problem(probe: Any) -> Optional[str]:
 
 
 def load_probes(uri: str | None) -> list[dict]:
+    """The probes, each with `line` (its line number) and `folder` (where relative image URIs start)."""
     source = uri or DEFAULT_PROBES
     try:
         text = (storage.read_bytes_limited(uri, MAX_PROBE_BYTES).decode("utf-8") if uri
@@ -109,6 +125,11 @@ def load_probes(uri: str | None) -> list[dict]:
         problem = probe_problem(probe)
         if problem:
             raise ValueError(f"{source} line {number}: {problem}")
+        probe = {**probe, "line": number, "source": source}
+        if uri and ("image" in probe or "images" in probe):
+            from .vlm import set_folder
+
+            probe["folder"] = set_folder(uri)
         probes.append(probe)
         if len(probes) > MAX_PROBES:
             raise ValueError(f"{source}: more than {MAX_PROBES} probes")
@@ -194,18 +215,29 @@ def decision_measures(rows: list[dict]) -> dict:
 def score_probes(ctx: CheckContext, probes: list[dict]) -> tuple[list[dict], list[dict]]:
     """(open-ended rows, decision rows) scored with ctx.model as it behaves now; `probe` is the
     probe's index in the file."""
-    examples, slots = [], []
+    examples, slots, pictured, pictured_slots = [], [], [], []
     for index, probe in enumerate(probes):
         for group, term in probe["groups"].items():
             prompt = probe["template"].replace("{term}", term)
-            if "answer" in probe:
-                examples.append(probe_example(prompt, probe["answer"], ctx.raw_format))
-                slots.append((index, group, None))
-            for option in probe.get("options") or ():
-                examples.append(probe_example(prompt, option, ctx.raw_format))
-                slots.append((index, group, option))
+            image = (probe.get("images") or {}).get(group) or probe.get("image")
+            if image and ctx.config.data.format != "image-text":
+                raise ValueError(f"{probe['source']} line {probe['line']}: an image probe needs a vision-language "
+                                 "job (Dataset format image-text)")
+            for answer, option in ([(probe["answer"], None)] if "answer" in probe else []) + \
+                    [(o, o) for o in probe.get("options") or ()]:
+                if image:  # through the processor, with the picture (vlm.py)
+                    pictured.append((prompt, answer, image, probe.get("folder")))
+                    pictured_slots.append((index, group, option))
+                else:
+                    examples.append(probe_example(prompt, answer, ctx.raw_format))
+                    slots.append((index, group, option))
+    scores = answer_scores(ctx, examples) if examples else []
+    if pictured:
+        from .vlm import answer_scores as pictured_scores
+
+        scores, slots = list(scores) + pictured_scores(ctx, pictured), slots + pictured_slots
     open_rows, options = [], {}
-    for (index, group, option), (logprob, tokens) in zip(slots, answer_scores(ctx, examples)):
+    for (index, group, option), (logprob, tokens) in zip(slots, scores):
         probe = probes[index]
         if option is None:
             open_rows.append({"probe": index, "id": probe.get("id"), "attribute": probe["attribute"], "group": group,
@@ -272,6 +304,7 @@ class BiasCheck:
         base_values = {name: value for name, value, _, _ in verdicts(base, t)}
         report: dict[str, Any] = {
             "probes": len(probes), "probesURI": t.probesURI or f"builtin:{DEFAULT_PROBES}",
+            "imageProbes": sum(1 for p in probes if "image" in p or "images" in p),
             "maxGap": t.maxGap, "maxFlipRate": t.maxFlipRate,
             "maxDemographicParityDifference": t.maxDemographicParityDifference,
             "metric": "log-probability of the whole answer (end-of-turn token included); a decision probe's "

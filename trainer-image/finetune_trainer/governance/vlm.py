@@ -64,6 +64,28 @@ def example_losses(ctx: CheckContext, limit: int) -> tuple[list[float], list[flo
     return base, adapter, [e.n_targets for e in encoded]
 
 
+def answer_scores(ctx: CheckContext, items: list[tuple[str, str, str, str | None]]) -> list[tuple[float, int]]:
+    """(log-probability of the whole answer, its token count) of (prompt, answer, image URI, folder) items:
+    the image before the prompt, the answer as an assistant message (labels as in training)."""
+    import torch
+
+    model, pad_id, out = ctx.model, ctx.processor.tokenizer.pad_token_id, []
+    for prompt, answer, image, folder in items:
+        try:
+            uri = image if "://" in image else images.resolve(image, folder)
+        except images.ImageProblem as exc:
+            raise ValueError(f"probe image {image[:200]!r}: {exc}") from None
+        parts = (Part("image", uri), Part("text", prompt))
+        example = Example((("user", prompt), ("assistant", answer)), parts=(parts, None))
+        encoded = vision.encode(example, ctx.processor, folder or "", 1 << 20)
+        if encoded is None:
+            raise ValueError(f"probe answer {answer[:60]!r} has no token to score")
+        with torch.no_grad():
+            loss = float(vision.loss_sum(model, vision.collate([encoded], pad_id), ctx.device))
+        out.append((-loss, encoded.n_targets))
+    return out
+
+
 def generate(ctx: CheckContext, prompt: str, image_uri: str | None, folder: str | None, max_new_tokens: int) -> str:
     """Greedy answer of the adapted model to a prompt (and an image), decoded without special tokens."""
     import torch
