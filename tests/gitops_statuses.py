@@ -155,6 +155,11 @@ def finetunejob_paths() -> dict[str, dict]:
     out["training"] = training
     out["suspended"] = plan(ftj_obj(training["status"], suspend=True), dataset=READY_DATASET,
                             trainer_job=job("j-train-1", active=1, ready=1, startTime=T0), trainer_pods=[pod()])
+    # Kueue preempted it: the Job suspended by Kueue, not by spec.suspend (a pause, never a failure).
+    kueue_suspended = decisions.summarize_job({"metadata": {"name": "j-train-1"}, "spec": {"suspend": True},
+                                               "status": {"startTime": T0, "conditions": [
+                                                   {"type": "Suspended", "status": "True", "lastTransitionTime": T1}]}})
+    out["preempted"] = plan(training, now=T2, dataset=READY_DATASET, trainer_job=kueue_suspended, trainer_pods=[])
     out["oom"] = plan(training, now=T2, dataset=READY_DATASET, trainer_job=job("j-train-1", failed=1),
                       trainer_pods=[pod("Failed", terminated=("OOMKilled", 137))])
     result = {"adapterURI": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 10,

@@ -47,6 +47,7 @@ EXPECTED = {
     "FineTuneJob/waiting-invalid-dataset": "Degraded",
     "FineTuneJob/queued": "Progressing",
     "FineTuneJob/unschedulable": "Progressing",
+    "FineTuneJob/preempted": "Progressing",  # Kueue will readmit it: in progress, not Suspended or Degraded
     "FineTuneJob/training": "Progressing",
     "FineTuneJob/suspended": "Suspended",
     "FineTuneJob/oom": "Degraded",
@@ -143,6 +144,7 @@ TESTDATA = {
     "FineTuneJob": {"missing_dataset.yaml": "FineTuneJob/waiting-missing-dataset",
                     "progressing_training.yaml": "FineTuneJob/training",
                     "progressing_unschedulable.yaml": "FineTuneJob/unschedulable",
+                    "progressing_preempted.yaml": "FineTuneJob/preempted",
                     "progressing_evaluating.yaml": "FineTuneJob/evaluating",
                     "suspended.yaml": "FineTuneJob/suspended",
                     "suspended_awaiting_approval.yaml": "FineTuneJob/awaiting-approval",

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, governance, modelcard, kstatus
+from . import children, gang, governance, modelcard, kstatus, preemption
 from .api.serving import PromotionTarget
 from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
@@ -66,6 +66,8 @@ def summarize_job(job: dict) -> dict:
             "failedCondition": conds.get("Failed") or conds.get("FailureTarget"),
             "startTime": status.get("startTime"), "completionTime": status.get("completionTime"),
             "suspended": bool((job.get("spec") or {}).get("suspend")),
+            "parallelism": int((job.get("spec") or {}).get("parallelism") or 1),
+            "suspendedAt": (conds.get("Suspended") or {}).get("lastTransitionTime"),
             "gpuHoursBefore": float((meta.get("annotations") or {}).get(GPU_HOURS_BEFORE, 0) or 0)}
 
 
@@ -355,12 +357,15 @@ def progress_fields(record: Optional[dict]) -> Optional[dict]:
 
 
 def gpu_hours(ftj: dict, job: Optional[dict], now: str) -> Optional[float]:
-    """GPU-hours: earlier attempts (recorded on the Job) plus this attempt's running time."""
+    """GPU-hours: earlier attempts (recorded on the Job) plus this attempt's running time times the
+    GPUs its pods hold: gpusPerNode per pod, as many pods as the Job runs (its parallelism: `nodes`
+    for a multi-node gang, 1 otherwise; never `nodes` for a Job that did not get them)."""
     if job is None or not job.get("startTime"):
         return None
     res = ftj["spec"].get("resources") or {}
-    gpus = int(res.get("gpusPerNode", 1)) * int(res.get("nodes", 1))
-    end = _parse_time(job.get("completionTime")) or _parse_time(now)
+    gpus = int(res.get("gpusPerNode", 1)) * gang.pods_held(job)
+    end = (_parse_time(job.get("completionTime")) or (job.get("suspended") and _parse_time(job.get("suspendedAt")))
+           or _parse_time(now))  # a suspended Job's pods stopped when it was suspended
     hours = max(0.0, (end - _parse_time(job["startTime"])).total_seconds() / 3600.0) * gpus
     return round(job.get("gpuHoursBefore", 0.0) + hours, 4)
 
@@ -488,7 +493,7 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
                                             ds_status.get("digest"), config.progress_interval)
         cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
         job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
-        plan.create.extend([cm, job])
+        plan.create.extend([cm, *gang.gang_objects(job, ftj, config), job])
         status["trainerJob"] = trainer_name
         status["datasetDigest"] = ds_status.get("digest")
         cond("Trained", False, "Queued", f"trainer Job {trainer_name} created")
@@ -509,7 +514,16 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         if dataset is not None:
             cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
             job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
-            plan.create.extend([cm, job])
+            plan.create.extend([cm, *gang.gang_objects(job, ftj, config), job])
+    elif state.state == "Pending" and preemption.preempted(inputs.trainer_job, status, state.reason):
+        message = preemption.message(trainer_name, status.get("progress"))
+        if not (get_condition(old.get("conditions") or [], preemption.CONDITION) or {}).get("status") == "True":
+            # The Job controller restarts .status.startTime on readmission: the hours so far go on the Job.
+            plan.job_patches[trainer_name] = {"metadata": {"annotations": {
+                GPU_HOURS_BEFORE: str(status.get("gpuHours", 0) or 0)}}}
+        cond(preemption.CONDITION, True, "JobSuspended", message)
+        cond("Trained", False, "Preempted", message)
+        to_phase("Queued", message, "Preempted")
     elif state.state == "Pending":
         trained = get_condition(status.get("conditions") or [], "Trained") or {}
         if trained.get("reason") != "Queued":  # e.g. it was Unschedulable and the pod is now scheduled
@@ -524,6 +538,8 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
         pct = (status.get("progress") or {}).get("percent")
         message = f"training (attempt {attempt})" + (f", {pct}% done" if pct is not None else "")
+        if get_condition(status.get("conditions") or [], preemption.CONDITION):
+            cond(preemption.CONDITION, False, "Readmitted", "admitted again; resumed from the last checkpoint")
         cond("Trained", False, "Training", message)
         to_phase("Training", message, "TrainingStarted")
     elif state.state == "Failed":

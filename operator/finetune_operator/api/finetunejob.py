@@ -6,6 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field
 
+from .distributed import DistributedSettings
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
@@ -218,6 +219,8 @@ class FineTuneJobSpec(ApiModel):
     quantization: Optional[Quantization] = Field(None, description="4-bit base-model quantization (QLoRA / QDoRA).")
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="The optimization loop.")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Scheduling and hardware.")
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings,
+                                             description="How the trainer's ranks share the work (docs/distributed.md).")
     output: OutputLocation = Field(..., description="Where adapters and checkpoints go.")
     governance: Optional[GovernanceSpec] = Field(
         None, description="Checks and thresholds; may only tighten the GovernancePolicy that applies.")

@@ -11,6 +11,7 @@ from typing import Optional
 
 from pydantic import Field
 
+from .distributed import DistributedSettings
 from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
@@ -56,6 +57,7 @@ class TrainerConfig(ApiModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quantization: Optional[Quantization] = None
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     outputURI: str = Field(..., pattern=URI_PATTERN, description="Run folder: checkpoints/, adapters/, progress.json.")
     governance: Optional[GovernanceSpec] = Field(None, description="Effective governance policy (governance command).")
     governanceInputs: Optional[GovernanceInputs] = Field(None, description="Inputs of the governance command.")
