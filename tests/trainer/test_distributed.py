@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from finetune_trainer import checkpoint, storage
 
 from testutil import free_port
 
-from .helpers import read_json, run_trainer, trainer_config, write_config, write_dataset
+from .helpers import read_json, run_trainer, trainer_command, trainer_config, write_config, write_dataset
 
 STEPS = 6
 REL_TOL = 1e-4
@@ -143,3 +144,20 @@ def test_a_two_rank_checkpoint_resumes_at_another_world_size(two_ranks, tmp_path
     assert resumed and resumed[0]["step"] == RESUME_AT  # same step
     # same next batches and the loss continues: steps 4..6 as the uninterrupted 2-rank run had them
     assert_same_run(reference, cfg.outputURI)
+
+
+def test_two_pods_of_one_rank_each_rendezvous_at_pod_zero(single_rank, tmp_path, tiny_model_dir, dataset_uri):
+    """What an Indexed Job's two pods do: each runs `finetune-trainer train` with its node rank
+    (PET_NODE_RANK, from the completion index) and pod 0's address; torchrun's static rendezvous
+    joins them into one world of 2."""
+    cfg, path = make_config(tmp_path, tiny_model_dir, dataset_uri, "nodes", strategy="ddp")
+    port = str(free_port())
+    procs = [subprocess.Popen(trainer_command(path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**launch_env(1), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1",
+                                   "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
+                                   "PET_MASTER_PORT": port})
+             for rank in (0, 1)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for e in errs]
+    assert all('"world_size": 2' in e for e in errs)
+    assert_same_run(single_rank, cfg.outputURI)
