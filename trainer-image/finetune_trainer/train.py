@@ -394,6 +394,8 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
         log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
                                           "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths,
                                           "tokens_this_run": tokens_this_run,
+                                          "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device))
+                                          if device.type == "cuda" else None,
                                           "seconds": {k: round(v, 2) for k, v in seconds.items()}})
         return EXIT_OK
     finally:
