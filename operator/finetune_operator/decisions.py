@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, gang, governance, modelcard, kstatus, preemption
+from . import children, gang, governance, memory_plan, modelcard, kstatus, preemption
 from .api.serving import PromotionTarget
 from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
@@ -344,6 +344,7 @@ class JobInputs:
     manifest_ok: Optional[tuple[bool, str]] = None  # adapter.verify(adapterURI)
     policies: list[dict] = field(default_factory=list)  # GovernancePolicy objects
     alias_current: Optional[dict] = None  # the alias record as stored now (read before an alias write)
+    model_config: Optional[dict] = None  # the base model's config.json (read before a trainer Job is created)
 
 
 def progress_fields(record: Optional[dict]) -> Optional[dict]:
@@ -410,7 +411,7 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         to_phase("Failed", message, reason, warning=True)
 
     failed = get_condition(old.get("conditions") or [], "Failed") or {}
-    if (phase == "Failed" and failed.get("reason") == REJECTED and failed.get("status") == "True"
+    if (phase == "Failed" and failed.get("reason") in (REJECTED, memory_plan.INFEASIBLE) and failed.get("status") == "True"
             and failed.get("observedGeneration") != generation):
         # The API server rejected a child Job made from an earlier spec; this generation may fix it.
         cond("Failed", False, "SpecChanged", f"the spec changed (generation {generation}); trying again")
@@ -487,6 +488,14 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
             to_phase("WaitingForDataset", f"waiting for Dataset {ds_name} ({why}{detail})", "WaitingForDataset")
             return _finish(old, status, plan)
         cond("DatasetReady", True, "DatasetReady", f"Dataset {ds_name} is Ready ({ds_status.get('digest', '')})")
+        checked = memory_plan.check(spec, inputs.model_config)  # before any GPU is requested
+        if checked is not None:
+            fits, plan_message, status["plan"] = checked
+            cond(memory_plan.CONDITION, "Unknown" if fits is None else fits,
+                 {True: "Fits", False: memory_plan.INFEASIBLE, None: "Unknown"}[fits], plan_message)
+            if fits is False:
+                fail(memory_plan.INFEASIBLE, plan_message)
+                return _finish(old, status, plan)
         attempt = max(attempt, 1)
         trainer_name = children.trainer_job_name(meta["name"], attempt)
         train_cfg = children.trainer_config(ftj, ds_status.get("validatedURI"), dataset["spec"]["format"],

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import Field
 
-from .distributed import DistributedSettings
+from .distributed import DistributedSettings, MemoryPlanStatus
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
@@ -335,6 +335,7 @@ class FineTuneJobStatus(ApiModel):
     governance: Optional[GovernanceStatus] = Field(None, description="Governance results.")
     promotion: Optional[PromotionStatus] = Field(None, description="Promotion of the adapter.")
     gpuHours: float = Field(0, ge=0, description="GPU-hours used by trainer pods so far.")
+    plan: Optional[MemoryPlanStatus] = Field(None, description="Pre-flight memory and time plan (condition Feasible).")
     startTime: Optional[str] = Field(None, description="When training started.")
     completionTime: Optional[str] = Field(None, description="When the job finished.")
     message: str = Field("", description="A human-readable summary of the current phase.")
