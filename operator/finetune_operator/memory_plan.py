@@ -12,14 +12,14 @@ Per GPU, from the base model's config.json and the spec (formulas below, bytes):
 * activations of one micro-batch (batchSize x maxSeqLength tokens, D = the compute width): per
   decoder layer and token (2h + h + 2h_kv + h + h + h + 4f + h) x D = (7h + 2h_kv + 4f) x D (norm
   input and output, q/k/v, attention output, o_proj output, MLP norm, gate/up/act/product, down);
-  with gradient checkpointing one h x D input per layer plus one layer's full set; plus one
-  layer's set again for the backward pass's activation gradients. Dropout masks (1 byte per adapted
+  with gradient checkpointing one h x D input per layer plus one layer's full set (the layer being
+  recomputed in backward). Dropout masks (1 byte per adapted
   module input) when lora.dropout > 0, and the block-causal boolean mask (rows x L^2 bytes). GPU
   attention (SDPA's memory-efficient kernel) keeps no L^2 scores; `math_attention` adds them
   (heads x L^2 x 4 bytes per row and layer) for kernels that do.
-* logits at target positions only (our loss): targets x vocab x 4 bytes, three times (the fp32
-  logits, the log-softmax cross-entropy keeps, their gradient); the plan assumes every token is a
-  target (an upper bound; `target_fraction` when the data's share is known).
+* logits at target positions only (our loss): targets x vocab x 4 bytes, twice (the fp32
+  log-softmax the cross-entropy keeps, and its gradient in backward); the plan assumes every token
+  is a target (an upper bound; `target_fraction` when the data's share is known).
 * the CUDA context (0.5 GiB) and a fragmentation margin (10% of the rest).
 
 Step time: 6 N FLOPs per token (8 N with gradient checkpointing: the forward runs twice) over
@@ -167,9 +167,8 @@ def estimate(model_config: dict, spec: dict, *, device: str = "cuda", strategy: 
     else:
         activations = tokens * L * per_token_layer + L * scores
     activations += rows * seq * seq  # the block-causal boolean mask
-    activations += tokens * per_token_layer  # backward: one layer's activation gradients at a time
-    # fp32 logits, the log-softmax cross-entropy keeps, and their gradient
-    logits = tokens * target_fraction * shape.vocab * 4 * 3
+    # the log-softmax cross-entropy keeps (fp32) and, in backward, its gradient
+    logits = tokens * target_fraction * shape.vocab * 4 * 2
 
     parts = {"weights": int(layers_bytes + outside), "adapter": int(adapter_bytes),
              "activations": int(activations), "logits": int(logits)}
