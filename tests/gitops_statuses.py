@@ -147,6 +147,11 @@ def finetunejob_paths() -> dict[str, dict]:
     out["waiting-validating-dataset"] = plan(new, now=T0, dataset=paths["validating"])
     out["waiting-invalid-dataset"] = plan(new, now=T0, dataset=paths["invalid"])
     out["queued"] = queued = plan(new, now=T0, dataset=READY_DATASET)
+    # The memory plan refuses it before any Job: a 70B-shaped base in bf16 on one H100.
+    big = ftj_obj(resources={"gpusPerNode": 1, "gpuNodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}})
+    out["infeasible"] = plan(big, now=T0, dataset=READY_DATASET, model_config={
+        "hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "vocab_size": 128256})
     out["unschedulable"] = plan(queued, dataset=READY_DATASET, trainer_job=job("j-train-1", active=1),
                                 trainer_pods=[pod("Pending", unschedulable="0/2 nodes are available: "
                                                   "2 Insufficient nvidia.com/gpu")])
@@ -155,6 +160,11 @@ def finetunejob_paths() -> dict[str, dict]:
     out["training"] = training
     out["suspended"] = plan(ftj_obj(training["status"], suspend=True), dataset=READY_DATASET,
                             trainer_job=job("j-train-1", active=1, ready=1, startTime=T0), trainer_pods=[pod()])
+    # Kueue preempted it: the Job suspended by Kueue, not by spec.suspend (a pause, never a failure).
+    kueue_suspended = decisions.summarize_job({"metadata": {"name": "j-train-1"}, "spec": {"suspend": True},
+                                               "status": {"startTime": T0, "conditions": [
+                                                   {"type": "Suspended", "status": "True", "lastTransitionTime": T1}]}})
+    out["preempted"] = plan(training, now=T2, dataset=READY_DATASET, trainer_job=kueue_suspended, trainer_pods=[])
     out["oom"] = plan(training, now=T2, dataset=READY_DATASET, trainer_job=job("j-train-1", failed=1),
                       trainer_pods=[pod("Failed", terminated=("OOMKilled", 137))])
     result = {"adapterURI": "s3://out/j/adapters/ab", "digest": DIGEST, "sizeBytes": 10,

@@ -47,6 +47,8 @@ EXPECTED = {
     "FineTuneJob/waiting-invalid-dataset": "Degraded",
     "FineTuneJob/queued": "Progressing",
     "FineTuneJob/unschedulable": "Progressing",
+    "FineTuneJob/infeasible": "Degraded",  # refused by the memory plan: nothing runs until the spec changes
+    "FineTuneJob/preempted": "Progressing",  # Kueue will readmit it: in progress, not Suspended or Degraded
     "FineTuneJob/training": "Progressing",
     "FineTuneJob/suspended": "Suspended",
     "FineTuneJob/oom": "Degraded",
@@ -143,6 +145,8 @@ TESTDATA = {
     "FineTuneJob": {"missing_dataset.yaml": "FineTuneJob/waiting-missing-dataset",
                     "progressing_training.yaml": "FineTuneJob/training",
                     "progressing_unschedulable.yaml": "FineTuneJob/unschedulable",
+                    "progressing_preempted.yaml": "FineTuneJob/preempted",
+                    "degraded_infeasible.yaml": "FineTuneJob/infeasible",
                     "progressing_evaluating.yaml": "FineTuneJob/evaluating",
                     "suspended.yaml": "FineTuneJob/suspended",
                     "suspended_awaiting_approval.yaml": "FineTuneJob/awaiting-approval",

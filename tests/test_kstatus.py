@@ -34,6 +34,8 @@ EXPECTED = {
     "FineTuneJob/waiting-invalid-dataset": ("Failed", "False", "False", "True"),
     "FineTuneJob/queued": ("InProgress", "False", "True", "False"),
     "FineTuneJob/unschedulable": ("InProgress", "False", "True", "False"),
+    "FineTuneJob/preempted": ("InProgress", "False", "True", "False"),
+    "FineTuneJob/infeasible": ("Failed", "False", "False", "True"),
     "FineTuneJob/training": ("InProgress", "False", "True", "False"),
     "FineTuneJob/suspended": ("Current", "False", "False", "False"),
     "FineTuneJob/oom": ("Failed", "False", "False", "True"),

@@ -108,6 +108,7 @@ IN_WATCHED = {
     ("", "pods"): {"get", "list", "watch", "create"},  # create: the admission dry run of a Job's pod
     ("", "events"): {"create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},  # the Job pods' egress policy
+    ("", "services"): {"get", "create"},  # a multi-node trainer's headless Service
     ("serving.kserve.io", "llminferenceservices"): {"get", "patch"},  # kserve serving targets
 }
 # ... in its own namespace, where the governance Jobs run.

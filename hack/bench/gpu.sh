@@ -5,6 +5,9 @@
 # of hack/bench/trainer_bench.py: 6*N per real token + 12*L*d*n^2 per example of n tokens, over
 # 989 TFLOP/s dense bf16 peak).
 #
+# On a machine with more than one GPU it then runs our trainer on all of them (DDP and FSDP2, the
+# same global batch; +up to 10 minutes).
+#
 # Needs: CUDA torch 2.13 + the `trainer` extra (e.g. inside the trainer image, or
 # `pip install -e '.[trainer]'`), ~20 GB free disk for the model. Budget: < 8 minutes wall.
 #   hack/bench/gpu.sh                 # STEPS=12 by default
@@ -32,4 +35,15 @@ for method in lora qlora; do
   timeout "$left" "$PYTHON" hack/bench/trainer_bench.py "${common[@]}" --method "$method" \
       --work-dir "$OUT/$method" --json "$OUT/$method.json"
 done
-echo "total wall time: $((SECONDS - start))s; results in $OUT/{lora,qlora}.json"
+# All the machine's GPUs (one pod of N ranks, torchrun inside): our trainer only, bf16 LoRA, DDP and
+# FSDP2, with N times the single-GPU batch (so every GPU gets as many rows per step as the single
+# run had). Peak memory is rank 0's; MFU is over all N GPUs' peak.
+NGPU=$(nvidia-smi -L | wc -l)
+if [ "$NGPU" -gt 1 ]; then
+  for strategy in ddp fsdp; do
+    echo "== lora on $NGPU GPUs, $strategy (elapsed ${SECONDS}s)"
+    timeout 300 "$PYTHON" hack/bench/trainer_bench.py "${common[@]}" --method lora --sides ours \
+        --batch-size $((8 * NGPU)) --examples $((400 * NGPU)) --ranks "$NGPU" --strategy "$strategy" --work-dir "$OUT/lora-$strategy" --json "$OUT/lora-$strategy.json"
+  done
+fi
+echo "total wall time: $((SECONDS - start))s; results in $OUT/*.json"

@@ -124,6 +124,7 @@ def trainer_config(args, model_dir: Path, data_dir: Path, out: Path, rows_per_ba
                      "gradientCheckpointing": args.gradient_checkpointing, "packing": True, "seed": 0,
                      "evalEverySteps": 10**6, "checkpointEverySteps": 10**6},
         "outputURI": f"file://{out}",
+        "distributed": {"strategy": args.strategy},
         "metricsPort": 0,
         "progressIntervalSeconds": 30,
     })
@@ -153,6 +154,24 @@ def run_ours(spec: dict) -> dict:
     return {"train_seconds": done.train_seconds, "real_tokens": done.tokens_this_run,
             "eval_loss": done.metrics["evalLoss"], "example_lengths_sq": done.sum_sq_lengths,
             "peak_memory": peak_memory_bytes(spec["device"])}
+
+
+def run_ours_ranks(spec: dict, ranks: int, env: dict) -> dict:
+    """Our trainer on `ranks` ranks, as a multi-GPU pod runs it: `finetune-trainer train` with the
+    PET_* settings the operator renders (torchrun inside). Rank 0's "done" line has the world's
+    real tokens and its own peak GPU memory."""
+    env = dict(env, PET_NNODES="1", PET_NPROC_PER_NODE=str(ranks))
+    proc = subprocess.run([sys.executable, "-m", "finetune_trainer.cli", "train", "--config", spec["config_path"]],
+                          env=env, capture_output=True, text=True)
+    done = None
+    for line in proc.stderr.splitlines():
+        if line.startswith("{") and '"event": "done"' in line:
+            done = json.loads(line)
+    if proc.returncode != 0 or done is None:
+        sys.exit(f"ours on {ranks} ranks failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return {"train_seconds": done["train_seconds"], "real_tokens": done["tokens_this_run"],
+            "eval_loss": done["metrics"]["evalLoss"], "example_lengths_sq": done["sum_sq_lengths"],
+            "peak_memory": int(done.get("peak_memory_bytes") or 0)}
 
 
 def run_hf(spec: dict) -> dict:
@@ -249,6 +268,9 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path)
     ap.add_argument("--sides", default="ours,hf")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="our side on this many ranks (torchrun in one pod; one GPU each): the same global batch")
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "auto"], help="with --ranks > 1")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
@@ -283,6 +305,10 @@ def main() -> None:
         spec = {"side": side, "config_path": str(config_path), "device": args.device, "precision": args.precision,
                 "hf_batch_size": args.batch_size, "work_dir": str(work / f"hf-{side}")}
         env = dict(os.environ, FINETUNE_CACHE_DIR=str(work / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if side == "ours" and args.ranks > 1:
+            results[side] = run_ours_ranks(spec, args.ranks, env)
+            print(f"{side}: done on {args.ranks} ranks ({args.strategy})", file=sys.stderr)
+            continue
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                               capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -295,7 +321,8 @@ def main() -> None:
     print(f"\nmodel={args.shape} device={args.device} method={args.method} precision={args.precision} "
           f"steps={args.steps} examples={args.examples} (mean {mean_len:.0f} tokens)\n"
           f"baseline batch={args.batch_size} examples padded to the longest; ours batch={rows} packed rows "
-          f"of up to {row_len} tokens")
+          f"of up to {row_len} tokens" + (f"; ours on {args.ranks} ranks ({args.strategy}; peak memory is rank "
+                                          "0's, MFU over all ranks' GPUs)" if args.ranks > 1 else ""))
     header = f"{'trainer':<10}{'real tok/s':>12}{'train s':>10}{'real tokens':>13}{'peak mem MiB':>14}{'eval loss':>11}"
     if args.device == "cuda":
         header += f"{'MFU %':>8}"
@@ -306,7 +333,8 @@ def main() -> None:
                f"{r['peak_memory'] / 2**20:>14.0f}{r['eval_loss']:>11.4f}")
         if args.device == "cuda":
             flops = useful_flops(shape, r["real_tokens"], r["example_lengths_sq"])
-            r["mfu"] = flops / r["train_seconds"] / (args.peak_tflops * 1e12)
+            gpus = args.ranks if side == "ours" else 1
+            r["mfu"] = flops / r["train_seconds"] / (args.peak_tflops * 1e12 * gpus)
             row += f"{100 * r['mfu']:>8.1f}"
         r["tokens_per_second"] = tps
         print(row)

@@ -132,7 +132,7 @@ def trainer_config(ftj: dict, data_uri: str, data_format: str, data_digest: Opti
         # The trainer pod's metrics endpoint; Prometheus scrapes it through the pod annotations.
         "metricsPort": 9400,
     }
-    for key in ("lora", "quantization", "training", "multimodal"):
+    for key in ("lora", "quantization", "training", "multimodal", "distributed"):
         if spec.get(key) is not None:
             cfg[key] = spec[key]
     cfg.update(continual or {})  # initFrom, replayData: what lineage.continual_plan resolved
@@ -338,7 +338,9 @@ def trainer_children(ftj: dict, attempt: int, train_cfg: dict, config: OperatorC
         # The Helm chart's PodMonitor scrapes trainer pods through this named port.
         job["spec"]["template"]["spec"]["containers"][0]["ports"] = [
             {"name": "metrics", "containerPort": train_cfg["metricsPort"], "protocol": "TCP"}]
-    return cm, job
+    from . import gang  # torchrun's ranks, and the Indexed Job of a multi-node gang
+
+    return cm, gang.apply(job, ftj, config)
 
 
 def governance_children(ftj: dict, name: str, gov_cfg: dict, config: OperatorConfig) -> list[dict]:

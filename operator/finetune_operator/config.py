@@ -72,6 +72,9 @@ class OperatorConfig:
     #: Dry-run each new Job's pod (POST pods?dryRun=All) before creating the Job, so a pod template
     #: that admission refuses fails the FineTuneJob at once instead of leaving a Job without pods.
     admission_check: bool = True
+    #: Multi-node trainers rendezvous at pod 0's DNS name (<job>-0.<job>.<ns>.svc); this replaces it on
+    #: clusters without pod DNS whose pods share one network (fakenode: 127.0.0.1). docs/distributed.md.
+    rendezvous_host: str = ""
     #: Serving hand-off (spec.promotion.targets, docs/serving.md). Hosts (regular expressions) a vLLM
     #: target's loadURL may name besides a Service in the job's own namespace (<svc>.<ns>[.svc[.cluster.local]]).
     vllm_load_hosts: tuple[str, ...] = ()

@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from . import children, curation_status, governance, image_status, lineage, modelcard, kstatus
+from . import (children, curation_status, gang, governance, image_status, lineage, memory_plan, modelcard, kstatus,
+               preemption)
 from .api.serving import PromotionTarget
 from .serving import plan as serving_plan
 from .conditions import bounded, get_condition, set_condition
@@ -66,6 +67,8 @@ def summarize_job(job: dict) -> dict:
             "failedCondition": conds.get("Failed") or conds.get("FailureTarget"),
             "startTime": status.get("startTime"), "completionTime": status.get("completionTime"),
             "suspended": bool((job.get("spec") or {}).get("suspend")),
+            "parallelism": int((job.get("spec") or {}).get("parallelism") or 1),
+            "suspendedAt": (conds.get("Suspended") or {}).get("lastTransitionTime"),
             "gpuHoursBefore": float((meta.get("annotations") or {}).get(GPU_HOURS_BEFORE, 0) or 0)}
 
 
@@ -354,6 +357,7 @@ class JobInputs:
     policies: list[dict] = field(default_factory=list)  # GovernancePolicy objects
     alias_current: Optional[dict] = None  # the alias record as stored now (read before an alias write)
     continual: Optional[lineage.ContinualInputs] = None  # spec.initFrom / training.replay observations
+    model_config: Optional[dict] = None  # the base model's config.json (read before a trainer Job is created)
 
 
 def progress_fields(record: Optional[dict]) -> Optional[dict]:
@@ -367,12 +371,15 @@ def progress_fields(record: Optional[dict]) -> Optional[dict]:
 
 
 def gpu_hours(ftj: dict, job: Optional[dict], now: str) -> Optional[float]:
-    """GPU-hours: earlier attempts (recorded on the Job) plus this attempt's running time."""
+    """GPU-hours: earlier attempts (recorded on the Job) plus this attempt's running time times the
+    GPUs its pods hold: gpusPerNode per pod, as many pods as the Job runs (its parallelism: `nodes`
+    for a multi-node gang, 1 otherwise; never `nodes` for a Job that did not get them)."""
     if job is None or not job.get("startTime"):
         return None
     res = ftj["spec"].get("resources") or {}
-    gpus = int(res.get("gpusPerNode", 1)) * int(res.get("nodes", 1))
-    end = _parse_time(job.get("completionTime")) or _parse_time(now)
+    gpus = int(res.get("gpusPerNode", 1)) * gang.pods_held(job)
+    end = (_parse_time(job.get("completionTime")) or (job.get("suspended") and _parse_time(job.get("suspendedAt")))
+           or _parse_time(now))  # a suspended Job's pods stopped when it was suspended
     hours = max(0.0, (end - _parse_time(job["startTime"])).total_seconds() / 3600.0) * gpus
     return round(job.get("gpuHoursBefore", 0.0) + hours, 4)
 
@@ -432,7 +439,7 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         to_phase("Failed", message, reason, warning=True)
 
     failed = get_condition(old.get("conditions") or [], "Failed") or {}
-    if (phase == "Failed" and failed.get("reason") == REJECTED and failed.get("status") == "True"
+    if (phase == "Failed" and failed.get("reason") in (REJECTED, memory_plan.INFEASIBLE) and failed.get("status") == "True"
             and failed.get("observedGeneration") != generation):
         # The API server rejected a child Job made from an earlier spec; this generation may fix it.
         cond("Failed", False, "SpecChanged", f"the spec changed (generation {generation}); trying again")
@@ -516,6 +523,14 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
             status["lineage"] = cont.lineage
             cond("ParentReady", True, "ParentVerified",
                  f"parent adapter {cont.lineage['parentDigest']} ({cont.lineage['source']}) verified")
+        checked = memory_plan.check(spec, inputs.model_config)  # before any GPU is requested
+        if checked is not None:
+            fits, plan_message, status["plan"] = checked
+            cond(memory_plan.CONDITION, "Unknown" if fits is None else fits,
+                 {True: "Fits", False: memory_plan.INFEASIBLE, None: "Unknown"}[fits], plan_message)
+            if fits is False:
+                fail(memory_plan.INFEASIBLE, plan_message)
+                return _finish(old, status, plan)
         attempt = max(attempt, 1)
         trainer_name = children.trainer_job_name(meta["name"], attempt)
         train_cfg = children.trainer_config(ftj, ds_status.get("validatedURI"), dataset["spec"]["format"],
@@ -523,7 +538,7 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
                                             continual=cont.trainer_fields)
         cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
         job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
-        plan.create.extend([cm, job])
+        plan.create.extend([cm, *gang.gang_objects(job, ftj, config), job])
         status["trainerJob"] = trainer_name
         status["datasetDigest"] = ds_status.get("digest")
         cond("Trained", False, "Queued", f"trainer Job {trainer_name} created")
@@ -547,7 +562,16 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         if dataset is not None and cont.state == "Ready":
             cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
             job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
-            plan.create.extend([cm, job])
+            plan.create.extend([cm, *gang.gang_objects(job, ftj, config), job])
+    elif state.state == "Pending" and preemption.preempted(inputs.trainer_job, status, state.reason):
+        message = preemption.message(trainer_name, status.get("progress"))
+        if not (get_condition(old.get("conditions") or [], preemption.CONDITION) or {}).get("status") == "True":
+            # The Job controller restarts .status.startTime on readmission: the hours so far go on the Job.
+            plan.job_patches[trainer_name] = {"metadata": {"annotations": {
+                GPU_HOURS_BEFORE: str(status.get("gpuHours", 0) or 0)}}}
+        cond(preemption.CONDITION, True, "JobSuspended", message)
+        cond("Trained", False, "Preempted", message)
+        to_phase("Queued", message, "Preempted")
     elif state.state == "Pending":
         trained = get_condition(status.get("conditions") or [], "Trained") or {}
         if trained.get("reason") != "Queued":  # e.g. it was Unschedulable and the pod is now scheduled
@@ -562,6 +586,8 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         status.setdefault("startTime", (inputs.trainer_job or {}).get("startTime") or now)
         pct = (status.get("progress") or {}).get("percent")
         message = f"training (attempt {attempt})" + (f", {pct}% done" if pct is not None else "")
+        if get_condition(status.get("conditions") or [], preemption.CONDITION):
+            cond(preemption.CONDITION, False, "Readmitted", "admitted again; resumed from the last checkpoint")
         cond("Trained", False, "Training", message)
         to_phase("Training", message, "TrainingStarted")
     elif state.state == "Failed":

@@ -239,6 +239,21 @@ def _with_written_status(body: dict) -> dict:
     return {**body, "status": written} if written is not None else body
 
 
+_MODEL_CONFIGS: dict[str, Optional[dict]] = {}
+
+
+async def _model_config(base_uri: str) -> Optional[dict]:
+    """The base model's config.json (memoized per URI; None when the operator cannot read it)."""
+    if base_uri not in _MODEL_CONFIGS:
+        found = await _read_json(f"{base_uri.rstrip('/')}/config.json")
+        if found is None:
+            return None  # unreadable now (or never): no plan, and asked again next time
+        if len(_MODEL_CONFIGS) > 256:
+            _MODEL_CONFIGS.clear()
+        _MODEL_CONFIGS[base_uri] = found
+    return _MODEL_CONFIGS[base_uri]
+
+
 async def _read_json(uri: str) -> Optional[dict]:
     try:
         return json.loads(await asyncio.to_thread(storage.read_text, uri))
@@ -618,6 +633,8 @@ async def _reconcile_finetunejob(body: dict, indices: dict, logger: Any, read_pr
     if inputs.dataset is not None:
         inputs.dataset = _with_written_status(inputs.dataset)
     trainer = status.get("trainerJob")
+    if not trainer and phase in ("Pending", "WaitingForDataset", "Failed"):
+        inputs.model_config = await _model_config(spec["baseModel"]["uri"])  # the memory plan (memory_plan.py)
     inputs.trainer_job = _job(indices, ns, trainer)
     inputs.trainer_pods = _pods(indices, ns, trainer)
     state = decisions.job_state(inputs.trainer_job, inputs.trainer_pods)

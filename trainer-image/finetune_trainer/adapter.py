@@ -55,11 +55,13 @@ def build_manifest(folder: Path, *, base_model: dict, dataset: dict, training: d
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
-def save_peft_files(model, folder: Path, base_model_uri: str) -> None:
-    """Only the two files PeftModel.from_pretrained needs (peft's README model card is dropped)."""
+def save_peft_files(model, folder: Path, base_model_uri: str, state_dict: Optional[dict] = None) -> None:
+    """Only the two files PeftModel.from_pretrained needs (peft's README model card is dropped).
+    `state_dict`: the adapter's whole weights when the model's are sharded (FSDP)."""
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = base_model_uri  # the URI, not this pod's cache path
-    model.save_pretrained(str(folder), save_embedding_layers=False)  # embeddings are frozen: nothing to save
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(str(folder), save_embedding_layers=False, **extra)  # embeddings are frozen: nothing to save
     for extra in folder.iterdir():
         if extra.name not in ADAPTER_FILES:
             extra.unlink()

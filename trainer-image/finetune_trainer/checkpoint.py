@@ -81,7 +81,8 @@ def save(output_uri: str, state: TrainState, *, adapter_state: dict, optimizer, 
         tmp_path = Path(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()},
                   str(tmp_path / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+        # An optimizer, or its state already made whole (FSDP: distributed.optimizer_state)
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp_path / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp_path / "scheduler.pt")
         torch.save(rng_state(), tmp_path / "rng.pt")
         (tmp_path / "state.json").write_text(json.dumps({**asdict(state), **(extra or {})}, indent=1))

@@ -38,8 +38,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ns = parser.parse_args(argv)
     log = get_logger(ns.command)
     try:
-        module = importlib.import_module(COMMANDS[ns.command])
-        code = int(module.run(ns.config) or 0)
+        ranks = _ranks_to_launch(ns.command)
+        if ranks:  # a multi-GPU / multi-node pod: start torchrun's ranks, each runs this command
+            from .distributed import launch
+
+            code = launch(ns.command, ns.config, *ranks)
+        else:
+            module = importlib.import_module(COMMANDS[ns.command])
+            code = int(module.run(ns.config) or 0)
     except TrainerError as exc:
         log.error(str(exc), extra={"event": "error", "exit_code": exc.exit_code, "error_type": type(exc).__name__})
         code = exc.exit_code
@@ -49,6 +55,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         code = EXIT_CONFIG_ERROR
         termination_message(f"not found: {exc}")
     sys.exit(code)
+
+
+def _ranks_to_launch(command: str):
+    """(nodes, ranks per node) for `train` in a pod the operator gave torchrun settings (PET_*)."""
+    if command != "train" or not any(k.startswith("PET_") for k in os.environ):
+        return None
+    from .distributed import launch_settings
+
+    return launch_settings()
 
 
 def termination_message(message: str) -> None:

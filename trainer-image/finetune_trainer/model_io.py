@@ -123,9 +123,16 @@ def load_tokenizer(path: Path):
     return tok
 
 
+def weights_bytes(path: Path) -> int:
+    """Bytes of the model's weight files (what the frozen base takes in memory at its stored dtype)."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
 def load_base_model(path: Path, *, precision: str, quantization=None, device: torch.device,
-                    gradient_checkpointing: bool = False):
-    """The frozen base model (4-bit with bitsandbytes when `quantization` is set)."""
+                    gradient_checkpointing: bool = False, quant_storage_as_compute: bool = False):
+    """The frozen base model (4-bit with bitsandbytes when `quantization` is set).
+    `quant_storage_as_compute`: store the packed 4-bit weights in the compute dtype, as FSDP needs
+    to shard them alongside the other (bf16) parameters (peft's FSDP-QLoRA recipe)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     # Weights from safetensors only and no model code from the folder: a base model is user input,
@@ -139,6 +146,8 @@ def load_base_model(path: Path, *, precision: str, quantization=None, device: to
             bnb_4bit_quant_type=quantization.quantType,
             bnb_4bit_use_double_quant=quantization.doubleQuant,
             bnb_4bit_compute_dtype=COMPUTE_DTYPES[quantization.computeDtype],
+            **({"bnb_4bit_quant_storage": COMPUTE_DTYPES[quantization.computeDtype]}
+               if quant_storage_as_compute else {}),
         )
     if quantization is not None or device.type == "cuda":
         kwargs["device_map"] = {"": device}  # straight onto the GPU, not via a full copy in host memory

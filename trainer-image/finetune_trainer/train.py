@@ -18,11 +18,12 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import adapter, balance, checkpoint, continual, data, model_io, storage
+from . import adapter, balance, checkpoint, continual, data, distributed, model_io, storage
 from .errors import EXIT_OK, EXIT_PREEMPTED, ConfigError
 from .logs import get_logger
 from .objective import PrefixCache, cached_loss_sum, evaluate, loss_sum
@@ -90,13 +91,17 @@ class DataStream:
                 max_len=self.max_len, packing=self.packing)}
         return self._cache[epoch]
 
-    def next_step(self, state: checkpoint.TrainState, accumulation: int) -> list[dict]:
-        """Up to `accumulation` micro-batches for one optimizer step; a step never spans two epochs."""
+    def next_rows(self, state: checkpoint.TrainState, accumulation: int) -> list:
+        """Up to `accumulation` micro-batches (rows of example indices) for one optimizer step; a step
+        never spans two epochs."""
         if state.batch_index >= len(self.epoch(state.epoch)):  # replay: epochs may pack into more or fewer rows
             state.epoch, state.batch_index = state.epoch + 1, 0
         batches = self.epoch(state.epoch)[state.batch_index:state.batch_index + accumulation]
         state.batch_index += len(batches)
-        return [data.collate(b, self.examples, self.pad_id) for b in batches]
+        return batches
+
+    def next_step(self, state: checkpoint.TrainState, accumulation: int) -> list[dict]:
+        return [data.collate(b, self.examples, self.pad_id) for b in self.next_rows(state, accumulation)]
 
 
 def total_steps(settings, steps_per_epoch: int) -> int:
@@ -141,23 +146,30 @@ def run(config_path: str) -> int:
     stop = StopFlag()
     stop.install()
     try:
-        return _run(cfg, stop)
+        world = distributed.init(cfg.distributed.strategy)
+        code = _run(cfg, stop, world)
+        distributed.finish(world)  # every rank done (rank 0 may still have been exporting)
+        return code
     finally:
         stop.uninstall()
 
 
-def _run(cfg, stop: StopFlag) -> int:
+def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
     if cfg.data.format == "image-text":  # a vision-language model: its own loop (vision.py)
         from . import vision
 
+        if world.distributed:
+            raise ConfigError("image-text training runs one rank: set resources.nodes 1 and gpusPerNode 1 "
+                              "(multi-GPU vision-language training is not supported yet)")
         return vision.run(cfg, stop)
     if cfg.multimodal is not None:
         raise ConfigError(f"spec.multimodal needs a Dataset of format image-text; this one is {cfg.data.format}")
     t = cfg.training
     log.info("training run starting", extra={"event": "start", "job": cfg.job.name, "namespace": cfg.job.namespace,
-                                              "method": cfg.method, "output": cfg.outputURI})
-    seed_everything(t.seed)
-    device = model_io.pick_device()
+                                              "method": cfg.method, "output": cfg.outputURI,
+                                              "rank": world.rank, "world_size": world.size})
+    seed_everything(t.seed)  # the same on every rank: the adapters start identical
+    device = world.device
     precision = model_io.effective_precision(t.precision, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -199,11 +211,17 @@ def _run(cfg, stop: StopFlag) -> int:
     n_steps = total_steps(t, steps_per_epoch)
 
     # ---- 2. model: frozen base (+4-bit) with LoRA / DoRA adapters; only adapters train
-    base = model_io.load_base_model(model_dir, precision=precision, device=device,
-                                    quantization=quantization_of(cfg),
-                                    gradient_checkpointing=t.gradientCheckpointing)
+    quantization = quantization_of(cfg)
+    if world.distributed:
+        world.strategy = distributed.resolve_strategy(cfg.distributed.strategy, model_io.weights_bytes(model_dir),
+                                                      device)
+    sharded = world.strategy == "fsdp"
+    # FSDP: the whole base lands on the host first and each layer moves to the GPU as it is sharded.
+    base = model_io.load_base_model(model_dir, precision=precision,
+                                    device=torch.device("cpu") if sharded and quantization is None else device,
+                                    quantization=quantization, gradient_checkpointing=t.gradientCheckpointing,
+                                    quant_storage_as_compute=sharded)
     model = model_io.build_peft_model(base, cfg.method, cfg.lora, cfg.baseModel.uri)
-    params = [p for p in model.parameters() if p.requires_grad]
     anchor = None
     if parent is not None:
         try:
@@ -212,7 +230,24 @@ def _run(cfg, stop: StopFlag) -> int:
         finally:
             parent.cleanup()
         if cfg.initFrom.l2 > 0:  # the parent's weights, before a checkpoint below replaces the live ones
-            anchor = continual.ParentAnchor(params, cfg.initFrom.l2)
+            if sharded:
+                raise ConfigError("spec.initFrom.l2 needs whole adapter weights on every rank: use "
+                                  "spec.distributed.strategy ddp, or l2: 0, with fsdp")
+            anchor = continual.ParentAnchor([p for p in model.parameters() if p.requires_grad], cfg.initFrom.l2)
+    # A checkpoint's adapter goes in before sharding (whole tensors, whatever world size wrote it).
+    loaded = checkpoint.load_latest(cfg.outputURI)
+    if loaded is not None and loaded.state.fingerprint != run_fingerprint(cfg):
+        raise ConfigError(f"{loaded.uri} was written by a run with a different configuration (base model, data, "
+                          "method, lora, quantization or training settings); use a new outputURI")
+    if loaded is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, {k: v.to(device) for k, v in loaded.adapter_state.items()})
+    if sharded:
+        distributed.shard(model, world)
+        model.to(device)
+    named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named_params.values())
     optimizer = torch.optim.AdamW(params, lr=t.learningRate, weight_decay=t.weightDecay,
                                   fused=device.type == "cuda")
     from transformers import get_scheduler
@@ -223,23 +258,25 @@ def _run(cfg, stop: StopFlag) -> int:
 
     # ---- 3. resume from the newest checkpoint that verifies
     state = checkpoint.TrainState(fingerprint=run_fingerprint(cfg))
-    loaded = checkpoint.load_latest(cfg.outputURI)
-    if loaded is not None and loaded.state.fingerprint != state.fingerprint:
-        raise ConfigError(f"{loaded.uri} was written by a run with a different configuration (base model, data, "
-                          "method, lora, quantization or training settings); use a new outputURI")
     if loaded is not None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, {k: v.to(device) for k, v in loaded.adapter_state.items()})
-        optimizer.load_state_dict(loaded.optimizer)
+        if sharded:
+            distributed.load_optimizer_state(optimizer, params, loaded.optimizer)
+        else:
+            optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.scheduler)
-        checkpoint.set_rng_state(loaded.rng)
+        checkpoint.set_rng_state(loaded.rng)  # rank 0's generators
         state = loaded.state
         log.info("resumed from checkpoint", extra={"event": "resume", "step": state.step, "uri": loaded.uri})
+    if world.rank > 0:
+        # Dropout differs per rank (as it would per example in one big batch); reproducible per (seed, rank, step).
+        torch.manual_seed(t.seed * 1_000_003 + world.rank * 7919 + state.step)
     log.info("plan", extra={"event": "plan", "total_steps": n_steps, "steps_per_epoch": steps_per_epoch,
                             "train_examples": len(train_set), "eval_examples": len(eval_set),
                             "trainable_params": sum(p.numel() for p in params), "device": device.type,
-                            "precision": precision})
+                            "precision": precision, "world_size": world.size, "strategy": world.strategy})
+    if world.distributed and t.batchSize * t.gradientAccumulationSteps < world.size:
+        log.warning("fewer rows per step (batchSize x gradientAccumulationSteps) than ranks: some ranks idle",
+                    extra={"event": "ranks_idle", "world_size": world.size})
 
     # Layers below the lowest adapted one hold nothing to train: run them once per example now
     # instead of in every step (objective.PrefixCache; same loss and gradients).
@@ -261,7 +298,7 @@ def _run(cfg, stop: StopFlag) -> int:
 
     progress = ProgressReporter(output_uri=cfg.outputURI, namespace=cfg.job.namespace, job=cfg.job.name,
                                 total_steps=n_steps, interval_seconds=cfg.progressIntervalSeconds,
-                                metrics_port=cfg.metricsPort)
+                                metrics_port=cfg.metricsPort) if world.is_main else distributed.QuietProgress()
     progress.update(step=state.step, epoch=state.epoch + state.batch_index / stream.batches_per_epoch,
                     loss=state.last_loss, eval_loss=state.last_eval_loss, force=True)
     progress.start_heartbeat()
@@ -277,24 +314,44 @@ def _run(cfg, stop: StopFlag) -> int:
     def save_checkpoint() -> None:
         from peft import get_peft_model_state_dict
 
-        checkpoint.save(cfg.outputURI, state, adapter_state=get_peft_model_state_dict(model),
-                        optimizer=optimizer, scheduler=scheduler, extra={"totalSteps": n_steps})
-        checkpoint.prune(cfg.outputURI, t.keepCheckpoints)
+        if sharded:  # whole tensors (a collective): the checkpoint does not depend on the world size
+            adapter_state = distributed.trainable_state(model, named_params)
+            optimizer_state = distributed.optimizer_state(optimizer)
+        else:  # ddp ranks hold identical copies: rank 0's is the checkpoint
+            adapter_state, optimizer_state = get_peft_model_state_dict(model), optimizer
+        if world.is_main:
+            checkpoint.save(cfg.outputURI, state, adapter_state=adapter_state, optimizer=optimizer_state,
+                            scheduler=scheduler, extra={"totalSteps": n_steps, "worldSize": world.size})
+            checkpoint.prune(cfg.outputURI, t.keepCheckpoints)
+        distributed.barrier(world)  # no rank exits (or goes on) before the checkpoint is complete
 
     def epoch_done() -> float:
         return state.epoch + state.batch_index / stream.batches_per_epoch
 
-    def train_step(micro_batches: list[dict]) -> float:
-        """Forward + backward over the step's micro-batches, then one optimizer update."""
-        n_targets = sum(b["n_targets"] for b in micro_batches)
+    scale = distributed.loss_scale(world)
+
+    def train_step(micro_batches: list[dict], n_targets: Optional[int] = None,
+                   weights: Optional[list[float]] = None) -> float:
+        """Forward + backward over this rank's micro-batches of the step, then one optimizer update."""
+        if n_targets is None:
+            n_targets = sum(b["n_targets"] for b in micro_batches)
         step_loss = torch.zeros((), device=device)
-        for batch in micro_batches:
-            # Normalized by the whole step's target count, so accumulation equals one big batch.
+        for k, batch in enumerate(micro_batches):
+            # Normalized by the whole step's target count (over every rank), so accumulation and
+            # data parallelism both equal one big batch.
             loss = step_loss_sum(batch) / n_targets
+            weight = 1.0 if weights is None else weights[k]
+            if weight != 1.0 or scale != 1.0:
+                loss = loss * (weight * scale)
             scaler.scale(loss).backward()
-            step_loss += loss.detach()
-        if anchor is not None:  # reported loss stays the task's; the penalty only shapes the update
+            step_loss += loss.detach() / scale
+        distributed.sum_gradients(params, world)
+        if anchor is not None:  # after the all-reduce: every rank adds the same penalty gradient, once
             scaler.scale(anchor.penalty()).backward()
+        if world.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, t.maxGradNorm)
         scaler.step(optimizer)
@@ -314,19 +371,27 @@ def _run(cfg, stop: StopFlag) -> int:
         # attention FLOP term: the benchmark's tokens/s and MFU.
         train_seconds, tokens_this_run, sum_sq_lengths = 0.0, 0, 0
         while state.step < n_steps:
-            if stop.requested and state.step == started_step:  # asked to stop before a step: nothing new to save
+            if state.step == started_step and distributed.any_rank(world, stop.requested):
+                # asked to stop before a step: nothing new to save
                 log.info("preempted before the first step", extra={"event": "preempted", "step": state.step})
                 return EXIT_PREEMPTED
             step_start = time.perf_counter()
-            micro_batches = stream.next_step(state, t.gradientAccumulationSteps)
-            step_loss = train_step(micro_batches)
+            if world.distributed:
+                part = distributed.shard_step(stream.next_rows(state, t.gradientAccumulationSteps), train_set,
+                                              pad_id, t.batchSize, world)
+                step_loss = train_step(part.micro_batches, part.n_targets, part.weights)
+                step_tokens, step_sq = part.n_tokens, part.sum_sq_lengths
+            else:
+                micro_batches = stream.next_step(state, t.gradientAccumulationSteps)
+                step_loss = train_step(micro_batches)
+                step_tokens = sum(b["n_tokens"] for b in micro_batches)
+                step_sq = sum(b["sum_sq_lengths"] for b in micro_batches)
             train_seconds += time.perf_counter() - step_start
             if debug_sleep:
                 time.sleep(debug_sleep)
 
-            step_tokens = sum(b["n_tokens"] for b in micro_batches)
             tokens_this_run += step_tokens
-            sum_sq_lengths += sum(b["sum_sq_lengths"] for b in micro_batches)
+            sum_sq_lengths += step_sq
             state.step += 1
             state.tokens_seen += step_tokens
             state.last_loss = step_loss
@@ -348,9 +413,10 @@ def _run(cfg, stop: StopFlag) -> int:
                                         "tokens_per_second": progress.record.get("tokensPerSecond")})
                 window_tokens, window_start = 0, time.monotonic()
 
-            if state.step % t.checkpointEverySteps == 0 or is_last or stop.requested:
+            stopping = distributed.any_rank(world, stop.requested)
+            if state.step % t.checkpointEverySteps == 0 or is_last or stopping:
                 save_checkpoint()
-            if stop.requested and not is_last:
+            if stopping and not is_last:
                 progress.write()
                 log.info("preempted: checkpoint written", extra={"event": "preempted", "step": state.step})
                 return EXIT_PREEMPTED
@@ -363,27 +429,33 @@ def _run(cfg, stop: StopFlag) -> int:
         if mix is not None:
             metrics["replay"] = mix.stats([d.name for d in cfg.replayData])
         export_started = time.perf_counter()
+        whole = distributed.whole_trainable(named_params) if sharded else None
+        if not world.is_main:  # rank 0 publishes the adapter (the same peft folder at any world size)
+            return EXIT_OK
         result = export_adapter(model, cfg, precision, metrics, base_digest, balanced,
-                                lineage=lineage if parent is not None else None)
+                                lineage=lineage if parent is not None else None, state_dict=whole)
         seconds.update(steps=train_seconds, export=time.perf_counter() - export_started)
         progress.update(step=state.step, epoch=epoch_done(), eval_loss=state.last_eval_loss, force=True)
         log.info("training done", extra={"event": "done", "digest": result["digest"], "metrics": metrics,
                                           "train_seconds": round(train_seconds, 3), "sum_sq_lengths": sum_sq_lengths,
                                           "tokens_this_run": tokens_this_run,
+                                          "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device))
+                                          if device.type == "cuda" else None,
                                           "seconds": {k: round(v, 2) for k, v in seconds.items()}})
         return EXIT_OK
     finally:
         progress.close()
 
 
-def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str, balanced=None, lineage=None) -> dict:
+def export_adapter(model, cfg, precision: str, metrics: dict, base_digest: str, balanced=None, lineage=None,
+                   state_dict: Optional[dict] = None) -> dict:
     import tempfile
 
     training = cfg.model_dump(mode="json", include={"method", "lora", "quantization", "training"})
     training["effectivePrecision"] = precision
     with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
         folder = Path(tmp)
-        adapter.save_peft_files(model, folder, cfg.baseModel.uri)
+        adapter.save_peft_files(model, folder, cfg.baseModel.uri, state_dict=state_dict)
         manifest = adapter.build_manifest(
             folder,
             base_model={"uri": cfg.baseModel.uri, "digest": base_digest},

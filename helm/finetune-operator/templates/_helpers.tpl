@@ -105,10 +105,16 @@ reads logs with the user's own credentials; the operator reads none). */}}
   resources: [events]
   verbs: [create, patch]
 # The one egress NetworkPolicy per namespace for the operator's Job pods (created, then kept as
-# rendered; never listed or deleted).
+# rendered; never listed or deleted), and one per multi-node trainer Job letting its pods reach
+# each other (owned by the FineTuneJob: garbage-collected with it).
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, patch]
+# The headless Service of a multi-node trainer Job (pod 0's DNS name for the rendezvous; owned by
+# the FineTuneJob).
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create]
 # Serving targets: the LoRA adapter list of a KServe LLMInferenceService (server-side apply).
 - apiGroups: [serving.kserve.io]
   resources: [llminferenceservices]

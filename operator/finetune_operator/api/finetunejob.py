@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .continual import EXACTLY_ONE_PARENT, InitFrom, LineageStatus, ReplaySettings, ReplayStats
 from .balance import BalanceReport, BalanceSettings
+from .distributed import DistributedSettings, MemoryPlanStatus
 from .governance import CheckResult, GovernanceSpec
 from .meta import (DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef,
                    URI_PATTERN, age_column)
@@ -235,6 +236,8 @@ class FineTuneJobSpec(ApiModel):
         "on the language model, and at what learning rate (docs/multimodal.md). Unset: vision encoder frozen, "
         "projector trained.")
     resources: ResourceSettings = Field(default_factory=ResourceSettings, description="Scheduling and hardware.")
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings,
+                                             description="How the trainer's ranks share the work (docs/distributed.md).")
     output: OutputLocation = Field(..., description="Where adapters and checkpoints go.")
     governance: Optional[GovernanceSpec] = Field(
         None, description="Checks and thresholds; may only tighten the GovernancePolicy that applies.")
@@ -353,6 +356,7 @@ class FineTuneJobStatus(ApiModel):
     lineage: Optional[LineageStatus] = Field(None, description="The parent adapter (spec.initFrom) and its ancestors.")
     replay: Optional[ReplayStats] = Field(None, description="What training.replay mixed into training.")
     gpuHours: float = Field(0, ge=0, description="GPU-hours used by trainer pods so far.")
+    plan: Optional[MemoryPlanStatus] = Field(None, description="Pre-flight memory and time plan (condition Feasible).")
     startTime: Optional[str] = Field(None, description="When training started.")
     completionTime: Optional[str] = Field(None, description="When the job finished.")
     message: str = Field("", description="A human-readable summary of the current phase.")

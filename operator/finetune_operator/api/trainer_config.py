@@ -13,6 +13,7 @@ from pydantic import Field
 
 from .continual import ReplayData, ResolvedParent
 from .curation import MAX_EVAL_SETS, MAX_EVAL_SETS_USED
+from .distributed import DistributedSettings
 from .dataset import DataFormat, DatasetSpec, PIIPolicy, Provenance
 from .finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from .governance import GovernanceSpec
@@ -64,6 +65,7 @@ class TrainerConfig(ApiModel):
     quantization: Optional[Quantization] = None
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     multimodal: Optional[Multimodal] = Field(None, description="spec.multimodal (a vision-language base model).")
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     outputURI: str = Field(..., pattern=URI_PATTERN, description="Run folder: checkpoints/, adapters/, progress.json.")
     initFrom: Optional[ResolvedParent] = Field(None, description="The parent adapter spec.initFrom resolved to.")
     replayData: list[ReplayData] = Field(default_factory=list, description="The training.replay Datasets' data.")

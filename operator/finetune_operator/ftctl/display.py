@@ -174,3 +174,20 @@ def timings_table(phases: Iterable[Any], total: Any, threads: Optional[str] = No
                       f"{p.wall:.1f}", "" if p.sub else cpu)
     table.add_row(Text(total.name, style="bold"), f"{total.wall:.1f}", f"{total.cpu:.1f}")
     return table
+
+
+def plan_table(name: str, plan) -> Table:
+    """`ftctl plan`: one job's memory per GPU by part (memory_plan.Plan)."""
+    gib = 1024 ** 3
+    where = f"{plan.world} rank(s), {plan.strategy}" + (f", {plan.gpu_product}" if plan.gpu_product else "")
+    table = Table(title=f"{name}: per GPU ({where})", title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, size in plan.parts.items():
+        table.add_row(part, f"{size / gib:.2f}")
+    table.add_row("total", f"{plan.total / gib:.2f}")
+    if plan.gpu_bytes:
+        table.add_row(f"{plan.gpu_product} has", f"{plan.gpu_bytes / gib:.1f}")
+    if plan.step_seconds is not None:
+        table.add_row("step time (s, 35% MFU)", f"{plan.step_seconds:.2f}")
+    return table

@@ -185,6 +185,45 @@ def submit(
 
 @app.command()
 @one_line_errors
+def plan(files: List[Path] = typer.Argument(..., help="Manifest files or folders with FineTuneJobs.")) -> None:
+    """Each FineTuneJob's memory plan per GPU (and step time), from its base model's config.json;
+    exits 1 when one does not fit its GPU. Nothing is submitted."""
+    import json
+
+    from finetune_trainer import storage
+
+    from .. import memory_plan
+    from .manifests import load
+
+    jobs = load(files).jobs
+    if not jobs:
+        raise FtctlError("no FineTuneJob in " + ", ".join(map(str, files)), EXIT_USAGE)
+    code = 0
+    for job in jobs:
+        name, spec = job["metadata"]["name"], job["spec"]
+        uri = spec["baseModel"]["uri"].rstrip("/") + "/config.json"
+        try:
+            model_config = json.loads(storage.read_text(uri))
+        except Exception as exc:  # missing, unreadable or not JSON: say which file
+            raise FtctlError(f"{name}: cannot read {uri} ({type(exc).__name__}: {exc}); the plan needs the "
+                             "base model's config.json", EXIT_USAGE) from None
+        try:
+            if int((spec.get("resources") or {}).get("gpusPerNode", 1)) < 1:
+                estimate = memory_plan.estimate(model_config, spec, device="cpu")
+                fits, message = None, f"a CPU job: about {estimate.total / memory_plan.GiB:.1f} GiB of host memory"
+            else:
+                fits, message, estimate = memory_plan.verdict(model_config, spec)
+        except ValueError as exc:
+            raise FtctlError(f"{name}: {uri}: {exc}", EXIT_USAGE) from None
+        console.print(display.plan_table(name, estimate))
+        console.print(("" if fits is not False else "does not fit: ") + message, markup=False)
+        if fits is False:
+            code = EXIT_FAILED
+    raise typer.Exit(code)
+
+
+@app.command()
+@one_line_errors
 def status(ctx: typer.Context, name: Optional[str] = typer.Argument(None, help="A FineTuneJob (default: all).")) -> None:
     """A table of FineTuneJobs: phase, progress, loss, ETA, governance, promotion."""
     cluster = _cluster(ctx)
