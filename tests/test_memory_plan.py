@@ -116,3 +116,37 @@ def test_without_a_model_config_the_job_goes_ahead_unplanned():
     plan = decisions.plan_finetunejob(ftj(spec()), decisions.JobInputs(dataset=DATASET), CFG, NOW)
     assert [m["kind"] for m in plan.create] == ["ConfigMap", "Job"]
     assert "plan" not in plan.status and get_condition(plan.status["conditions"], "Feasible") is None
+
+
+def test_auto_is_ddp_unless_only_a_sharded_base_fits_and_the_trainer_is_told():
+    two_gpus = {"gpusPerNode": 2, **H100}
+    assert memory_plan.choose_strategy(LLAMA3_8B, spec(resources=two_gpus)) == "ddp"  # 8B bf16 fits one H100
+    eight = {"gpusPerNode": 8, **H100}
+    assert memory_plan.choose_strategy(LLAMA3_70B, spec(resources=eight)) == "fsdp"  # 70B only fits sharded
+    assert memory_plan.choose_strategy(LLAMA3_70B, spec()) == "ddp"  # one rank: nothing to shard over
+
+    inputs = decisions.JobInputs(dataset=DATASET, model_config=LLAMA3_70B)
+    made = decisions.plan_finetunejob(ftj(spec(resources=eight, distributed={"strategy": "auto"})), inputs, CFG, NOW)
+    assert made.status["plan"]["strategy"] == "fsdp" and made.status["plan"]["fits"] is True
+    import json
+
+    cm = next(m for m in made.create if m["kind"] == "ConfigMap")
+    assert json.loads(next(iter(cm["data"].values())))["distributed"]["strategy"] == "fsdp"
+    # A strategy the user chose is left alone.
+    chosen = decisions.plan_finetunejob(ftj(spec(resources=eight, distributed={"strategy": "ddp"})), inputs, CFG, NOW)
+    assert chosen.status["phase"] == "Failed"  # a replicated 70B does not fit: the plan says so, nothing overrides
+
+
+def test_the_grace_period_leaves_time_for_the_checkpoint_and_never_goes_below_the_setting():
+    _, _, record = memory_plan.check(spec(), LLAMA3_8B, grace_floor=300)
+    assert record["terminationGracePeriodSeconds"] == 300  # a LoRA checkpoint of an 8B model is small
+    plan = memory_plan.estimate(LLAMA3_8B, spec(lora={"r": 1024}))
+    needed = memory_plan.grace_seconds(plan, 0)
+    adapter_state = plan.parts["adapter"] * 3 / 4
+    assert needed >= 2 * adapter_state / memory_plan.CHECKPOINT_BYTES_PER_SECOND + 60
+    inputs = decisions.JobInputs(dataset=DATASET, model_config=LLAMA3_8B)
+    made = decisions.plan_finetunejob(ftj(spec(lora={"r": 1024})), inputs, OperatorConfig(
+        artifact_store="s3://store", default_governance={"required": []}, termination_grace_seconds=30), NOW)
+    job = next(m for m in made.create if m["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == \
+        made.status["plan"]["terminationGracePeriodSeconds"] > 30

@@ -523,7 +523,7 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
             status["lineage"] = cont.lineage
             cond("ParentReady", True, "ParentVerified",
                  f"parent adapter {cont.lineage['parentDigest']} ({cont.lineage['source']}) verified")
-        checked = memory_plan.check(spec, inputs.model_config)  # before any GPU is requested
+        checked = memory_plan.check(spec, inputs.model_config, config.termination_grace_seconds)  # before any GPU
         if checked is not None:
             fits, plan_message, status["plan"] = checked
             cond(memory_plan.CONDITION, "Unknown" if fits is None else fits,
@@ -536,7 +536,9 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
         train_cfg = children.trainer_config(ftj, ds_status.get("validatedURI"), dataset["spec"]["format"],
                                             ds_status.get("digest"), config.progress_interval,
                                             continual=cont.trainer_fields)
+        memory_plan.apply(status.get("plan"), spec, train_cfg)
         cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
+        memory_plan.apply_to_job(status.get("plan"), job)
         job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
         plan.create.extend([cm, *gang.gang_objects(job, ftj, config), job])
         status["trainerJob"] = trainer_name
@@ -560,7 +562,9 @@ def plan_finetunejob(ftj: dict, inputs: JobInputs, config: OperatorConfig, now: 
                                             continual=cont.trainer_fields)
         # Without its parent or replay data the run would be another run: wait until they are back.
         if dataset is not None and cont.state == "Ready":
+            memory_plan.apply(status.get("plan"), spec, train_cfg)  # the same as when it was first made
             cm, job = children.trainer_children(ftj, attempt, train_cfg, config)
+            memory_plan.apply_to_job(status.get("plan"), job)
             job["metadata"].setdefault("annotations", {})[GPU_HOURS_BEFORE] = str(status.get("gpuHours", 0) or 0)
             plan.create.extend([cm, *gang.gang_objects(job, ftj, config), job])
     elif state.state == "Pending" and preemption.preempted(inputs.trainer_job, status, state.reason):

@@ -130,7 +130,7 @@ def estimate(model_config: dict, spec: dict, *, device: str = "cuda", strategy: 
     world = max(1, int(res.get("nodes", 1) or 1)) * max(1, int(res.get("gpusPerNode", 1) or 1))
     strategy = strategy or (spec.get("distributed") or {}).get("strategy", "auto")
     if strategy == "auto":
-        strategy = "ddp"
+        strategy = choose_strategy(model_config, spec)
     sharded = strategy == "fsdp" and world > 1
     h, L = shape.hidden, shape.layers
 
@@ -188,6 +188,31 @@ def estimate(model_config: dict, spec: dict, *, device: str = "cuda", strategy: 
         plan.notes.append(f"no known GPU product in resources.gpuNodeSelector[{PRODUCT_LABEL!r}]: "
                           "the plan cannot say whether it fits")
     return plan
+
+
+def choose_strategy(model_config: dict, spec: dict) -> str:
+    """What `auto` means: ddp (no communication beyond the adapter's gradients) unless a replicated
+    base does not fit the GPU and a sharded one does. Unknown GPU or one rank: ddp."""
+    res = spec.get("resources") or {}
+    world = max(1, int(res.get("nodes", 1) or 1)) * max(1, int(res.get("gpusPerNode", 1) or 1))
+    if world < 2:
+        return "ddp"
+    replicated = estimate(model_config, spec, strategy="ddp")
+    if replicated.fits is not False:
+        return "ddp"
+    return "fsdp" if estimate(model_config, spec, strategy="fsdp").fits else "ddp"
+
+
+#: What a checkpoint write is assumed to sustain to the object store (conservative for S3 from a GPU node).
+CHECKPOINT_BYTES_PER_SECOND = 50 * 1024 ** 2
+
+
+def grace_seconds(plan: Plan, floor: int) -> int:
+    """terminationGracePeriodSeconds for the trainer pod: finish the step in flight, write the checkpoint
+    (adapter + AdamW moments, fp32) twice over for safety, and a minute of margin; never below `floor`."""
+    adapter_state = plan.parts.get("adapter", 0) * 3 / 4 * max(1, plan.world if plan.strategy == "fsdp" else 1)
+    needed = (plan.step_seconds or 0) + 2 * adapter_state / CHECKPOINT_BYTES_PER_SECOND + 60
+    return max(floor, int(needed + 0.999))
 
 
 def _gib(n: float) -> str:
@@ -266,7 +291,8 @@ INFEASIBLE = "Infeasible"
 CONDITION = "Feasible"
 
 
-def check(spec: dict, model_config: Optional[dict]) -> Optional[tuple[Optional[bool], str, dict]]:
+def check(spec: dict, model_config: Optional[dict],
+          grace_floor: int = 0) -> Optional[tuple[Optional[bool], str, dict]]:
     """(fits, message, status.plan) for a GPU job whose base model's config.json was read; None when
     there is nothing to plan (a CPU job, or no config)."""
     if not model_config or int((spec.get("resources") or {}).get("gpusPerNode", 1)) < 1:
@@ -275,4 +301,21 @@ def check(spec: dict, model_config: Optional[dict]) -> Optional[tuple[Optional[b
         fits, message, plan = verdict(model_config, spec)
     except ValueError as exc:
         return None, f"no plan: the base model's {exc}", {}
-    return fits, message, status_record(plan, fits)
+    record = status_record(plan, fits)
+    if plan.step_seconds is not None:
+        record["terminationGracePeriodSeconds"] = grace_seconds(plan, grace_floor)
+    return fits, message, record
+
+
+def apply(plan: Optional[dict], spec: dict, train_cfg: dict) -> None:
+    """What the plan decided, into the trainer's config: the strategy `auto` resolved to."""
+    if not plan or (spec.get("distributed") or {}).get("strategy", "auto") != "auto":
+        return
+    if plan.get("strategy") in ("ddp", "fsdp"):
+        train_cfg["distributed"] = {**(train_cfg.get("distributed") or {}), "strategy": plan["strategy"]}
+
+
+def apply_to_job(plan: Optional[dict], job: dict) -> None:
+    """... and the pod's grace period (time to checkpoint when preempted)."""
+    if plan and plan.get("terminationGracePeriodSeconds"):
+        job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = plan["terminationGracePeriodSeconds"]

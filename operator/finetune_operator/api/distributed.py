@@ -30,8 +30,12 @@ class MemoryPlanStatus(ApiModel):
     partsGiB: dict[str, float] = Field(default_factory=dict, description="weights, adapter (with gradients and "
                                        "AdamW states), activations, logits, cudaContext, fragmentation.")
     worldSize: int = Field(1, ge=1, description="Ranks (nodes x gpusPerNode).")
-    strategy: str = Field("single", description="single, ddp or fsdp (auto planned as ddp).")
+    strategy: str = Field("single", description="single, ddp or fsdp: what auto resolves to (ddp unless only a "
+                                                "sharded base fits the GPU); the trainer is told the same.")
     gpuProduct: Optional[str] = Field(None, description="resources.gpuNodeSelector['nvidia.com/gpu.product'].")
     gpuGiB: Optional[float] = Field(None, description="Memory of that GPU product.")
     fits: Optional[bool] = Field(None, description="Whether the estimate fits the GPU (unset: unknown product).")
     stepSeconds: Optional[float] = Field(None, description="Estimated seconds per optimizer step (35% MFU assumed).")
+    terminationGracePeriodSeconds: Optional[int] = Field(
+        None, ge=0, description="The trainer pod's grace period: the step in flight plus twice the checkpoint's "
+                                "upload time and a minute, never below the operator's jobPods setting.")
