@@ -129,3 +129,18 @@ def test_the_strategy_is_part_of_the_api():
         assert "distributed.strategy" in str(exc).replace("\n", " ").replace(" ", ".") or "strategy" in str(exc)
     else:
         raise AssertionError("an unknown strategy was accepted")
+
+
+def test_the_operator_client_can_address_every_object_the_plan_creates():
+    """kube.path_of knows each kind the operator creates: one it cannot address fails every reconcile
+    (found on the real control plane: a gang's Service)."""
+    from finetune_operator import kube
+
+    dataset = {"metadata": {"name": "ds", "generation": 1}, "spec": {"format": "chat"},
+               "status": {"phase": "Ready", "observedGeneration": 1, "validatedURI": "s3://v", "digest": "sha256:1"}}
+    plan = decisions.plan_finetunejob(ftj(resources={"nodes": 2, "gpusPerNode": 4}),
+                                      decisions.JobInputs(dataset=dataset), CFG, "2026-01-01T00:00:00Z")
+    plurals = {"ConfigMap": "configmaps", "Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
+    for manifest in plan.create:
+        path = kube.path_of(manifest["apiVersion"], manifest["kind"], "team", manifest["metadata"]["name"])
+        assert path.endswith(f"/namespaces/team/{plurals[manifest['kind']]}/{manifest['metadata']['name']}")

@@ -36,7 +36,7 @@ class ApiError(Exception):
 def path_of(api_version: str, kind: str, namespace: Optional[str], name: Optional[str] = None,
             subresource: Optional[str] = None) -> str:
     plural = PLURALS.get(kind) or {"ConfigMap": "configmaps", "Job": "jobs", "Event": "events",
-                                   "Secret": "secrets", "Pod": "pods",
+                                   "Secret": "secrets", "Pod": "pods", "Service": "services",
                                    "NetworkPolicy": "networkpolicies"}[kind]
     root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     parts = [root]

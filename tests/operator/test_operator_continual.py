@@ -1,6 +1,7 @@
 """Continual fine-tuning through the real operator: a child waits for its parent's promotion, trains
-from it with replay, keeps its lineage across an operator restart, and is judged by the retention
-check; a tampered parent fails its child before any trainer Job exists."""
+from it with replay, keeps its lineage across an operator restart, is judged by the retention
+check, takes over the parent's alias and is rolled back to it; a tampered parent fails its child
+before any trainer Job exists."""
 
 from __future__ import annotations
 
@@ -37,10 +38,14 @@ def test_child_waits_for_its_parent_trains_from_it_and_keeps_its_lineage_across_
     bucket = env["bucket"]
     ready_dataset(cluster, bucket)  # "ready": task A
     validated_dataset(cluster, bucket, "later", seed=5)  # task B
-    cluster.create(finetunejob_manifest("parent", "ready", model_uri, f"s3://{bucket}/runs/parent"))
+    # One alias for the chain: the child's promotion moves it from the parent; a rollback moves it back.
+    promotion = {"alias": "support", "aliasStore": f"s3://{bucket}/aliases"}
+    cluster.create(finetunejob_manifest("parent", "ready", model_uri, f"s3://{bucket}/runs/parent",
+                                        promotion=promotion))
     cluster.create(finetunejob_manifest(
         "child", "later", model_uri, f"s3://{bucket}/runs/child", initFrom={"fineTuneJob": {"name": "parent"}},
-        training={"replay": {"datasets": ["ready"], "fraction": 0.25}, "maxSteps": 60, "checkpointEverySteps": 5}))
+        training={"replay": {"datasets": ["ready"], "fraction": 0.25}, "maxSteps": 60, "checkpointEverySteps": 5},
+        promotion=promotion))
 
     with running_operator():
         # The child waits, saying for what, until the parent is promoted; then it trains from it.
@@ -76,6 +81,26 @@ def test_child_waits_for_its_parent_trains_from_it_and_keeps_its_lineage_across_
     assert out.output.splitlines()[0] == "FineTuneJob child: 2 adapter(s)"
     assert f"parent  {parent['adapter']['digest']}" in out.output and "job: parent  governance: passed" in out.output
     assert "base model" in out.output.splitlines()[-1]
+
+    # The alias moved from the parent to the child, the parent first in its history.
+    alias_uri = f"s3://{bucket}/aliases/support.json"
+    assert done["promotion"]["aliasURI"] == parent["promotion"]["aliasURI"] == alias_uri
+    record = json.loads(storage.read_text(alias_uri))
+    assert record["adapterDigest"] == done["adapter"]["digest"]
+    assert [h["adapterDigest"] for h in record["history"]] == [parent["adapter"]["digest"]]
+    # `ftctl rollback support`: the child is taken out of service and the alias goes back to the parent.
+    rolled = CliRunner().invoke(app, ["--kubeconfig", env["KUBECONFIG"], "rollback", "support"])
+    assert rolled.exit_code == 0 and "child revoked: alias support" in rolled.output, rolled.output
+    with running_operator():
+        back = wait_for(lambda: (s := status_of(cluster, "child")).get("promotion", {}).get("state") == "RolledBack"
+                        and s, 30, "child rolled back")
+        wait_for(lambda: "RolledBack" in {e["reason"] for e in cluster.events(name="child")}, 10, "RolledBack Event")
+    assert back["promotion"]["served"]["digest"] == parent["adapter"]["digest"]
+    assert get_condition(back["conditions"], "Promoted")["reason"] == "RolledBack"
+    record = json.loads(storage.read_text(alias_uri))
+    assert record["adapterDigest"] == parent["adapter"]["digest"] and record["history"] == []
+    assert record["rolledBack"]["adapterDigest"] == done["adapter"]["digest"]
+    assert status_of(cluster, "parent")["promotion"]["state"] == "Promoted"  # the parent's record is kept
 
 
 def test_a_tampered_parent_fails_the_child_before_any_trainer_job(cluster, env, kubelet, operator, model_uri):

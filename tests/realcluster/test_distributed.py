@@ -29,7 +29,7 @@ def test_gang_of_two_nodes_with_four_gpus_is_accepted_as_rendered(real_cluster, 
     c = real_cluster
     c.apply({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
              "metadata": {"name": "big", "namespace": namespace},
-             "spec": {"baseModel": {"uri": "s3://m/llama"}, "datasetRef": {"name": "ds"},
+             "spec": {"baseModel": {"uri": "s3://models/llama"}, "datasetRef": {"name": "ds"},
                       "output": {"uri": "s3://out/big"}, "suspend": True,
                       "resources": {"nodes": 2, "gpusPerNode": 4, "queueName": "team-queue"}}})
     ftj = c.get("finetunejob", "big", namespace)  # with the API server's defaults (distributed.strategy: auto)
