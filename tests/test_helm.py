@@ -483,3 +483,23 @@ def test_the_operator_is_told_its_namespace_and_the_job_pod_settings(rendered):
         path = Path(tempfile.mkdtemp()) / "config.yaml"
         path.write_text(cm["data"]["config.yaml"])
         assert isinstance(load({"FINETUNE_CONFIG": str(path)}), OperatorConfig)
+
+
+def test_oci_targets_give_the_operator_room_to_download_an_adapter_and_mount_the_push_credentials(helm):
+    def operator_pod(*extra: str) -> dict:
+        deployments = [d for d in of_kind(render(helm, "default", *extra), "Deployment") if not is_hook(d)]
+        return deployments[0]["spec"]["template"]["spec"]
+
+    plain = operator_pod()
+    assert {v["name"]: v for v in plain["volumes"]}["tmp"]["emptyDir"]["sizeLimit"] == "64Mi"
+    oci = operator_pod("--set", "serving.oci.repositoryPrefix=registry.example.com/adapters/{namespace}",
+                       "--set", "serving.oci.credentialsSecret=registry-push")
+    volumes = {v["name"]: v for v in oci["volumes"]}
+    assert volumes["tmp"]["emptyDir"]["sizeLimit"] == "4Gi"
+    assert volumes["oci-credentials"]["secret"]["secretName"] == "registry-push"
+    mounts = {m["name"]: m for m in oci["containers"][0]["volumeMounts"]}
+    assert mounts["oci-credentials"]["readOnly"] is True
+    config = yaml.safe_load(next(c for c in of_kind(render(helm, "default", "--set",
+                                                           "serving.oci.credentialsSecret=registry-push"), "ConfigMap")
+                                 if c["metadata"]["name"].endswith("-config"))["data"]["config.yaml"])
+    assert config["ociAuthFile"] == "/etc/finetune-operator/oci/.dockerconfigjson"
