@@ -284,7 +284,7 @@ def test_every_default_validates_against_its_own_schema(kind):
         validation._cel(copy.deepcopy(node["default"]), node, path, None, errors)
         assert not errors, f"{path}: default {node['default']!r} is invalid: {errors.items}"
         count += 1
-    assert count >= {"Dataset": 15, "FineTuneJob": 50, "GovernancePolicy": 15}[kind.KIND]
+    assert count >= {"Dataset": 15, "FineTuneJob": 50, "GovernancePolicy": 15, "SyntheticDataset": 30}[kind.KIND]
 
 
 def test_metadata_of_the_wrong_type_fails_alone_like_decoding():

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from .curation import CurationStats, Decontamination, NearDuplicates, QualityFilters
 from .images import ImageStandardisation, ImageStats
-from .meta import DIGEST_PATTERN, ApiModel, Condition, Resource, SecretRef, URI_PATTERN, age_column
+from .meta import DIGEST_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, SecretRef, URI_PATTERN, age_column
 
 # Data formats follow the usual JSONL conventions; the trainer's formats module parses them.
 # New formats (e.g. image-text) are added there and here, nowhere else.
@@ -75,6 +75,23 @@ class EvaluationSplit(ApiModel):
         description="A separate JSONL evaluation file in the same format, instead of a fraction.")
 
 
+class SyntheticOrigin(ApiModel):
+    """The chain behind a Dataset made by a SyntheticDataset (set by the operator on its child Dataset)."""
+
+    syntheticDataset: str = Field(..., min_length=1, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN,
+                                  description="The SyntheticDataset (same namespace) that made this Dataset.")
+    seedDataset: str = Field(..., min_length=1, max_length=63, pattern=DNS_SUBDOMAIN_PATTERN,
+                             description="The seed Dataset it grew from.")
+    seedDigest: str = Field(..., pattern=DIGEST_PATTERN, description="Digest of the seed's validated data.")
+    baseModelDigest: str = Field(..., pattern=DIGEST_PATTERN, description="Digest of the generator's base model.")
+    generatorAdapterDigest: Optional[str] = Field(
+        None, pattern=DIGEST_PATTERN, description="Digest of the generator adapter, when a FineTuneJob's.")
+    templateDigest: str = Field(..., pattern=DIGEST_PATTERN, description="sha256 of the prompt template.")
+    candidatesDigest: str = Field(..., pattern=DIGEST_PATTERN, description="sha256 of candidates.jsonl.")
+    reviewURI: str = Field(..., pattern=URI_PATTERN, max_length=2048,
+                           description="The review.json the reviewed file was made from.")
+
+
 class Provenance(ApiModel):
     """Where the data came from; checked by the provenance governance check."""
 
@@ -87,6 +104,9 @@ class Provenance(ApiModel):
     consent: Consent = Field(
         "unknown", description="Whether the people in the data consented: obtained, not-required or unknown.")
     containsPersonalData: bool = Field(False, description="Whether the data contains personal data about people.")
+    synthetic: Optional[SyntheticOrigin] = Field(
+        None, description="Set when the data was generated (by a SyntheticDataset): the seed, generator and "
+        "template digests and the review, which the provenance check verifies line by line.")
 
 
 class Curation(ApiModel):
