@@ -8,8 +8,8 @@ import json
 from typing import Optional
 
 from finetune_operator.api.synthetic import GenerationReport, Lineage, SyntheticCandidate
-from finetune_trainer import storage
-from finetune_trainer.review import candidate_id
+from finetune_trainer.synthesis import records
+from finetune_trainer.synthesis.records import candidate_id
 
 
 def digest(text: str) -> str:
@@ -36,14 +36,12 @@ def make_candidates(n: int, sampled: Optional[set[int]] = None, fmt: str = "chat
 
 
 def write_work(work_uri: str, candidates: list[SyntheticCandidate]) -> str:
-    """candidates.jsonl and generation.json; returns the candidates digest."""
-    text = "".join(c.model_dump_json(exclude_none=True) + "\n" for c in candidates)
-    storage.write_text(storage.join(work_uri, "candidates.jsonl"), text)
-    candidates_digest = digest(text)
+    """candidates.jsonl and generation.json, as the generation Job writes them; returns the candidates digest."""
+    candidates_digest = records.write_candidates(work_uri, candidates)
     report = GenerationReport(requested=len(candidates), generated=len(candidates), kept=len(candidates),
                               reviewRequired=sum(c.reviewRequired for c in candidates), lineage=LINEAGE,
                               candidatesDigest=candidates_digest)
-    storage.write_text(storage.join(work_uri, "generation.json"), report.model_dump_json())
+    records.write_generation(work_uri, report)
     return candidates_digest
 
 

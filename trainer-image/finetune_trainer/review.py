@@ -43,26 +43,15 @@ from finetune_operator.api.synthetic import (ReviewDecision, ReviewSettings, Rev
 from . import formats, jsonlines, storage
 from .errors import ConfigError
 
-try:  # the generation side's definition, when it is there (one definition of an id for both sides)
-    from .synthesis.records import candidate_id
-except ImportError:  # pragma: no cover - until the synthesis package lands
-    def candidate_id(example: dict) -> str:
-        """First 16 hex digits of the sha256 of the example's canonical JSON."""
-        text = json.dumps(example, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+from .synthesis.records import (CANDIDATES, GENERATION, REVIEW_STATS as REVIEW_JSON, REVIEWED, REVIEWS,
+                                candidate_id, lineage_metadata)
 
-CANDIDATES, GENERATION, REVIEWS, REVIEWED, REVIEW_JSON = (
-    "candidates.jsonl", "generation.json", "reviews", "reviewed.jsonl", "review.json")
 #: A decision object is small; an edited example is at most MAX_EXAMPLE_BYTES of JSON.
 MAX_DECISION_BYTES = 2 * 2**20
 MAX_EXAMPLE_BYTES = 2**20
 MAX_GENERATION_BYTES = 2**20
 #: How many problems an error or a report lists (then "and N more").
 MAX_LISTED = 10
-#: Lineage keys materialize adds to each line's metadata.
-LINEAGE_KEYS = ("synthetic.id", "synthetic.dataset", "synthetic.seedDigest", "synthetic.baseModelDigest",
-                "synthetic.generatorAdapterDigest", "synthetic.templateDigest", "synthetic.review",
-                "synthetic.reviewer")
 _ID = re.compile(r"^[a-f0-9]{16}$")
 _FORMAT_KEYS = {"chat": {"messages"}, "instruction": {"instruction", "input", "output", "system"},
                 "completion": {"prompt", "completion"}}
@@ -528,20 +517,6 @@ class Materialized:
     written: bool  # False: review.json already said exactly this (a repeated run)
 
 
-def _lineage_metadata(cand: SyntheticCandidate, how: str, reviewer: Optional[str]) -> dict:
-    meta = {
-        "synthetic.id": cand.id,
-        "synthetic.dataset": cand.lineage.syntheticDataset,
-        "synthetic.seedDigest": cand.lineage.seedDigest,
-        "synthetic.baseModelDigest": cand.lineage.baseModelDigest,
-        "synthetic.generatorAdapterDigest": cand.lineage.generatorAdapterDigest,  # omitted for a base model
-        "synthetic.templateDigest": cand.lineage.templateDigest,
-        "synthetic.review": how,
-        "synthetic.reviewer": formats.clip(reviewer, formats.MAX_METADATA_STRING - 40) if reviewer else None,
-    }
-    return {k: v for k, v in meta.items() if v is not None}
-
-
 def _reviewed_line(cand: SyntheticCandidate, decision: Optional[ReviewDecision], fmt: str) -> Optional[str]:
     if decision is not None and decision.verdict == "rejected":
         return None
@@ -551,7 +526,7 @@ def _reviewed_line(cand: SyntheticCandidate, decision: Optional[ReviewDecision],
         example, how, who = decision.example, "edited", decision.reviewer
     else:
         example, how, who = cand.example, "accepted", decision.reviewer
-    meta = {**(example.get("metadata") or {}), **_lineage_metadata(cand, how, who)}
+    meta = {**(example.get("metadata") or {}), **lineage_metadata(cand.id, cand.lineage, how, who or "")}
     if len(meta) > formats.MAX_METADATA_KEYS:
         raise ReviewError(f"candidate {cand.id}: metadata would have {len(meta)} keys, at most "
                           f"{formats.MAX_METADATA_KEYS}")
