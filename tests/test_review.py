@@ -164,6 +164,33 @@ def test_summarize_follows_new_decisions_and_counts_only_sampled_ones(work):
     assert review.summarize(uri, settings).reviewed == 0
 
 
+def test_summarize_on_s3_lists_once_and_reads_only_new_decisions(bucket):
+    uri = f"s3://{bucket}/synth/work"
+    cands = make_candidates(30)
+    write_work(uri, cands)
+    review.import_decisions(uri, jsonl([{"id": c.id, "status": "accepted"} for c in cands[:20]]), "ana")
+    calls: list[str] = []
+
+    def count(model, **_):
+        calls.append(model.name)
+
+    clients = [storage.s3_client(), storage.s3_client(validate_checksums=False)]
+    for s3 in clients:
+        s3.meta.events.register("before-call.s3", count)
+    try:
+        assert review.summarize(uri, ReviewSettings()).reviewed == 20  # the first call reads everything
+        calls.clear()
+        review.record_decision(uri, decide(cands[25], "rejected"))
+        calls.clear()
+        stats = review.summarize(uri, ReviewSettings())
+    finally:
+        for s3 in clients:
+            s3.meta.events.unregister("before-call.s3", count)
+    assert (stats.reviewed, stats.rejected, stats.pending) == (21, 1, 9)
+    # generation.json, one listing, the one new decision: not the 20 already read, not candidates.jsonl
+    assert sorted(calls) == ["GetObject", "GetObject", "ListObjectsV2"], calls
+
+
 # --- imports ----------------------------------------------------------------------------------------------
 
 def test_import_of_our_own_decision_lines_is_idempotent(work):

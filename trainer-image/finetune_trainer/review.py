@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -351,12 +352,13 @@ def review_outcome(stats: ReviewStats, settings: ReviewSettings) -> tuple[Outcom
 class _Index:
     digest: Optional[str]
     sampled: tuple[str, ...]
-    stamps: dict[str, tuple[str, Optional[str]]] = field(default_factory=dict)  # name -> (stamp, verdict)
+    stamps: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (stamp, verdict)
 
 
 #: Per work folder: the sampled ids (per candidatesDigest) and the verdicts read so far. Bounded.
 _SUMMARY_CACHE: "OrderedDict[str, _Index]" = OrderedDict()
 _SUMMARY_CACHE_SIZE = 32
+_SUMMARY_LOCK = threading.Lock()  # the operator reconciles several objects at once, in threads
 
 
 def _generation_digest(work_uri: str) -> Optional[str]:
@@ -373,13 +375,19 @@ def summarize(work_uri: str, settings: ReviewSettings, problems: Optional[list[s
     are appended to `problems` (when given) and count as no decision."""
     del settings  # the sample is the generation Job's (reviewRequired); the rate is review_outcome's
     digest = _generation_digest(work_uri)
-    index = _SUMMARY_CACHE.get(work_uri)
+    with _SUMMARY_LOCK:
+        index = _SUMMARY_CACHE.pop(work_uri, None)  # ours alone while we work on it
     if index is None or digest is None or index.digest != digest:
         index = _Index(digest, tuple(c.id for c in iter_candidates(work_uri) if c.reviewRequired))
-    _SUMMARY_CACHE[work_uri] = index
-    _SUMMARY_CACHE.move_to_end(work_uri)
-    while len(_SUMMARY_CACHE) > _SUMMARY_CACHE_SIZE:
-        _SUMMARY_CACHE.popitem(last=False)
+    stats = _update(work_uri, index, problems)
+    with _SUMMARY_LOCK:
+        _SUMMARY_CACHE[work_uri] = index
+        while len(_SUMMARY_CACHE) > _SUMMARY_CACHE_SIZE:
+            _SUMMARY_CACHE.popitem(last=False)
+    return stats
+
+
+def _update(work_uri: str, index: _Index, problems: Optional[list[str]]) -> ReviewStats:
     listed = dict(_decision_names(work_uri))
     for name in list(index.stamps):
         if name not in listed:
@@ -389,18 +397,16 @@ def summarize(work_uri: str, settings: ReviewSettings, problems: Optional[list[s
         if cached is not None and cached[0] == stamp:
             continue
         cid = name[:-len(".json")] if name.endswith(".json") else ""
-        verdict: Optional[str] = None
-        if _ID.match(cid):
-            try:
-                verdict = _read_decision(storage.join(work_uri, REVIEWS, name), cid).verdict
-            except (ReviewError, FileNotFoundError) as exc:
-                if problems is not None:
-                    problems.append(str(exc))
-                continue  # not cached: read again next time (it may be fixed)
-        elif problems is not None:
-            problems.append(f"{storage.join(work_uri, REVIEWS, name)}: not a decision")
+        try:
+            if not _ID.match(cid):
+                raise ReviewError(f"{storage.join(work_uri, REVIEWS, name)}: not a decision")
+            verdict = _read_decision(storage.join(work_uri, REVIEWS, name), cid).verdict
+        except (ReviewError, FileNotFoundError) as exc:
+            if problems is not None:
+                problems.append(str(exc))
+            continue  # not cached: reported on every call until it is fixed or deleted
         index.stamps[name] = (stamp, verdict)
-    verdicts = {name[:-len(".json")]: v for name, (_, v) in index.stamps.items() if v is not None}
+    verdicts = {name[:-len(".json")]: verdict for name, (_, verdict) in index.stamps.items()}
     return stats_of(index.sampled, verdicts)
 
 
