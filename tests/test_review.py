@@ -343,3 +343,20 @@ def test_synthesis_finalize_command_on_s3(bucket, tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["synthesis-finalize", "--config", str(config)])
     assert exit_.value.code == 3
+
+
+def test_the_argilla_record_in_the_docs_imports(tmp_path):
+    from testutil import REPO
+
+    from finetune_operator.api.synthetic import SyntheticCandidate
+
+    doc = (REPO / "docs" / "synthetic-data.md").read_text()
+    block = doc.split("An Argilla export in this shape:\n\n```json\n", 1)[1].split("```", 1)[0]
+    record = json.loads(block)
+    uri = f"file://{tmp_path}/work"
+    example = dict(record["fields"])
+    write_work(uri, [SyntheticCandidate(id=records.candidate_id(example), example=example, lineage=LINEAGE)])
+    result = review.import_decisions(uri, [json.dumps(record)], "importer")
+    assert result.imported["accepted"] == 1
+    (decision,) = review.load_decisions(uri)[0].values()
+    assert (decision.reviewer, decision.at) == ("kim", "2026-11-30T12:00:00.000000Z")
