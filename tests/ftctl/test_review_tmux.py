@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from finetune_operator.ftctl.main import app
 from finetune_trainer import review
+from finetune_trainer.synthesis.records import candidate_id
 
 from .conftest import NS, REPO, ftctl
 
@@ -119,6 +120,36 @@ def test_review_in_tmux_accept_reject_edit_and_quit(tmp_path):
     finally:
         pane.close()
     assert [c.id for c in review.pending(work)] == [cands[3].id]
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (hack/test.sh installs Debian's package)")
+def test_review_without_an_editor_edits_inline_and_never_lets_an_example_drive_the_terminal(tmp_path):
+    work = f"file://{tmp_path}/work"
+    cands = make_candidates(2)
+    hostile = {"messages": [{"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "ok \x1b]2;PWNED\x07 \x1b[2J\x1b[31mred"}]}
+    cands[1] = cands[1].model_copy(update={"example": hostile, "id": candidate_id(hostile)})
+    write_work(work, cands)
+    (tmp_path / "bin").mkdir()  # a PATH without any editor, and no $EDITOR / $VISUAL
+    env = {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "PATH": str(tmp_path / "bin"), "EDITOR": "",
+           "VISUAL": "", "FTCTL_REVIEWER": "ines", "TERM": "screen", "LANG": "C.UTF-8"}
+    command = f"{shlex.quote(sys.executable)} -m finetune_operator.ftctl.main review --work-uri {work}"
+    pane = Pane(tmp_path, command, env)
+    try:
+        pane.wait_for("1 of 2 pending")
+        pane.keys("e")
+        pane.wait_for("new answer")
+        pane.keys("Use the reset link.\\nThen sign in.", "Enter")
+        shown = pane.wait_for("2 of 2 pending")
+        assert f"edited: {cands[0].id}" in shown
+        edited = review.load_decisions(work)[0][cands[0].id]
+        assert edited.example["messages"][1]["content"] == "Use the reset link.\nThen sign in."
+        assert "\\x1b]2;PWNED\\x07" in shown and "\\x1b[2J" in shown  # shown escaped, not obeyed
+        assert pane.tmux("display-message", "-p", "-t", "review", "#{pane_title}").strip() != "PWNED"
+        pane.keys("q")
+        pane.wait_for("[exit 0]")
+    finally:
+        pane.close()
 
 
 def test_import_prints_the_counts_and_needs_no_terminal(tmp_path):

@@ -12,6 +12,7 @@ candidate on screen.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import termios
-import textwrap
 import tty
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,22 +139,35 @@ def _short(digest: Optional[str]) -> str:
     return digest.split(":", 1)[-1][:12] if digest else "-"
 
 
+def printable(text: str) -> str:
+    """Text safe to show: a generated example (or a reviewer's name) may hold escape sequences that
+    would drive the terminal (retitle it, move the cursor, write the clipboard): control characters are
+    shown escaped (\\x1b), tabs as spaces."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else "    " if ch == "\t" else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def example_lines(example: dict, width: int) -> list[Text]:
-    """The example as labelled, wrapped blocks: role (or field) in colour, its text indented."""
+    """The example as labelled, wrapped blocks: role (or field) in colour, its text indented (wrapped by
+    terminal cells, so wide characters wrap rather than overflow)."""
     if "messages" in example:
-        blocks = [(str(m.get("role", "?")), str(m.get("content", ""))) for m in example.get("messages") or []]
+        blocks = [(str(m.get("role", "?")), m.get("content", "")) for m in example.get("messages") or []]
     else:
-        blocks = [(k, str(example[k])) for k in ("system", "instruction", "input", "output", "prompt", "completion")
+        blocks = [(k, example[k]) for k in ("system", "instruction", "input", "output", "prompt", "completion")
                   if k in example]
+    wrapper = Console(file=io.StringIO(), width=max(10, width - 2), color_system=None)
     out: list[Text] = []
     styles = {"user": "bold cyan", "assistant": "bold green", "system": "bold magenta", "output": "bold green",
               "completion": "bold green"}
     for label, content in blocks:
-        out.append(Text(f"{label} ›", style=styles.get(label, "bold cyan")))
+        if not isinstance(content, str):  # image-text parts: their text, images by reference
+            content = json.dumps(content, ensure_ascii=False)
+        out.append(Text(f"{printable(label)} ›", style=styles.get(label, "bold cyan")))
         for paragraph in content.split("\n"):
-            for line in textwrap.wrap(paragraph, width=max(10, width - 2), replace_whitespace=False,
-                                      drop_whitespace=True) or [""]:
-                out.append(Text("  " + line))
+            for line in Text(printable(paragraph)).wrap(wrapper, max(10, width - 2)) or [Text("")]:
+                out.append(Text("  ") + line)
         out.append(Text(""))
     return out[:-1] if out else [Text("(empty example)", style="dim")]
 
@@ -165,10 +178,10 @@ def screen(session: Session, width: int, height: int) -> list[Text]:
     n = len(session.items)
     # what must never be cut first: a long label (a work folder's URI) loses its end instead
     top = [Text.assemble((f"{session.pos + 1} of {n} pending", "bold"), f" · {session.left} left · "
-                         f"{session.reviewer} · ", (session.label, "bold"))]
-    scores = " · ".join(f"{k} {v:g}" for k, v in sorted(cand.scores.items())) or "no scores"
+                         f"{printable(session.reviewer)} · ", (printable(session.label), "bold"))]
+    scores = " · ".join(f"{printable(k)} {v:g}" for k, v in sorted(cand.scores.items())) or "no scores"
     mine = session.decided.get(cand.id)
-    state = (Text(f"decided: {mine.verdict} by {mine.reviewer}", style="yellow") if mine
+    state = (Text(f"decided: {mine.verdict} by {printable(mine.reviewer)}", style="yellow") if mine
              else Text("pending", style="dim"))
     top.append(Text.assemble(state, f" · candidate {cand.id} · {scores}"))
     top.append(Text("─" * width, style="dim"))
@@ -177,7 +190,7 @@ def screen(session: Session, width: int, height: int) -> list[Text]:
         Text("─" * width, style="dim"),
         Text(f"seed {_short(lin.seedDigest)} · base {_short(lin.baseModelDigest)} · adapter "
              f"{_short(lin.generatorAdapterDigest)} · template {_short(lin.templateDigest)}", style="dim"),
-        Text(session.message, style="bold red" if session.error else "green"),
+        Text(printable(session.message), style="bold red" if session.error else "green"),
         Text(KEYS_HELP, style="bold"),
     ]
     room = max(1, height - len(top) - len(bottom))
@@ -259,8 +272,8 @@ class Terminal:
     def edit(self, session: Session) -> None:
         try:
             command = editor_command()
-        except FtctlError as exc:
-            session.say(str(exc), error=True)
+        except FtctlError:  # a bare server or container: edit the answer on the bottom line
+            self.inline_edit(session)
             return
         with tempfile.TemporaryDirectory(prefix="ftctl-review-") as tmp:
             path = Path(tmp) / f"{session.current.id}.json"
@@ -280,6 +293,28 @@ class Terminal:
                 session.say(f"{problem}: nothing recorded", error=True)
                 return
             session.edited(path.read_text(encoding="utf-8", errors="replace"))
+
+    def inline_edit(self, session: Session) -> None:
+        """Without an editor: type the new answer on the bottom line (the terminal's own line editing;
+        `\\n` for a line break). The edit is checked like any other before it is saved."""
+        from finetune_trainer.review_import import with_answer
+
+        size = shutil.get_terminal_size((80, 24))
+        self.console.file.write(f"\x1b[{size.lines};1H\x1b[2K\x1b[?25hnew answer (\\n: line break; empty: cancel): ")
+        self.console.file.flush()
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)  # cooked: echo and line editing
+        try:
+            line = os.read(self.fd, 1 << 16).decode("utf-8", "replace")  # one line: the terminal is canonical
+        finally:
+            tty.setcbreak(self.fd)
+            self.console.file.write("\x1b[?25l")
+        answer = line.rstrip("\r\n").replace("\\n", "\n")
+        if not answer.strip():
+            session.say("edit cancelled: nothing recorded")
+            return
+        mine = session.decided.get(session.current.id)
+        base = mine.example if mine is not None and mine.example else session.current.example
+        session.edited(json.dumps(with_answer(base, answer), ensure_ascii=False))
 
     def alt_screen(self, on: bool) -> None:
         self.console.file.write("\x1b[?1049h\x1b[?25l" if on else "\x1b[?25h\x1b[?1049l")
