@@ -169,8 +169,10 @@ def test_import_prints_the_counts_and_needs_no_terminal(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"status": "accepted"}\n{oops\n')
     failed = ftctl("review", "--work-uri", work, "--import", str(bad), cwd=tmp_path)
-    assert failed.returncode == 1 and "line 2: json: not valid JSON" in failed.stderr
+    assert failed.returncode == 1 and failed.stderr.startswith("error: nothing imported: 1 bad line(s): line 2: json")
     assert "Traceback" not in failed.stderr
+    wrong = ftctl("review", "--work-uri", "http://example.com/work", cwd=tmp_path)
+    assert wrong.returncode == 2 and "--work-uri: http://example.com/work: unsupported URI scheme" in wrong.stderr
 
 
 def test_review_finds_the_synthetic_dataset_on_the_cluster_and_annotates_it(k8s, tmp_path):

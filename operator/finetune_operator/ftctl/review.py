@@ -380,7 +380,10 @@ class Target:
 def find_target(name: Optional[str], work_uri: Optional[str], cluster_factory) -> Target:
     """The work folder: --work-uri as given (a local `ftctl run`), else the SyntheticDataset's status.workURI."""
     if work_uri:
-        store.decision_uri(work_uri, "0" * 16)  # a bad URI fails here, not half-way
+        try:
+            store.decision_uri(work_uri, "0" * 16)  # a bad URI fails here, not half-way
+        except TrainerError as exc:
+            raise FtctlError(f"--work-uri: {exc}", EXIT_USAGE) from None
         return Target(work_uri, name or work_uri, ReviewSettings())
     if not name:
         raise FtctlError("name a SyntheticDataset, or give --work-uri URI", EXIT_USAGE)
@@ -414,6 +417,13 @@ def standing(target: Target) -> str:
 
 
 def review_command(target: Target, reviewer: str, import_path: Optional[str], console: Console) -> None:
+    try:
+        _review(target, reviewer, import_path, console)
+    except TrainerError as exc:  # a bad import, an unreadable work folder: the message names the line or file
+        raise FtctlError(str(exc)) from None
+
+
+def _review(target: Target, reviewer: str, import_path: Optional[str], console: Console) -> None:
     try:
         candidates = store.load_candidates(target.work_uri)
     except FileNotFoundError:
