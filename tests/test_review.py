@@ -201,8 +201,14 @@ def test_import_of_our_own_decision_lines_is_idempotent(work):
     assert result.imported == {"accepted": 3, "edited": 0, "rejected": 0} and result.unknown == []
     again = review.import_decisions(uri, lines, "importer")
     assert sum(again.imported.values()) == 0 and again.unchanged == 3
+    timeless = jsonl([{"id": c.id, "status": "rejected"} for c in cands[3:5]])  # no time: the import's own
+    assert review.import_decisions(uri, timeless, "kim").imported["rejected"] == 2
+    first = review.load_decisions(uri)[0][cands[3].id]
+    assert review.import_decisions(uri, timeless, "kim").unchanged == 2  # not re-stamped
+    assert review.load_decisions(uri)[0][cands[3].id] == first
     decisions, _ = review.load_decisions(uri)
-    assert {d.via for d in decisions.values()} == {"import"} and {d.reviewer for d in decisions.values()} == {"ana"}
+    assert {d.via for d in decisions.values()} == {"import"}
+    assert [decisions[c.id].reviewer for c in cands[:5]] == ["ana", "ana", "ana", "kim", "kim"]
 
 
 def test_import_of_an_argilla_export_matches_by_id_and_by_content(work):
@@ -322,6 +328,16 @@ def test_materialize_refuses_a_pending_review_and_changed_candidates(work):
     with pytest.raises(review.ReviewError, match="changed after generation"):
         review.materialize(config_for(uri))
     assert not storage.exists(storage.join(uri, "review.json"))
+
+
+def test_review_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune_trainer.review, finetune_trainer.review_import, finetune_operator.ftctl.review; "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasketch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # the operator and ftctl import these modules
 
 
 def test_synthesis_finalize_command_on_s3(bucket, tmp_path):

@@ -209,6 +209,11 @@ def check_decision(decision: ReviewDecision, candidate: Optional[SyntheticCandid
     return decision.model_copy(update={"at": at, "example": example})
 
 
+def same_decision(a: ReviewDecision, b: ReviewDecision) -> bool:
+    """The same person deciding the same thing (whenever, however it arrived)."""
+    return (a.id, a.verdict, a.example, a.reviewer) == (b.id, b.verdict, b.example, b.reviewer)
+
+
 @dataclass
 class Recorded:
     """What stands for the id after record_decision: ours (written) or a later one already there."""
@@ -233,7 +238,7 @@ def record_decision(work_uri: str, decision: ReviewDecision,
     except ReviewError:
         existing = None  # an unreadable object is replaced by a good decision
     if existing is not None:
-        if existing == decision:
+        if same_decision(existing, decision):  # a repeated import or key press: the first time stands
             return Recorded(existing, written=False)
         if parse_time(existing.at) > parse_time(decision.at):
             return Recorded(existing, written=False)
@@ -490,7 +495,7 @@ def import_decisions(work_uri: str, lines: Iterable[str], reviewer: str,
         recorded = record_decision(work_uri, decision, candidates)
         if recorded.written:
             result.imported[decision.verdict] += 1
-        elif recorded.decision == decision:
+        elif same_decision(recorded.decision, decision):
             result.unchanged += 1
         else:
             result.superseded += 1

@@ -99,6 +99,8 @@ class Session:
         if recorded.written:
             self.written[recorded.decision.verdict] += 1
             self.say(f"{recorded.decision.verdict}: {cand.id}")
+        elif store.same_decision(recorded.decision, decision):
+            self.say(f"already {decision.verdict}: {cand.id}")
         else:
             other = recorded.decision
             self.say(f"kept the later decision of {other.reviewer} ({other.verdict} at {other.at})", error=True)
