@@ -330,6 +330,18 @@ def test_materialize_refuses_a_pending_review_and_changed_candidates(work):
     assert not storage.exists(storage.join(uri, "review.json"))
 
 
+def test_the_reviewer_is_the_option_else_the_environment_else_user_at_host(monkeypatch):
+    import getpass
+    import socket
+
+    monkeypatch.setenv("FTCTL_REVIEWER", "from-env")
+    assert review.default_reviewer("  given ") == "given"
+    assert review.default_reviewer(None) == "from-env"
+    monkeypatch.delenv("FTCTL_REVIEWER")
+    assert review.default_reviewer(None) == f"{getpass.getuser()}@{socket.gethostname()}"
+    assert review.now().endswith("Z") and review.parse_time(review.now()).tzinfo == timezone.utc
+
+
 def test_review_imports_no_torch():
     import subprocess
     import sys

@@ -112,6 +112,10 @@ def test_review_in_tmux_accept_reject_edit_and_quit(tmp_path):
         pane.keys("p")
         shown = pane.wait_for("3 of 4 pending")
         assert "decided: edited by tess@review-host" in shown and "Edited in tmux." in shown
+        pane.keys("Right")  # arrows arrive as escape sequences
+        pane.wait_for("4 of 4 pending")
+        pane.keys("Left")
+        pane.wait_for("3 of 4 pending")
 
         pane.keys("q")
         shown = pane.wait_for("[exit 0]")
