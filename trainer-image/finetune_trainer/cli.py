@@ -4,6 +4,8 @@
     finetune-trainer train      --config job.json          # LoRA / QLoRA / DoRA training
     finetune-trainer governance --config job.json          # governance checks on the adapter
     finetune-trainer sync-adapters --config adapters.json  # beside vLLM: the promoted adapters, verified
+    finetune-trainer synthesize --config synthesis.json    # SyntheticDataset: generate and filter candidates
+    finetune-trainer synthesis-finalize --config synthesis.json  # reviewed candidates -> reviewed.jsonl
 
 Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
 """
@@ -26,6 +28,8 @@ COMMANDS = {
     "train": "finetune_trainer.train",
     "governance": "finetune_trainer.governance.runner",
     "sync-adapters": "finetune_trainer.sync_adapters",
+    "synthesize": "finetune_trainer.synthesis.command",
+    "synthesis-finalize": "finetune_trainer.review",
 }
 
 

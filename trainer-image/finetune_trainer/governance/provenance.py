@@ -12,7 +12,10 @@ Rules, each a finding of its own (the check passes only when none fails):
 - base model digest: the base model folder's digest is computed and recorded; it must equal
   the digest the job declared (baseModel.digest / governanceInputs.baseModelDigest) or the
   one in the adapter manifest, when one was declared;
-- adapter manifest: every adapter file matches manifest.json (adapter.verify).
+- adapter manifest: every adapter file matches manifest.json (adapter.verify);
+- synthetic data (`provenance.synthetic`, a SyntheticDataset's Dataset): the chain from the seed and the
+  generator through the candidates and the review to every line of the data (synthetic_chain.py:
+  syntheticCandidates, syntheticReview, syntheticLineage, syntheticExamples).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from finetune_operator.governance import NO_LICENSE_ALLOWED
 
 from .. import storage
 from .base import CheckContext, failed
+from .synthetic_chain import synthetic_findings
 
 
 def declaration_findings(provenance, rules) -> list[tuple[str, bool, str]]:
@@ -68,6 +72,7 @@ class ProvenanceCheck:
 
         spec = ctx.inputs.dataset
         findings = declaration_findings(spec.provenance, ctx.policy.provenance)
+        findings += synthetic_findings(spec)
         manifest = {}
         try:
             manifest = json.loads(storage.read_text(storage.join(ctx.adapter_uri, MANIFEST)))
