@@ -95,12 +95,12 @@ def test_review_progress_is_in_status_and_the_threshold_decides():
     assert reviewing["review"] == {"required": 6, "reviewed": 3, "accepted": 2, "edited": 0, "rejected": 1,
                                    "pending": 3, "acceptanceRate": pytest.approx(2 / 3)}
     pending = get_condition(reviewing["conditions"], "ReviewPending")
-    assert pending["status"] == "True" and "3 of 6" in pending["message"]
+    assert pending["status"] == "True" and "3 of 6 sampled candidates await review" in pending["message"]
     assert "ftctl review syn" in reviewing["message"]
     assert reviewing["generation"]["removed"] == {"novelty": 20, "pii": 4}
     low = PATHS["low-acceptance"]["status"]
-    assert low["phase"] == "Invalid" and "2 accepted" in low["message"] and "33%" in low["message"]
-    assert "80%" in low["message"]
+    assert low["phase"] == "Invalid" and "2 of 6 reviewed accepted" in low["message"]
+    assert "33.3% is below minAcceptanceRate 80.0%" in low["message"]
     # A lower threshold lets the same review through (an edit of the spec: same run, same reviews).
     lenient = copy.deepcopy(PATHS["reviewing"])
     lenient["spec"]["review"] = {"minAcceptanceRate": 0.3}

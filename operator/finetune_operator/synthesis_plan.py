@@ -20,12 +20,12 @@ from typing import Optional
 from pydantic import ValidationError
 
 from finetune_trainer import storage
+from finetune_trainer.review import review_outcome
 
 from . import children
 from .api.dataset import Dataset, SyntheticOrigin
 from .api.finetunejob import FineTuneJob
-from .api.synthetic import (GenerationReport, ReviewSettings, ReviewStats, SynthesisConfig, SynthesisInputs,
-                            SyntheticDataset)
+from .api.synthetic import GenerationReport, ReviewStats, SynthesisConfig, SynthesisInputs, SyntheticDataset
 from .conditions import bounded, set_condition
 from .config import OperatorConfig
 from .decisions import Plan, _finish, _with_kstatus, job_state
@@ -202,21 +202,6 @@ def owned_by(obj: dict, owner: dict) -> bool:
     return any(ref.get("uid") == uid for ref in (obj["metadata"].get("ownerReferences") or []))
 
 
-def review_message(stats: ReviewStats, settings: ReviewSettings) -> str:
-    rate = f"{stats.acceptanceRate:.0%}" if stats.acceptanceRate is not None else "n/a"
-    return (f"{stats.reviewed} of {stats.required} sampled candidates reviewed ({stats.pending} pending): "
-            f"{stats.accepted} accepted, {stats.edited} edited, {stats.rejected} rejected; acceptance {rate} "
-            f"(at least {settings.minAcceptanceRate:.0%} needed)")
-
-
-def review_outcome(stats: ReviewStats, settings: ReviewSettings) -> str:
-    """pending | passed | failed: every sampled candidate reviewed, and enough of them good."""
-    if stats.pending > 0 or stats.reviewed < stats.required:
-        return "pending"
-    rate = stats.acceptanceRate if stats.acceptanceRate is not None else 0.0
-    return "passed" if stats.required > 0 and rate >= settings.minAcceptanceRate else "failed"
-
-
 @_with_kstatus("SyntheticDataset")
 def plan_synthetic(body: dict, inputs: SyntheticInputs, resolved: tuple[Optional[SynthesisInputs], str, str],
                    config: OperatorConfig, now: str) -> Plan:
@@ -286,8 +271,7 @@ def plan_synthetic(body: dict, inputs: SyntheticInputs, resolved: tuple[Optional
     # 2. review
     stats = inputs.review or ReviewStats(required=report.reviewRequired, pending=report.reviewRequired)
     status["review"] = stats.model_dump(mode="json", exclude_none=True)
-    outcome = review_outcome(stats, sd.spec.review)
-    text = review_message(stats, sd.spec.review)
+    outcome, text = review_outcome(stats, sd.spec.review)
     if outcome == "pending" and inputs.finalized is None:
         cond(REVIEW_PENDING, True, "AwaitingReview", text)
         to_phase("Reviewing", "AwaitingReview", text + f"; review with: ftctl review {meta['name']}")
@@ -303,7 +287,7 @@ def plan_synthetic(body: dict, inputs: SyntheticInputs, resolved: tuple[Optional
         status["job"] = fin_name
         if state.state == "Missing":
             plan.create.extend(job_children(body, sd, cfg, fin_name, ROLE_FINALIZE, config))
-            to_phase("Finalizing", "Finalizing", f"review passed ({text}); finalize Job {fin_name} created")
+            to_phase("Finalizing", "Finalizing", f"{text}; finalize Job {fin_name} created")
         elif state.state in ("Pending", "Running", "Unschedulable", "ImagePull"):
             to_phase("Finalizing", "Finalizing", f"finalize Job {fin_name} is running")
         elif state.state == "Succeeded":
