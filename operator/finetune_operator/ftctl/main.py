@@ -83,6 +83,11 @@ class ConsoleReporter:
     def dataset_done(self, name, status) -> None:
         console.print(display.status_yaml("Dataset", name, status), markup=False, soft_wrap=True)
 
+    def synthetic_done(self, obj) -> None:
+        status = obj.get("status") or {}
+        console.print(display.status_yaml("SyntheticDataset", obj["metadata"]["name"], status), markup=False,
+                      soft_wrap=True)
+
     def job_done(self, job, outcome) -> None:
         status = outcome.status
         console.print(display.status_yaml("FineTuneJob", outcome.name, status), markup=False, soft_wrap=True)
