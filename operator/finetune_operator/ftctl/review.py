@@ -59,6 +59,7 @@ class Session:
     error: bool = False
     written: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "edited": 0, "rejected": 0})
     drafts: dict[str, str] = field(default_factory=dict)  # an edit that did not validate, to fix next time
+    wrapped: dict = field(default_factory=dict)  # the example on screen, wrapped
 
     @property
     def current(self) -> SyntheticCandidate:
@@ -197,9 +198,13 @@ def screen(session: Session, width: int, height: int) -> list[Text]:
     ]
     room = max(1, height - len(top) - len(bottom))
     edit = mine.example if mine is not None and mine.verdict == "edited" else None
-    body = example_lines(edit or cand.example, width)  # an edited candidate shows its edit
+    key = (cand.id, mine.at if edit else None, width)  # wrapping a long example takes a while: once per width
+    if key not in session.wrapped:
+        session.wrapped.clear()
+        session.wrapped[key] = example_lines(edit or cand.example, width)  # an edited candidate shows its edit
+    body = session.wrapped[key]
     session.scroll = max(0, min(session.scroll, max(0, len(body) - room)))
-    shown = body[session.scroll:session.scroll + room]
+    shown = [line.copy() for line in body[session.scroll:session.scroll + room]]  # truncate() changes them
     hidden = len(body) - session.scroll - len(shown)
     if hidden > 0:
         shown[-1] = Text(f"  ↓ {hidden + 1} more line(s): j/k or arrows scroll", style="yellow")
