@@ -272,6 +272,10 @@ def test_a_huge_import_file_fails_on_its_line_without_reading_it_whole(work, tmp
         fh.write(json.dumps({"id": cands[1].id, "status": "accepted", "note": "x" * (3 * 2**20)}) + "\n")
     with pytest.raises(review.ReviewError, match="line 2: longer than"):
         review.import_file(uri, str(path), "importer")
+    binary = tmp_path / "latin1.jsonl"
+    binary.write_bytes(b'{"id": "x", "status": "accepted"}\n{"note": "caf\xe9"}\n')
+    with pytest.raises(review.ReviewError, match="line 2: not UTF-8: byte 0xe9"):
+        review.import_file(uri, str(binary), "importer")
     assert review.load_decisions(uri) == ({}, [])
 
 
