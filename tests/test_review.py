@@ -276,6 +276,12 @@ def test_a_huge_import_file_fails_on_its_line_without_reading_it_whole(work, tmp
     binary.write_bytes(b'{"id": "x", "status": "accepted"}\n{"note": "caf\xe9"}\n')
     with pytest.raises(review.ReviewError, match="line 2: not UTF-8: byte 0xe9"):
         review.import_file(uri, str(binary), "importer")
+    import gzip
+
+    packed = tmp_path / "export.jsonl.gz"
+    packed.write_bytes(gzip.compress(binary.read_bytes()))
+    with pytest.raises(review.ReviewError, match="gzip-compressed.*decompress it"):
+        review.import_file(uri, str(packed), "importer")
     assert review.load_decisions(uri) == ({}, [])
 
 

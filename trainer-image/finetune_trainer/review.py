@@ -43,7 +43,6 @@ from finetune_operator.api.synthetic import (ReviewDecision, ReviewSettings, Rev
 
 from . import formats, jsonlines, storage
 from .errors import ConfigError
-
 from .synthesis.records import (CANDIDATES, GENERATION, REVIEW_STATS as REVIEW_JSON, REVIEWED, REVIEWS,
                                 candidate_id, lineage_metadata)
 
@@ -114,7 +113,7 @@ def iter_candidates(work_uri: str, digest: Optional["hashlib._Hash"] = None) -> 
     chunks = jsonlines.open_file(uri)
     if digest is not None:
         chunks = _hashing(chunks, digest)
-    for line in jsonlines.lines([(None, chunks)]):
+    for line in _lines(uri, chunks):
         if line.text is None:
             raise ReviewError(f"{uri} line {line.number}: {line.problem}")
         if formats.is_blank(line.text):
@@ -125,6 +124,14 @@ def iter_candidates(work_uri: str, digest: Optional["hashlib._Hash"] = None) -> 
             raise ReviewError(f"{uri} line {line.number}: {exc}") from None
         except ValidationError as exc:
             raise ReviewError(f"{uri} line {line.number}: not a candidate: {_first_error(exc)}") from None
+
+
+def _lines(uri: str, chunks: Iterable[bytes]) -> Iterator[jsonlines.Line]:
+    """jsonlines' lines; a file that is not JSON Lines at all (gzip, UTF-16, ...) is a ReviewError."""
+    try:
+        yield from jsonlines.lines([(None, chunks)])
+    except jsonlines.SourceProblem as exc:
+        raise ReviewError(f"{uri}: {exc.problem}") from None
 
 
 def _hashing(chunks: Iterable[bytes], digest) -> Iterator[bytes]:
@@ -510,7 +517,7 @@ def import_file(work_uri: str, uri: str, reviewer: str,
         uri = "file://" + str(Path(uri).resolve())
 
     def texts() -> Iterator[str]:
-        for line in jsonlines.lines([(None, jsonlines.open_file(uri))]):
+        for line in _lines(uri, jsonlines.open_file(uri)):
             # a line that is not text becomes one that fails with its problem, under its number
             yield line.text if line.text is not None else json.dumps({"__problem__": line.problem})
 
