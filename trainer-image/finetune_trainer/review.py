@@ -290,7 +290,8 @@ def _decision_names(work_uri: str) -> list[tuple[str, str]]:
     paginator = storage.s3_client().get_paginator("list_objects_v2")
     pages = storage._s3_call(lambda: list(paginator.paginate(Bucket=loc.bucket, Prefix=prefix)))
     return sorted((obj["Key"][len(prefix):], f"{obj.get('ETag')}:{obj.get('Size')}")
-                  for page in pages for obj in page.get("Contents", []))
+                  for page in pages for obj in page.get("Contents", [])
+                  if obj["Key"] != prefix)  # a "folder" marker some tools create
 
 
 def load_decisions(work_uri: str) -> tuple[dict[str, ReviewDecision], list[str]]:
@@ -309,9 +310,7 @@ def load_decisions(work_uri: str) -> tuple[dict[str, ReviewDecision], list[str]]
         except (ReviewError, FileNotFoundError) as exc:
             problems.append(str(exc))
             continue
-        kept = decisions.get(cid)
-        if kept is None or parse_time(decision.at) >= parse_time(kept.at):
-            decisions[cid] = decision
+        decisions[cid] = decision  # one object per id: record_decision kept the latest there
     return decisions, problems
 
 
