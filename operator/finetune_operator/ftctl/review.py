@@ -267,13 +267,13 @@ class Terminal:
 
     def draw(self, session: Session) -> None:
         size = shutil.get_terminal_size((80, 24))
-        lines = screen(session, size.columns, size.lines)
-        self.console.file.write("\x1b[H\x1b[2J")
-        with self.console.capture() as capture:
-            for i, line in enumerate(lines):
-                self.console.print(line, end="" if i == len(lines) - 1 else "\n", no_wrap=True, overflow="crop",
-                                   crop=False, soft_wrap=True)
-        self.console.file.write(capture.get())
+        out = []
+        for row, line in enumerate(screen(session, size.columns, size.lines), start=1):
+            with self.console.capture() as capture:
+                self.console.print(line, end="", no_wrap=True, overflow="crop", crop=False, soft_wrap=True)
+            # each line in place, then cleared to its end: no blank flash between keys over a slow SSH link
+            out.append(f"\x1b[{row};1H{capture.get()}\x1b[K")
+        self.console.file.write("".join(out))
         self.console.file.flush()
 
     def edit(self, session: Session) -> None:
@@ -299,7 +299,12 @@ class Terminal:
             if code != 0:
                 session.say(f"{problem}: nothing recorded", error=True)
                 return
-            session.edited(path.read_text(encoding="utf-8", errors="replace"))
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                session.say(f"not saved: the edited file cannot be read as UTF-8 ({exc})", error=True)
+                return
+            session.edited(text)
 
     def inline_edit(self, session: Session) -> None:
         """Without an editor: type the new answer on the bottom line (the terminal's own line editing;
