@@ -13,6 +13,8 @@ hack/setup-venv.sh
 [ -x hack/install-prometheus.sh ] && hack/install-prometheus.sh
 # A real OCI registry (Debian's docker-registry, CNCF distribution) for the oci serving target.
 [ -x hack/install-registry.sh ] && hack/install-registry.sh
+# tmux: the `ftctl review` test runs the reviewer's screen in a real terminal and reads it back.
+hack/apt-install.sh tmux tmux
 
 # One torch thread: on a busy 2-core machine two threads run 10-40x slower.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false

@@ -206,10 +206,129 @@ def finetunejob_paths() -> dict[str, dict]:
     return out
 
 
+# --- SyntheticDataset ------------------------------------------------------------------------------
+
+SEED_DIGEST, BASE_DIGEST, TEMPLATE_DIGEST, CANDIDATES_DIGEST = (
+    "sha256:" + "34" * 32, "sha256:" + "56" * 32, "sha256:" + "78" * 32, "sha256:" + "9a" * 32)
+
+
+def synthetic_obj(status=None, generation=1, **spec) -> dict:
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "SyntheticDataset",
+            "metadata": {"name": "syn", "namespace": "team-a", "uid": "s-uid", "generation": generation},
+            "spec": {"seed": {"dataset": "seed"}, "generator": {"fineTuneJob": "gen"}, "examples": 20, **spec},
+            "status": copy.deepcopy(status) if status else {}}
+
+
+def seed_obj(phase="Ready") -> dict:
+    obj = dataset_obj({"phase": phase, "observedGeneration": 1, "digest": SEED_DIGEST,
+                       "validatedURI": "s3://store/datasets/team-a/seed/1"} if phase else None)
+    obj["metadata"]["name"] = "seed"
+    obj["spec"]["source"]["uri"] = "s3://team-a-data/seed.jsonl"
+    obj["spec"]["provenance"] = {"origin": "support team", "license": "CC-BY-4.0"}
+    return obj
+
+
+def generator_obj(promoted=True) -> dict:
+    status = {"phase": "Succeeded" if promoted else "Training", "observedGeneration": 1}
+    if promoted:
+        status |= {"adapter": {"uri": "s3://out/gen/adapters/ab", "digest": DIGEST},
+                   "promotion": {"state": "Promoted"}}
+    obj = ftj_obj(status)
+    obj["metadata"]["name"] = "gen"
+    obj["spec"]["baseModel"]["uri"] = "s3://models/tiny"
+    return obj
+
+
+def generation_report(kept=6, review_required=6) -> dict:
+    return {"requested": 20, "generated": 30, "kept": kept, "reviewRequired": review_required,
+            "removed": {"novelty": 20, "pii": 4} if kept else {"novelty": 30},
+            "lineage": {"syntheticDataset": "team-a/syn", "seedDigest": SEED_DIGEST, "baseModelDigest": BASE_DIGEST,
+                        "generatorAdapterDigest": DIGEST, "templateDigest": TEMPLATE_DIGEST},
+            "candidatesDigest": CANDIDATES_DIGEST}
+
+
+def review_stats(required=6, accepted=0, edited=0, rejected=0):
+    from finetune_operator.api.synthetic import ReviewStats
+
+    reviewed = accepted + edited + rejected
+    return ReviewStats(required=required, reviewed=reviewed, accepted=accepted, edited=edited, rejected=rejected,
+                       pending=required - reviewed,
+                       acceptanceRate=(accepted + edited) / reviewed if reviewed else None)
+
+
+def plan_synthetic(obj, *, seed=None, generator=None, now=T0, **observed):
+    """One reconcile of `obj`, as synthetic_handlers does it, from the observations given."""
+    from finetune_operator import synthesis_plan
+    from finetune_operator.api.synthetic import SyntheticDataset
+
+    seed = seed if seed is not None else seed_obj()
+    generator = generator if generator is not None else generator_obj()
+    resolved = synthesis_plan.resolve(SyntheticDataset.model_validate(obj), seed or None, generator or None)
+    inputs = synthesis_plan.SyntheticInputs(seed=seed or None, generator_job=generator or None, **observed)
+    return synthesis_plan.plan_synthetic(obj, inputs, resolved, CFG, now)
+
+
+def synthetic_names(obj) -> tuple[str, str]:
+    from finetune_operator import synthesis_plan
+    from finetune_operator.api.synthetic import SyntheticDataset
+
+    sd = SyntheticDataset.model_validate(obj)
+    work = synthesis_plan.work_uri(sd, synthesis_plan.resolve(sd, seed_obj(), generator_obj())[0], CFG)
+    return synthesis_plan.job_names("syn", work.rsplit("-", 1)[-1])
+
+
+def synthetic_paths() -> dict[str, dict]:
+    """name -> a SyntheticDataset with a status the decisions produced."""
+    out: dict[str, dict] = {}
+    new = synthetic_obj()
+    gen_job, fin_job = synthetic_names(new)
+    out["waiting-seed"] = step(new, plan_synthetic(new, seed={}))
+    out["seed-invalid"] = step(new, plan_synthetic(new, seed=seed_obj("Invalid")))
+    out["waiting-generator"] = step(new, plan_synthetic(new, generator=generator_obj(promoted=False)))
+    out["generating"] = generating = step(new, plan_synthetic(new))
+    out["generation-failed"] = step(generating, plan_synthetic(
+        generating, now=T1, jobs={gen_job: job(gen_job, failed=1, failed_reason="BackoffLimitExceeded")}))
+    out["no-candidates"] = step(generating, plan_synthetic(
+        generating, now=T1, report=generation_report(kept=0, review_required=0)))
+    out["reviewing"] = reviewing = step(generating, plan_synthetic(
+        generating, now=T1, report=generation_report(), review=review_stats(accepted=2, rejected=1)))
+    out["low-acceptance"] = step(reviewing, plan_synthetic(
+        reviewing, now=T2, report=generation_report(), review=review_stats(accepted=2, rejected=4)))
+    reviewed = review_stats(accepted=5, edited=1)
+    out["finalizing"] = finalizing = step(reviewing, plan_synthetic(
+        reviewing, now=T2, report=generation_report(), review=reviewed))
+    finalized = {**reviewed.model_dump(), "candidatesDigest": CANDIDATES_DIGEST}
+    out["dataset-created"] = created = step(finalizing, plan_synthetic(
+        finalizing, now=T3, report=generation_report(), review=reviewed, finalized=finalized,
+        jobs={fin_job: job(fin_job, complete=True, succeeded=1)}))
+    child = synthetic_child(created)
+    ready_child = copy.deepcopy(child)
+    ready_child["status"] = {"phase": "Ready", "observedGeneration": 1, "stats": {"examples": 6}}
+    out["ready"] = step(created, plan_synthetic(created, now=T3, report=generation_report(), review=reviewed,
+                                                finalized=finalized, dataset=ready_child))
+    invalid_child = copy.deepcopy(child)
+    invalid_child["status"] = {"phase": "Invalid", "observedGeneration": 1, "message": "4 valid examples; minExamples is 10"}
+    out["dataset-invalid"] = step(created, plan_synthetic(created, now=T3, report=generation_report(),
+                                                          review=reviewed, finalized=finalized, dataset=invalid_child))
+    return out
+
+
+def synthetic_child(obj) -> dict:
+    """The child Dataset the plan of `obj` creates, as the API server returns it."""
+    plan = plan_synthetic(obj, report=generation_report(), review=review_stats(accepted=5, edited=1),
+                          finalized={"candidatesDigest": CANDIDATES_DIGEST})
+    (child,) = [m for m in plan.create if m["kind"] == "Dataset"]
+    child = copy.deepcopy(child)
+    child["metadata"]["ownerReferences"][0]["uid"] = obj["metadata"]["uid"]
+    child["metadata"]["generation"] = 1
+    return child
+
+
 def all_paths() -> dict[str, dict]:
-    """'Dataset/<path>' and 'FineTuneJob/<path>' -> object."""
+    """'<Kind>/<path>' -> object."""
     return ({f"Dataset/{k}": v for k, v in dataset_paths().items()}
-            | {f"FineTuneJob/{k}": v for k, v in finetunejob_paths().items()})
+            | {f"FineTuneJob/{k}": v for k, v in finetunejob_paths().items()}
+            | {f"SyntheticDataset/{k}": v for k, v in synthetic_paths().items()})
 
 
 def policy_obj() -> dict:
@@ -254,4 +373,4 @@ def run_health(kind: str, obj: dict) -> dict:
     return out
 
 
-__all__ = ["all_paths", "dataset_paths", "finetunejob_paths", "policy_obj", "run_health", "governance"]
+__all__ = ["all_paths", "dataset_paths", "finetunejob_paths", "synthetic_paths", "plan_synthetic", "policy_obj", "run_health", "governance"]

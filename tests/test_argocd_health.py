@@ -28,7 +28,7 @@ import gitops_statuses as paths  # noqa: E402
 from gitops_statuses import CHART, CUSTOMIZATIONS, health_lua, run_health  # noqa: E402
 from testutil import REPO  # noqa: E402
 
-KINDS = ("Dataset", "FineTuneJob", "GovernancePolicy")
+KINDS = ("Dataset", "FineTuneJob", "GovernancePolicy", "SyntheticDataset")
 
 
 # --- every status the decisions produce ---------------------------------------------------------------
@@ -62,6 +62,18 @@ EXPECTED = {
     "FineTuneJob/publishing": "Progressing",
     "FineTuneJob/publish-failed": "Degraded",
     "FineTuneJob/rolled-back": "Healthy",
+    "SyntheticDataset/waiting-seed": "Progressing",
+    "SyntheticDataset/seed-invalid": "Degraded",
+    "SyntheticDataset/waiting-generator": "Progressing",
+    "SyntheticDataset/generating": "Progressing",
+    "SyntheticDataset/generation-failed": "Degraded",
+    "SyntheticDataset/no-candidates": "Degraded",
+    "SyntheticDataset/reviewing": "Suspended",  # waits for people, like a job awaiting approval
+    "SyntheticDataset/low-acceptance": "Degraded",
+    "SyntheticDataset/finalizing": "Progressing",
+    "SyntheticDataset/dataset-created": "Progressing",
+    "SyntheticDataset/ready": "Healthy",
+    "SyntheticDataset/dataset-invalid": "Degraded",
 }
 
 ALL = paths.all_paths()
@@ -160,6 +172,11 @@ TESTDATA = {
                     "degraded_publish_failed.yaml": "FineTuneJob/publish-failed",
                     "healthy_rolled_back.yaml": "FineTuneJob/rolled-back"},
     "GovernancePolicy": {"healthy.yaml": None},
+    "SyntheticDataset": {"progressing_generating.yaml": "SyntheticDataset/generating",
+                         "suspended_reviewing.yaml": "SyntheticDataset/reviewing",
+                         "degraded_low_acceptance.yaml": "SyntheticDataset/low-acceptance",
+                         "degraded_seed_invalid.yaml": "SyntheticDataset/seed-invalid",
+                         "healthy.yaml": "SyntheticDataset/ready"},
 }
 #: Per run: a fresh platform key signs the report, so these differ between runs (and mean nothing here).
 VOLATILE = ("reportDigest", "signingKey")

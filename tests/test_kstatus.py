@@ -15,6 +15,7 @@ import gitops_statuses as paths
 from finetune_operator import decisions, kstatus
 from finetune_operator.api.dataset import DatasetStatus
 from finetune_operator.api.finetunejob import FineTuneJobStatus
+from finetune_operator.api.synthetic import SyntheticDatasetStatus
 from finetune_operator.conditions import get_condition
 
 ALL = paths.all_paths()
@@ -50,6 +51,19 @@ EXPECTED = {
     "FineTuneJob/publishing": ("Current", "True", "False", "False"),
     "FineTuneJob/publish-failed": ("Current", "True", "False", "False"),
     "FineTuneJob/rolled-back": ("Current", "True", "False", "False"),
+    "SyntheticDataset/waiting-seed": ("InProgress", "False", "True", "False"),
+    "SyntheticDataset/seed-invalid": ("Failed", "False", "False", "True"),
+    "SyntheticDataset/waiting-generator": ("InProgress", "False", "True", "False"),
+    "SyntheticDataset/generating": ("InProgress", "False", "True", "False"),
+    "SyntheticDataset/generation-failed": ("Failed", "False", "False", "True"),
+    "SyntheticDataset/no-candidates": ("Failed", "False", "False", "True"),
+    # People review: nothing for the operator to do, nothing stuck (AwaitingApproval's rule).
+    "SyntheticDataset/reviewing": ("Current", "False", "False", "False"),
+    "SyntheticDataset/low-acceptance": ("Failed", "False", "False", "True"),
+    "SyntheticDataset/finalizing": ("InProgress", "False", "True", "False"),
+    "SyntheticDataset/dataset-created": ("InProgress", "False", "True", "False"),
+    "SyntheticDataset/ready": ("Current", "True", "False", "False"),
+    "SyntheticDataset/dataset-invalid": ("Failed", "False", "False", "True"),
 }
 
 
@@ -72,7 +86,8 @@ def test_kstatus_of_each_decision_path(name):
         assert cond["observedGeneration"] == (1 if name.endswith("/stale") else generation)
         assert cond["reason"] and "\n" not in cond["message"] and len(cond["message"]) <= 1024
     # The existing conditions stay: kstatus adds three, it replaces none.
-    model = DatasetStatus if obj["kind"] == "Dataset" else FineTuneJobStatus
+    model = {"Dataset": DatasetStatus, "FineTuneJob": FineTuneJobStatus,
+             "SyntheticDataset": SyntheticDatasetStatus}[obj["kind"]]
     model.model_validate(obj["status"])
 
 

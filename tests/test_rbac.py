@@ -101,8 +101,11 @@ def signing_secret(objects: list[dict]) -> str:
 IN_WATCHED = {
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch", "update"},
     ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
-    ("finetune.dev", "datasets"): {"get", "list", "watch", "patch", "update"},
+    # create: a SyntheticDataset's Dataset of reviewed examples.
+    ("finetune.dev", "datasets"): {"get", "list", "watch", "patch", "update", "create"},
     ("finetune.dev", "datasets/status"): {"get", "patch", "update"},
+    ("finetune.dev", "syntheticdatasets"): {"get", "list", "watch", "patch", "update"},
+    ("finetune.dev", "syntheticdatasets/status"): {"get", "patch", "update"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "delete", "patch"},
     ("", "configmaps"): {"create", "get", "list", "watch", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch", "create"},  # create: the admission dry run of a Job's pod
@@ -119,6 +122,7 @@ IN_OPERATOR_NAMESPACE = {
     ("", "events"): {"create", "patch"},
     ("finetune.dev", "datasets"): {"get", "list", "watch"},
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch"},
+    ("finetune.dev", "syntheticdatasets"): {"get", "list", "watch"},
 }
 # ... and cluster-wide.
 CLUSTER_WIDE = {

@@ -19,7 +19,7 @@ from .config import OperatorConfig
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 OPERATOR = "finetune-operator"
-ROLE = "finetune.dev/role"  # validation | trainer | governance
+ROLE = "finetune.dev/role"  # validation | trainer | governance | synthesis | synthesis-finalize
 DATASET_LABEL = "finetune.dev/dataset"
 JOB_LABEL = "finetune.dev/finetunejob"
 ATTEMPT_LABEL = "finetune.dev/attempt"

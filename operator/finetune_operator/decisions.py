@@ -137,6 +137,7 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     alias: Optional[tuple[str, dict]] = None  # (uri, record) to write before the status patch
     model_card: Optional[tuple[str, str]] = None  # (uri, Markdown) to write before the alias
+    patches: list[tuple[str, str, str, dict]] = field(default_factory=list)  # (apiVersion, kind, name, merge patch)
 
 
 def _finish(old: dict, new: dict, plan: Plan) -> Plan:

@@ -283,6 +283,8 @@ async def _apply(plan: decisions.Plan, body: dict, logger: Any) -> None:
         outcomes.append(f"{manifest['kind']} {manifest['metadata']['name']} {outcome}")
     if outcomes:
         logger.info(", ".join(outcomes))  # one line per reconcile
+    for api_version, kind, name, obj_patch in plan.patches:
+        await client.patch(api_version, kind, ns, name, obj_patch)
     for name in plan.suspend_jobs:
         await client.patch("batch/v1", "Job", ns, name, {"spec": {"suspend": True}})
     for name, job_patch in plan.job_patches.items():
@@ -574,6 +576,7 @@ async def dataset_event(type: str, body: kopf.Body, namespace: str, name: str, l
         return
     if await reconcile_dataset(namespace, name, kwargs, logger, _plain(body)):
         await _wake_waiting_jobs(namespace, name, kwargs, logger)
+        await synthetic_handlers.wake_and_reconcile(namespace, kwargs, logger, dataset=name)
 
 
 # --- FineTuneJobs ----------------------------------------------------------------------------
@@ -825,6 +828,8 @@ async def finetunejob_event(type: str, body: kopf.Body, namespace: str, name: st
             and written.get("observedGeneration") == (body["metadata"].get("generation") or 1)):
         return  # the echo of our own status patch: nothing new to act on
     await reconcile_finetunejob(namespace, name, kwargs, logger, plain)
+    # A generator whose adapter was just promoted: the SyntheticDatasets waiting for it.
+    await synthetic_handlers.wake_and_reconcile(namespace, kwargs, logger, finetunejob=name)
 
 
 GOVERNED_PHASES = ("Evaluating", "AwaitingApproval", "Failed")
@@ -939,7 +944,9 @@ async def _delete_governance_jobs(meta: dict) -> None:
 # --- owned Jobs and pods ---------------------------------------------------------------------
 
 async def _owner_event(namespace: str, labels: dict, indices: dict, logger: Any) -> None:
-    if labels.get(children.ROLE) == "validation" and labels.get(children.DATASET_LABEL):
+    if labels.get(synthesis_plan.SYNTHETIC_LABEL) and labels.get(children.ROLE) in synthesis_plan.ROLES:
+        await synthetic_handlers.reconcile(namespace, labels[synthesis_plan.SYNTHETIC_LABEL], indices, logger)
+    elif labels.get(children.ROLE) == "validation" and labels.get(children.DATASET_LABEL):
         dataset = labels[children.DATASET_LABEL]
         if await reconcile_dataset(namespace, dataset, indices, logger):
             await _wake_waiting_jobs(namespace, dataset, indices, logger)
@@ -967,3 +974,7 @@ async def job_event(type: str, name: str, namespace: str, labels: dict, logger: 
 @kopf.on.event("v1", "pods", labels=MANAGED)
 async def pod_event(namespace: str, labels: dict, logger: Any, **kwargs: Any) -> None:
     await _owner_event(namespace, labels, kwargs, logger)
+
+
+# Registered last: they use the indices and helpers above.
+from . import synthesis_plan, synthetic_handlers  # noqa: E402

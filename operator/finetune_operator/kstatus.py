@@ -21,6 +21,12 @@ FineTuneJob        WaitingForDataset (Dataset Invalid/Failed)  False  False     
 FineTuneJob        AwaitingApproval, Suspended                 False  False        False    Current
 FineTuneJob        Succeeded (promoted)                        True   False        False    Current
 FineTuneJob        Failed (blocked, rejected, failed)          False  False        True     Failed
+SyntheticDataset   Pending, WaitingForInputs, Generating,      False  True         False    InProgress
+                   Finalizing
+SyntheticDataset   WaitingForInputs (seed Invalid, ...)        False  False        True     Failed
+SyntheticDataset   Reviewing (people review)                   False  False        False    Current
+SyntheticDataset   Ready (its Dataset is Ready)                True   False        False    Current
+SyntheticDataset   Invalid, Failed                             False  False        True     Failed
 =================  ==========================================  =====  ===========  =======  ==========
 
 AwaitingApproval is not Ready (nothing was promoted) and not Stalled (nothing is wrong): the
@@ -48,13 +54,20 @@ TYPES = (READY, RECONCILING, STALLED)
 IN_PROGRESS = {
     "Dataset": ("Pending", "Validating"),
     "FineTuneJob": ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating"),
+    # Reviewing is not in progress: it waits for people, as AwaitingApproval does (Current, not stalled).
+    "SyntheticDataset": ("Pending", "WaitingForInputs", "Generating", "Finalizing"),
 }
 #: Phases that cannot move without a change (of the spec, the data, the policy).
-STALLED_PHASES = {"Dataset": ("Invalid", "Failed"), "FineTuneJob": ("Failed",)}
+STALLED_PHASES = {"Dataset": ("Invalid", "Failed"), "FineTuneJob": ("Failed",),
+                  "SyntheticDataset": ("Invalid", "Failed")}
 #: The successful terminal phase.
-READY_PHASE = {"Dataset": "Ready", "FineTuneJob": "Succeeded"}
+READY_PHASE = {"Dataset": "Ready", "FineTuneJob": "Succeeded", "SyntheticDataset": "Ready"}
+#: Kinds whose plan sets Ready itself, with the specific reason (kept as it is).
+OWN_READY = ("Dataset", "SyntheticDataset")
 #: A FineTuneJob waiting for a Dataset that will not become Ready unless someone changes it.
 STALLED_DATASET_REASONS = ("DatasetInvalid", "DatasetFailed")
+#: A SyntheticDataset whose seed or generator will not become usable unless someone changes it.
+STALLED_INPUT_REASONS = ("SeedInvalid", "SeedFailed", "SeedFormat", "GeneratorFailed")
 
 #: Kinds the operator writes a status for.
 KINDS = tuple(IN_PROGRESS)
@@ -67,12 +80,16 @@ def _stall_reason(kind: str, status: dict) -> Optional[str]:
     if phase in STALLED_PHASES.get(kind, ()):
         # The condition that already says why: Dataset's Ready (TooFewExamples, JobRejected, ...),
         # FineTuneJob's Failed (GovernanceFailed, OOMKilled, JobRejected, ...).
-        said = get_condition(conds, READY if kind == "Dataset" else "Failed") or {}
+        said = get_condition(conds, READY if kind in OWN_READY else "Failed") or {}
         return said.get("reason") or phase
     if kind == "FineTuneJob" and phase == "WaitingForDataset":
         dataset = get_condition(conds, "DatasetReady") or {}
         if dataset.get("status") == "False" and dataset.get("reason") in STALLED_DATASET_REASONS:
             return dataset["reason"]
+    if kind == "SyntheticDataset" and phase == "WaitingForInputs":
+        inputs = get_condition(conds, "InputsReady") or {}
+        if inputs.get("status") == "False" and inputs.get("reason") in STALLED_INPUT_REASONS:
+            return inputs["reason"]
     return None
 
 
@@ -93,7 +110,7 @@ def conditions_for(kind: str, status: dict, generation: int, now: str) -> list[d
     reconciling = stall is None and phase in IN_PROGRESS[kind]
 
     old_ready = get_condition(conds, READY)
-    if old_ready and old_ready.get("status") == ("True" if ready else "False") and kind == "Dataset":
+    if old_ready and old_ready.get("status") == ("True" if ready else "False") and kind in OWN_READY:
         # plan_dataset sets Dataset's Ready itself, with the specific reason: kept as it is.
         ready_reason, ready_message = old_ready.get("reason") or phase, old_ready.get("message") or message
     elif ready:

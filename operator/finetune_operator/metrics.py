@@ -24,6 +24,8 @@ from .api.governance import ALL_CHECKS
 JOB_PHASES = ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating",
               "AwaitingApproval", "Succeeded", "Failed", "Suspended")
 DATASET_PHASES = ("Pending", "Validating", "Ready", "Invalid", "Failed")
+SYNTHETIC_PHASES = ("Pending", "WaitingForInputs", "Generating", "Reviewing", "Finalizing", "Ready", "Invalid",
+                    "Failed")
 JOB_FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 PROMOTION_OUTCOMES = ("promoted", "blocked", "awaiting_approval")
 SERVING_KINDS = ("vllm", "kserve", "oci")
@@ -38,8 +40,8 @@ RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 def _kind(kind: str) -> str:
     """'FineTuneJob', 'finetunejobs', 'Dataset' ... -> 'finetunejob' / 'dataset'."""
     normalized = kind.lower().removesuffix("s")
-    if normalized not in ("finetunejob", "dataset"):
-        raise ValueError(f"unknown kind {kind!r}: expected FineTuneJob or Dataset")
+    if normalized not in ("finetunejob", "dataset", "syntheticdataset"):
+        raise ValueError(f"unknown kind {kind!r}: expected FineTuneJob, Dataset or SyntheticDataset")
     return normalized
 
 
@@ -88,6 +90,11 @@ class OperatorMetrics:
             "1 for the current phase of each live or recently finished FineTuneJob.",
             ["namespace", "name", "phase"], registry=r)
         self.datasets = Gauge("finetune_operator_datasets", "Datasets by current phase.", ["phase"], registry=r)
+        self.synthetic = Gauge("finetune_operator_syntheticdatasets", "SyntheticDatasets by current phase.",
+                               ["phase"], registry=r)
+        self.synthetic_pending = Gauge(
+            "finetune_operator_synthetic_review_pending", "Sampled synthetic examples waiting for a person's review.",
+            ["namespace", "name"], registry=r)
         self.dataset_examples = Gauge(
             "finetune_operator_dataset_examples", "Examples in a Dataset after validation.",
             ["namespace", "name"], registry=r)
@@ -121,6 +128,8 @@ class OperatorMetrics:
             self.jobs.labels(phase).set(0)
         for phase in DATASET_PHASES:
             self.datasets.labels(phase).set(0)
+        for phase in SYNTHETIC_PHASES:
+            self.synthetic.labels(phase).set(0)
         for outcome in PROMOTION_OUTCOMES:
             self.promotions.labels(outcome)
         for trigger in GOVERNANCE_RUN_TRIGGERS:
@@ -128,7 +137,7 @@ class OperatorMetrics:
         for check in ALL_CHECKS:
             for outcome in ("passed", "failed"):
                 self.governance_checks.labels(check, outcome)
-        for kind in ("FineTuneJob", "Dataset"):
+        for kind in ("FineTuneJob", "Dataset", "SyntheticDataset"):
             self.reconcile_duration.labels(kind)
         # Transitions into bad phases exist from the start: alerts use increase() on them, and
         # increase() cannot see the first sample of a series that appears already at 1.
@@ -156,7 +165,7 @@ class OperatorMetrics:
     def _set_phase(self, kind: str, namespace: str, name: str, phase: str) -> Optional[str]:
         """Record the object's phase; return the previous one (None when first seen)."""
         key = (_kind(kind), namespace, name)
-        aggregate = self.jobs if key[0] == "finetunejob" else self.datasets
+        aggregate = {"finetunejob": self.jobs, "dataset": self.datasets, "syntheticdataset": self.synthetic}[key[0]]
         previous = self._phases.get(key)
         if previous == phase:
             return previous
@@ -189,6 +198,13 @@ class OperatorMetrics:
             self._set_phase("Dataset", namespace, name, phase)
             if examples is not None:
                 self.dataset_examples.labels(namespace, name).set(examples)
+        self.expire()
+
+    def synthetic_phase(self, namespace: str, name: str, phase: str, pending: Optional[int] = None) -> None:
+        with self._lock:
+            self._set_phase("SyntheticDataset", namespace, name, phase)
+            if pending is not None:
+                self.synthetic_pending.labels(namespace, name).set(pending)
         self.expire()
 
     # --- governance and promotion ------------------------------------------------------------
@@ -251,6 +267,10 @@ class OperatorMetrics:
                 self._finished_at.pop(key, None)
                 self._gpu_hours_seen.pop((namespace, name), None)
                 self._drop_job_series(namespace, name)
+            elif key[0] == "syntheticdataset":
+                if phase is not None:
+                    self.synthetic.labels(phase).dec()
+                self._remove(self.synthetic_pending, namespace, name)
             else:
                 if phase is not None:
                     self.datasets.labels(phase).dec()
@@ -303,6 +323,10 @@ def job_phase(namespace: str, name: str, phase: str) -> None:
 
 def dataset_phase(namespace: str, name: str, phase: str, examples: Optional[int] = None) -> None:
     DEFAULT.dataset_phase(namespace, name, phase, examples)
+
+
+def synthetic_phase(namespace: str, name: str, phase: str, pending: Optional[int] = None) -> None:
+    DEFAULT.synthetic_phase(namespace, name, phase, pending)
 
 
 def governance_check(check: str, passed: bool) -> None:

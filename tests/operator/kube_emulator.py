@@ -173,8 +173,7 @@ class Cluster:
         meta = obj.setdefault("metadata", {})
         if obj["kind"] != "GovernancePolicy":
             meta.setdefault("namespace", "default")
-        plural = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePolicy": "governancepolicies",
-                  "Secret": "secrets"}[obj["kind"]]
+        plural = {"Secret": "secrets", **{k.KIND: k.PLURAL for k in KINDS}}[obj["kind"]]
         return self.request("POST", _path(obj["apiVersion"], plural, meta.get("namespace")), obj)
 
     def secret(self, name: str, data: dict[str, str], namespace: str = "default") -> dict:

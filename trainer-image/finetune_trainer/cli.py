@@ -5,6 +5,7 @@
     finetune-trainer governance --config job.json          # governance checks on the adapter
     finetune-trainer sync-adapters --config adapters.json  # beside vLLM: the promoted adapters, verified
     finetune-trainer synthesize --config synthesis.json    # SyntheticDataset: generate and filter candidates
+    finetune-trainer synthesis-finalize --config synthesis.json  # reviewed candidates -> reviewed.jsonl
 
 Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
 """
@@ -28,6 +29,7 @@ COMMANDS = {
     "governance": "finetune_trainer.governance.runner",
     "sync-adapters": "finetune_trainer.sync_adapters",
     "synthesize": "finetune_trainer.synthesis.command",
+    "synthesis-finalize": "finetune_trainer.review",
 }
 
 

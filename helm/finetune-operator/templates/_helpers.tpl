@@ -82,11 +82,15 @@ reads logs with the user's own credentials; the operator reads none). */}}
 {{- define "finetune-operator.namespacedRules" }}
 # Our custom resources: Kopf patches finalizers and progress annotations, handlers write status.
 - apiGroups: [finetune.dev]
-  resources: [datasets, finetunejobs]
+  resources: [datasets, finetunejobs, syntheticdatasets]
   verbs: [get, list, watch, patch, update]
 - apiGroups: [finetune.dev]
-  resources: [datasets/status, finetunejobs/status]
+  resources: [datasets/status, finetunejobs/status, syntheticdatasets/status]
   verbs: [get, patch, update]
+# A SyntheticDataset's result: the Dataset of its reviewed examples (owned by it).
+- apiGroups: [finetune.dev]
+  resources: [datasets]
+  verbs: [create]
 # Validation and trainer Jobs.
 - apiGroups: [batch]
   resources: [jobs]
@@ -145,7 +149,7 @@ Jobs run there, next to the signing key, so no watched namespace ever sees the k
 # Kopf watches this namespace too (for the governance Jobs) and so lists our resources here; users'
 # objects live in the watched namespaces, so nothing here is written.
 - apiGroups: [finetune.dev]
-  resources: [datasets, finetunejobs]
+  resources: [datasets, finetunejobs, syntheticdatasets]
   verbs: [get, list, watch]
 # The report signing key: read and rotated by name only.
 - apiGroups: [""]

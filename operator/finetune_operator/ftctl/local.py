@@ -441,6 +441,8 @@ class Reporter:
 
     def job_done(self, job: dict, outcome: JobOutcome) -> None: ...
 
+    def synthetic_done(self, obj: dict) -> None: ...
+
 
 def run_all(manifests: ManifestSet, options: RunOptions, console: Console, reporter: Reporter) -> int:
     """Validate the Datasets, then run every FineTuneJob; returns the exit code of the worst outcome.
@@ -460,30 +462,82 @@ def run_all(manifests: ManifestSet, options: RunOptions, console: Console, repor
     for dataset in manifests.datasets:
         status = run.validate_dataset(dataset)
         reporter.dataset_done(dataset["metadata"]["name"], status)
+    synthetic_names = {s["metadata"]["name"] for s in manifests.synthetic}
     problems = []
     for job in manifests.jobs:
         ds_name = job["spec"]["datasetRef"]["name"]
-        ds = run.datasets.get(ds_name)
-        if ds is None:
+        if ds_name not in run.datasets and ds_name not in synthetic_names:
             problems.append(f"FineTuneJob {job['metadata']['name']}: spec.datasetRef.name: Dataset {ds_name} "
                             "is not among the manifests given to ftctl run")
-        elif ds["status"].get("phase") != "Ready":
+        elif ds_name in run.datasets and run.datasets[ds_name]["status"].get("phase") != "Ready":
+            ds = run.datasets[ds_name]
             problems.append(f"Dataset {ds_name} is {ds['status'].get('phase')}: {ds['status'].get('message')}")
-    if not manifests.jobs:
+    if not manifests.jobs and not manifests.synthetic:
         problems += [f"Dataset {n} is {d['status'].get('phase')}: {d['status'].get('message')}"
                      for n, d in run.datasets.items() if d["status"].get("phase") != "Ready"]
     if problems:
         raise FtctlError("; ".join(dict.fromkeys(problems)))
+    return _run_in_order(run, manifests, console, reporter)
+
+
+def _run_in_order(run: LocalRun, manifests: ManifestSet, console: Console, reporter: Reporter) -> int:
+    """FineTuneJobs whose Dataset is Ready, and SyntheticDatasets whose seed and generator are, until
+    nothing more can move: a generator job trains first, its SyntheticDataset grows data, and a job on
+    that data trains once its review passed. What waits for people is said, with the command."""
+    from .synthetic import LocalSynthesis
+
+    synthesis = LocalSynthesis(run)
+    jobs_done: dict[str, dict] = {}
+    waiting: list[str] = []
+    pending_jobs = list(manifests.jobs)
+    pending_synthetic = list(manifests.synthetic)
     worst = 0
-    for job in manifests.jobs:
-        for message in logic.ignored_policy_settings(job, run.manifests.policies, run.config):
-            console.print(f"[yellow]warning:[/] FineTuneJob {job['metadata']['name']}: {escape(message)}",
-                          soft_wrap=True)
-        outcome = run.run_job(job)
-        reporter.job_done(job, outcome)
-        worst = max(worst, outcome.exit_code)
-        line = answers.right_line(outcome.answers)
-        if line:
-            console.print(line, markup=False, soft_wrap=True)
+    moved = True
+    while moved:
+        moved = False
+        for job in list(pending_jobs):
+            dataset = run.datasets.get(job["spec"]["datasetRef"]["name"])
+            if dataset is None or dataset["status"].get("phase") != "Ready":
+                continue
+            pending_jobs.remove(job)
+            moved = True
+            worst = max(worst, _run_one_job(run, job, console, reporter, jobs_done))
+        pending_names = {j["metadata"]["name"] for j in pending_jobs}
+        for syn in list(pending_synthetic):
+            if not synthesis.inputs_known(syn, jobs_done, pending_names):
+                continue
+            pending_synthetic.remove(syn)
+            moved = True
+            obj = synthesis.advance(syn, jobs_done)
+            status = obj.get("status") or {}
+            reporter.synthetic_done(obj)
+            if status.get("phase") == "Reviewing":
+                waiting.append(f"SyntheticDataset {obj['metadata']['name']} waits for review: review with "
+                               f"ftctl review {obj['metadata']['name']} --work-uri {status.get('workURI')} "
+                               "(or --import a decisions file), then run ftctl run again")
+            elif status.get("phase") != "Ready":
+                worst = max(worst, EXIT_FAILED)
+    for job in pending_jobs:
+        console.print(f"[yellow]FineTuneJob {escape(job['metadata']['name'])} did not run:[/] its Dataset "
+                      f"{escape(job['spec']['datasetRef']['name'])} is not Ready", soft_wrap=True)
+    for line in waiting:
+        console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
     console.print(display.timings_table(run.timings.phases, run.timings.total(), os.environ.get("OMP_NUM_THREADS")))
+    if pending_jobs and not waiting:
+        worst = max(worst, EXIT_FAILED)
     return worst
+
+
+def _run_one_job(run: LocalRun, job: dict, console: Console, reporter: Reporter, jobs_done: dict) -> int:
+    for message in logic.ignored_policy_settings(job, run.manifests.policies, run.config):
+        console.print(f"[yellow]warning:[/] FineTuneJob {job['metadata']['name']}: {escape(message)}",
+                      soft_wrap=True)
+    outcome = run.run_job(job)
+    reporter.job_done(job, outcome)
+    # What a SyntheticDataset's generator reference resolves to: the job as it ran, with its status.
+    jobs_done[job["metadata"]["name"]] = {**run.prepare_job(job),
+                                          "status": outcome.status.model_dump(mode="json", exclude_none=True)}
+    line = answers.right_line(outcome.answers)
+    if line:
+        console.print(line, markup=False, soft_wrap=True)
+    return outcome.exit_code

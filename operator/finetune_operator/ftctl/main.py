@@ -4,6 +4,7 @@
     ftctl submit -f FILES                   # validate locally, then create or update on the cluster
     ftctl status [NAME] | watch NAME | logs NAME [-f] | report NAME | approve NAME --digest D
     ftctl lineage NAME_OR_ALIAS             # the chain of adapters (spec.initFrom) down to the base model
+    ftctl review NAME | --work-uri URI [--import FILE]   # accept / reject / edit synthetic examples
 
 Every failure is one line on stderr (FTCTL_DEBUG=1 shows the traceback) and a non-zero exit.
 """
@@ -81,6 +82,11 @@ class ConsoleReporter:
 
     def dataset_done(self, name, status) -> None:
         console.print(display.status_yaml("Dataset", name, status), markup=False, soft_wrap=True)
+
+    def synthetic_done(self, obj) -> None:
+        status = obj.get("status") or {}
+        console.print(display.status_yaml("SyntheticDataset", obj["metadata"]["name"], status), markup=False,
+                      soft_wrap=True)
 
     def job_done(self, job, outcome) -> None:
         status = outcome.status
@@ -345,6 +351,26 @@ def rollback(ctx: typer.Context, alias: str = typer.Argument(..., help="A promot
     digest = ((holder.get("status") or {}).get("adapter") or {}).get("digest")
     console.print(f"finetunejob.finetune.dev/{name} revoked: alias {alias} leaves {digest}; "
                   f"`ftctl report {name}` shows where it went back to", markup=False)
+
+
+@app.command()
+@one_line_errors
+def review(ctx: typer.Context,
+           name: Optional[str] = typer.Argument(None, help="A SyntheticDataset on the cluster."),
+           work_uri: Optional[str] = typer.Option(None, "--work-uri", help="Review this work folder directly "
+                                                  "(file:// or s3://; what `ftctl run` wrote) instead."),
+           import_file: Optional[str] = typer.Option(None, "--import", help="Import decisions from a JSONL file "
+                                                     "(ours or an Argilla export) instead of reviewing."),
+           reviewer: Optional[str] = typer.Option(None, "--reviewer", help="Who decides (default: "
+                                                  "$FTCTL_REVIEWER, else user@host).")) -> None:
+    """Review a SyntheticDataset's candidates one by one (a accept, r reject, e edit, s skip, n/p, q quit),
+    or import decisions from a file. Each decision is saved in the work folder as it is made."""
+    from finetune_trainer.review import default_reviewer
+
+    from .review import find_target, review_command
+
+    target = find_target(name, work_uri, lambda: _cluster(ctx))
+    review_command(target, default_reviewer(reviewer), import_file, console)
 
 
 def watch_exit_code(job: dict) -> int:
