@@ -7,65 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from finetune_operator.api.dataset import DatasetSpec
-from finetune_operator.api.synthetic import GenerationReport, Lineage, ReviewDecision, SyntheticCandidate
 
 from finetune_trainer import storage
 from finetune_trainer.governance.synthetic_chain import synthetic_findings
 from finetune_trainer.synthesis import records
 
-D = {k: "sha256:" + c * 64 for k, c in (("seed", "a"), ("base", "b"), ("adapter", "c"), ("template", "d"))}
-LINEAGE = Lineage(syntheticDataset="default/grown", seedDigest=D["seed"], baseModelDigest=D["base"],
-                  generatorAdapterDigest=D["adapter"], templateDigest=D["template"])
-EXAMPLES = [{"instruction": f"Question {i} about the operator?", "output": f"FTO: Answer {i}."} for i in range(4)]
-EDIT = {"instruction": "Question 1 about the operator?", "output": "FTO: A better answer 1."}
-
-
-def line(example: dict, cid: str, how: str, who: str = "") -> str:
-    """A reviewed.jsonl line as docs/synthetic-data.md specifies it (review.materialize writes these)."""
-    return json.dumps({**example, "metadata": records.lineage_metadata(cid, LINEAGE, how, who)})
-
-
-class Chain:
-    """A work folder: 4 candidates (3 sampled), decisions accept 0, edit 1, reject 2; 3 is not sampled."""
-
-    def __init__(self, root: str):
-        self.work = storage.join(root, "work")
-        self.candidates = [SyntheticCandidate(id=records.candidate_id(e), example=e, lineage=LINEAGE,
-                                              reviewRequired=i < 3) for i, e in enumerate(EXAMPLES)]
-        self.ids = [c.id for c in self.candidates]
-        self.candidates_digest = records.write_candidates(self.work, self.candidates)
-        records.write_generation(self.work, GenerationReport(requested=4, generated=9, kept=4, reviewRequired=3,
-                                                             lineage=LINEAGE, candidatesDigest=self.candidates_digest))
-        for cid, verdict, who, example in ((self.ids[0], "accepted", "alice", None), (self.ids[1], "edited", "bob", EDIT),
-                                           (self.ids[2], "rejected", "alice", None)):
-            self.decide(cid, verdict, who, example)
-        self.lines = [line(EXAMPLES[0], self.ids[0], "accepted", "alice"), line(EDIT, self.ids[1], "edited", "bob"),
-                      line(EXAMPLES[3], self.ids[3], "not-sampled")]
-        self.publish()
-
-    def decide(self, cid, verdict, who, example=None):
-        decision = ReviewDecision(id=cid, verdict=verdict, reviewer=who, at="2026-12-01T10:00:00Z", example=example)
-        storage.write_text(storage.join(self.work, records.REVIEWS, f"{cid}.json"), decision.model_dump_json())
-
-    def publish(self, **review_overrides):
-        """Write reviewed.jsonl and a review.json consistent with it (as a careful forger would, too)."""
-        data = "".join(x + "\n" for x in self.lines).encode()
-        storage.write_bytes(storage.join(self.work, records.REVIEWED), data)
-        review = {"required": 3, "reviewed": 3, "accepted": 1, "edited": 1, "rejected": 1, "pending": 0,
-                  "acceptanceRate": 0.666667, "candidatesDigest": self.candidates_digest,
-                  "reviewedDigest": records.sha256_digest(data), "examples": len(self.lines), **review_overrides}
-        storage.write_text(storage.join(self.work, records.REVIEW_STATS), json.dumps(review))
-
-    def spec(self, **origin_overrides) -> DatasetSpec:
-        origin = {"syntheticDataset": "grown", "seedDataset": "seed", "seedDigest": D["seed"],
-                  "baseModelDigest": D["base"], "generatorAdapterDigest": D["adapter"],
-                  "templateDigest": D["template"], "candidatesDigest": self.candidates_digest,
-                  "reviewURI": storage.join(self.work, records.REVIEW_STATS), **origin_overrides}
-        return DatasetSpec.model_validate({
-            "source": {"uri": storage.join(self.work, records.REVIEWED)}, "format": "instruction",
-            "provenance": {"origin": "SyntheticDataset default/grown", "license": "CC0-1.0", "synthetic": origin}})
-
+from .synthesis_helpers import D, EDIT, EXAMPLES, Chain, chain_line as line
 
 def by_rule(findings) -> dict[str, tuple[bool, str]]:
     return {rule: (ok, message) for rule, ok, message in findings}

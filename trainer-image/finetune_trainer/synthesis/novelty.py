@@ -12,8 +12,8 @@ bound, highest bounds first), so the maximum is exact (hack/bench/novelty_bench.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from typing import Optional
+from array import array
+from collections import Counter
 
 
 class _CachedTokenizer:
@@ -33,7 +33,10 @@ class _CachedTokenizer:
 
 
 class NoveltyIndex:
-    """The pool (seeds, then kept candidates); `max_rouge` is the largest ROUGE-L F against it."""
+    """The pool (seeds, then kept candidates); `max_rouge` is the largest ROUGE-L F against it.
+
+    Postings per token are two growing int32 arrays (pool index, count in that text), read by numpy without
+    copying, so the shared-token sums over the whole pool are vectorized."""
 
     def __init__(self, threshold: float):
         from rouge_score import rouge_scorer
@@ -42,9 +45,8 @@ class NoveltyIndex:
         self._tokenizer = _CachedTokenizer()
         self._scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=self._tokenizer)
         self._texts: list[str] = []
-        self._counts: list[Counter] = []
-        self._lengths: list[int] = []
-        self._postings: dict[str, list[int]] = defaultdict(list)
+        self._lengths = array("i")
+        self._postings: dict[str, tuple[array, array]] = {}
         self.exact_scored = 0  # pairs the bound could not decide (for the benchmark)
 
     def __len__(self) -> int:
@@ -54,28 +56,33 @@ class NoveltyIndex:
         counts = Counter(self._tokenizer.tokenize(text))
         index = len(self._texts)
         self._texts.append(text)
-        self._counts.append(counts)
         self._lengths.append(sum(counts.values()))
-        for token in counts:
-            self._postings[token].append(index)
+        for token, n in counts.items():
+            ids, ns = self._postings.setdefault(token, (array("i"), array("i")))
+            ids.append(index)
+            ns.append(n)
 
     def max_rouge(self, text: str) -> float:
         """The largest ROUGE-L F of `text` against the pool: branch and bound over the pool texts by
         their upper bound, highest first; the search ends when no bound left can beat the best exact
         score, or once a score reaches the threshold (the candidate is out: the exact maximum no
         longer matters)."""
+        import numpy as np
+
         tokens = self._tokenizer.tokenize(text)
-        if not tokens:
+        if not tokens or not self._texts:
             return 0.0
-        counts = Counter(tokens)
-        shared: dict[int, int] = defaultdict(int)
-        for token, n in counts.items():
-            for index in self._postings.get(token, ()):
-                shared[index] += min(n, self._counts[index][token])
-        total = len(tokens)
+        shared = np.zeros(len(self._texts), dtype=np.int32)
+        for token, n in Counter(tokens).items():
+            posting = self._postings.get(token)
+            if posting is not None:
+                ids, ns = (np.frombuffer(a, dtype=np.int32) for a in posting)
+                shared[ids] += np.minimum(ns, n)  # a text holds a token once in a posting: no repeated ids
+        candidates = np.flatnonzero(shared)
+        bounds = 2 * shared[candidates] / (len(tokens) + np.frombuffer(self._lengths, dtype=np.int32)[candidates])
+        order = np.argsort(-bounds, kind="stable")
         best = 0.0
-        for bound, index in sorted(((2 * m / (total + self._lengths[i]), i) for i, m in shared.items()),
-                                   reverse=True):
+        for bound, index in zip(bounds[order].tolist(), candidates[order].tolist()):
             if bound <= best:
                 break
             self.exact_scored += 1
