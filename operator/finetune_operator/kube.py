@@ -11,10 +11,11 @@ from typing import Any, Optional
 
 import aiohttp
 
+from .api import KINDS
 from .api.meta import GROUP, VERSION
 
-PLURALS = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePolicy": "governancepolicies",
-           "LLMInferenceService": "llminferenceservices"}
+#: Every kind of our API (from the API models, so a new kind cannot be forgotten), and the others we address.
+PLURALS = {**{k.KIND: k.PLURAL for k in KINDS}, "LLMInferenceService": "llminferenceservices"}
 #: Server-side apply's field manager: what `kubectl get --show-managed-fields` names as the writer.
 FIELD_MANAGER = "finetune-operator"
 
