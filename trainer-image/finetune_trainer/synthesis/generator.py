@@ -23,7 +23,8 @@ from ..logs import get_logger
 
 log = get_logger("synthesize")
 
-#: Prompts generated together on CPU: larger batches pad more and gain little with one thread.
+#: Prompts generated together. SmolLM2-135M on one CPU thread: 1.45 s an attempt at 8, 4.55 s at 1, and
+#: no gain at 16 (hack/bench/synthesis_bench.py); a batch waits for its longest row.
 BATCH_SIZE = 8
 #: Longest prompt in tokens (the left end is cut: the instruction to write a new example is at the end).
 MAX_PROMPT_TOKENS = 2048
