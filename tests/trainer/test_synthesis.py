@@ -164,3 +164,15 @@ def test_hostile_inputs_are_errors_naming_the_line_or_field(world, tmp_path):
     storage.write_text(storage.join(f"{world['root']}/work-n", records.GENERATION), '{"kept": -1}')
     with pytest.raises(DataError, match=r"^generation.json: "):
         records.read_generation(f"{world['root']}/work-n")
+
+
+def test_generating_leaves_autograd_on_for_whatever_runs_next(world, tmp_path):
+    import torch
+
+    from finetune_operator.api.finetunejob import BaseModelRef
+
+    from finetune_trainer.synthesis.generator import generate, load
+
+    loaded = load(BaseModelRef(uri=world["model_uri"]), None, None, tmp_path)
+    generate(loaded, ["Instruction:"], temperature=0.5, top_p=0.9, max_new_tokens=2, seed=0)
+    assert torch.is_grad_enabled()
