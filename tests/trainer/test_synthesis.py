@@ -136,3 +136,43 @@ def test_the_judge_model_scores_through_the_filter(world, tmp_path):
     # and the command runs with the judge on (it scores whatever parses)
     assert command.run(save(judged, tmp_path / "j.json")) == 0
     assert "judge" in read_json(storage.join(judged.workURI, records.GENERATION))["removed"]
+
+
+def test_hostile_inputs_are_errors_naming_the_line_or_field(world, tmp_path):
+    from finetune_trainer.errors import DataError
+    from finetune_trainer.validate import content_digest
+
+    # a seed file whose digest matches but with a malformed line (written by hand, not by validation)
+    train = '{"instruction":"Q?","output":"A."}\n{"instruction":"no output"}\n'
+    storage.write_text(f"{world['root']}/bad-seed/train.jsonl", train)
+    storage.write_text(f"{world['root']}/bad-seed/eval.jsonl", "")
+    bad = synthesis_config(seed_uri=f"{world['root']}/bad-seed", seed_digest=content_digest(train, ""),
+                           model_uri=world["model_uri"], work_uri=f"{world['root']}/work-k")
+    with pytest.raises(DataError, match=r"bad-seed/train.jsonl line 2: output: "):
+        command.run(save(bad, tmp_path / "k.json"))
+    # an evaluation file that is not JSON Lines
+    storage.write_text(f"{world['root']}/evalset.jsonl", '{"prompt": "fine"}\nnot json\n')
+    leaky = config(world, "work-l", eval_set_uris=(f"{world['root']}/evalset.jsonl",))
+    with pytest.raises(DataError, match=r"^inputs.evalSetURIs: .*evalset.jsonl line 2: "):
+        command.run(save(leaky, tmp_path / "l.json"))
+    # a config that is not a SynthesisConfig
+    (tmp_path / "m.json").write_text(json.dumps({**config(world, "work-m").model_dump(mode="json"),
+                                                 "spec": {"examples": 0}}))
+    with pytest.raises(ConfigError, match=r"m.json: spec.seed: Field required"):
+        command.run(str(tmp_path / "m.json"))
+    # a generation.json that is not one
+    storage.write_text(storage.join(f"{world['root']}/work-n", records.GENERATION), '{"kept": -1}')
+    with pytest.raises(DataError, match=r"^generation.json: "):
+        records.read_generation(f"{world['root']}/work-n")
+
+
+def test_generating_leaves_autograd_on_for_whatever_runs_next(world, tmp_path):
+    import torch
+
+    from finetune_operator.api.finetunejob import BaseModelRef
+
+    from finetune_trainer.synthesis.generator import generate, load
+
+    loaded = load(BaseModelRef(uri=world["model_uri"]), None, None, tmp_path)
+    generate(loaded, ["Instruction:"], temperature=0.5, top_p=0.9, max_new_tokens=2, seed=0)
+    assert torch.is_grad_enabled()

@@ -205,3 +205,16 @@ def test_candidate_ids_are_the_canonical_json_digest():
     import json
     assert records.candidate_id(example) == hashlib.sha256(
         json.dumps(example, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def test_a_bad_candidates_line_is_named():
+    from finetune_trainer.errors import DataError
+
+    good = ('{"id":"0123456789abcdef","example":{"prompt":"a","completion":"b"},"lineage":{"syntheticDataset":"a/b",'
+            '"seedDigest":"sha256:' + "a" * 64 + '","baseModelDigest":"sha256:' + "b" * 64 + '","templateDigest":"sha256:'
+            + "c" * 64 + '"}}\n')
+    assert records.decode_candidates(good.encode())[0].id == "0123456789abcdef"
+    with pytest.raises(DataError, match=r"^candidates.jsonl line 2: not JSON"):
+        records.decode_candidates((good + "{oops\n").encode())
+    with pytest.raises(DataError, match=r"^candidates.jsonl line 2: id: String should match pattern"):
+        records.decode_candidates((good + good.replace("0123456789abcdef", "XYZ")).encode())

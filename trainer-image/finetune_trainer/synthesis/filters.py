@@ -56,6 +56,8 @@ class CandidateFilter:
         self.quality = spec.curation.quality
         self.placeholders = spec.curation.quality or QualityFilters()
         self.count_text = count_text
+        if judge is not None and spec.filters.judge is None:
+            raise ValueError("a judge needs spec.filters.judge (its rubric and minScore)")
         self.judge = judge
         self.min_score = spec.filters.judge.minScore if spec.filters.judge else None
         self.removed = {name: 0 for name in FILTERS if name != "judge" or judge is not None}

@@ -23,7 +23,8 @@ from ..logs import get_logger
 
 log = get_logger("synthesize")
 
-#: Prompts generated together on CPU: larger batches pad more and gain little with one thread.
+#: Prompts generated together. SmolLM2-135M on one CPU thread: 1.45 s an attempt at 8, 4.55 s at 1, and
+#: no gain at 16 (hack/bench/synthesis_bench.py); a batch waits for its longest row.
 BATCH_SIZE = 8
 #: Longest prompt in tokens (the left end is cut: the instruction to write a new example is at the end).
 MAX_PROMPT_TOKENS = 2048
@@ -52,8 +53,6 @@ def adapter_manifest_digest(uri: str) -> str:
 
 
 def load(base: BaseModelRef, adapter_uri: Optional[str], adapter_digest: Optional[str], workdir: Path) -> LoadedModel:
-    import torch
-
     from ..model_io import fetch_model, load_base_model, load_tokenizer, model_digest, pick_device
 
     path = fetch_model(base.uri, base.digest)
@@ -77,7 +76,6 @@ def load(base: BaseModelRef, adapter_uri: Optional[str], adapter_digest: Optiona
         model = PeftModel.from_pretrained(model, str(peft_folder(folder)), is_trainable=False)
     model.eval()
     model.config.use_cache = True
-    torch.set_grad_enabled(False)
     return LoadedModel(model, tokenizer, device, digest, adapter_digest if adapter_uri else None)
 
 
@@ -91,6 +89,8 @@ def generate(loaded: LoadedModel, prompts: list[str], *, temperature: float, top
                 add_special_tokens=False)
     batch = {k: v.to(loaded.device) for k, v in batch.items()}
     torch.manual_seed(seed)
+    # generate() runs without autograd (transformers wraps it in no_grad): nothing global is switched off,
+    # so a process that trains after generating (the tests) is unaffected.
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False}
     # A blank line ends an example (prompts.parse_output): rows stop there instead of rambling on.
