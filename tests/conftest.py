@@ -68,6 +68,19 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
+def memorized_generator_dir(tmp_path_factory) -> Path:
+    """A tiny generator that learnt to continue Self-Instruct prompts over the quickstart's seed set
+    (tests/memorized_generator.py): a SyntheticDataset gets parseable, novel candidates from it."""
+    import json
+
+    import memorized_generator
+
+    seeds = REPO / "examples" / "quickstart" / "data" / "support-answers.jsonl"
+    pairs = [(j["instruction"], j["output"]) for j in map(json.loads, seeds.read_text().splitlines())]
+    return memorized_generator.build(tmp_path_factory.mktemp("generator") / "model", pairs)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama-shaped model + offline tokenizer with a chat template, in HF format."""
     from finetune_trainer.tiny import build_tiny_model

@@ -8,21 +8,19 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from kubernetes import client, config
 from synthetic_work import make_candidates, write_work
+from tmux_pane import Pane
 from typer.testing import CliRunner
 
 from finetune_operator.ftctl.main import app
 from finetune_trainer import review
 from finetune_trainer.synthesis.records import candidate_id
 
-from .conftest import NS, REPO, ftctl
+from .conftest import NS, ftctl
 
 #: The editor the test "types" in: a script that rewrites the example's answer -- or, for the candidate
 #: about password number 3, saves an example that is not valid (a role that does not exist).
@@ -37,40 +35,6 @@ else:
     example["messages"][-1]["content"] = "Edited in tmux."
     open(path, "w").write(json.dumps(example, indent=2))
 """
-
-
-class Pane:
-    """One tmux server of our own (its own socket) with one 80x24 pane running a command."""
-
-    def __init__(self, tmp: Path, command: str, env: dict):
-        self.socket = str(tmp / "tmux.sock")
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        # After ftctl exits, the pane stays up a while so its last words can be read.
-        shell = f"cd {shlex.quote(str(REPO))} && env {exports} {command}; echo \"[exit $?]\"; sleep 60"
-        self.tmux("-f", "/dev/null", "new-session", "-d", "-s", "review", "-x", "80", "-y", "24", shell)
-
-    def tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.socket, *args], check=True, capture_output=True, text=True,
-                              timeout=10).stdout
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", "review")
-
-    def wait_for(self, text: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            shown = self.screen()
-            if text in shown:
-                return shown
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} never appeared; the screen:\n{shown}")
-            time.sleep(0.1)
-
-    def keys(self, *keys: str) -> None:
-        self.tmux("send-keys", "-t", "review", *keys)
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=10)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (hack/test.sh installs Debian's package)")

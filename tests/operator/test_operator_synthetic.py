@@ -15,8 +15,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from operator_e2e import dataset_manifest, finetunejob_manifest, phase
 from kube_emulator import wait_for
 
@@ -25,14 +23,6 @@ from finetune_trainer import review, storage
 from testutil import REPO
 
 SEEDS = REPO / "examples" / "quickstart" / "data" / "support-answers.jsonl"
-
-
-@pytest.fixture(scope="module")
-def generator_dir(tmp_path_factory):
-    import memorized_generator
-
-    seeds = [(j["instruction"], j["output"]) for j in map(json.loads, SEEDS.read_text().splitlines())]
-    return memorized_generator.build(tmp_path_factory.mktemp("generator") / "model", seeds)
 
 
 def synthetic_manifest(name: str, seed: str, generator_uri: str, **spec) -> dict:
@@ -46,7 +36,8 @@ def synthetic_manifest(name: str, seed: str, generator_uri: str, **spec) -> dict
                      "evaluation": {"fraction": 0.2}, **spec}}
 
 
-def test_seed_to_synthetic_to_reviewed_dataset_to_trained_adapter(cluster, env, kubelet, operator, generator_dir,
+def test_seed_to_synthetic_to_reviewed_dataset_to_trained_adapter(cluster, env, kubelet, operator,
+                                                                   memorized_generator_dir,
                                                                    model_uri, tmp_path):
     from trainer.helpers import upload_folder
 
@@ -57,7 +48,7 @@ def test_seed_to_synthetic_to_reviewed_dataset_to_trained_adapter(cluster, env, 
     seed["spec"]["format"] = "instruction"
     cluster.create(seed)
     generator_uri = f"s3://{bucket}/models/generator"
-    upload_folder(generator_dir, generator_uri)
+    upload_folder(memorized_generator_dir, generator_uri)
     cluster.create(synthetic_manifest("grown", "seed", generator_uri))
 
     obj = wait_for(lambda: phase(cluster, "grown", "syntheticdatasets") in ("Reviewing", "Invalid", "Failed")
