@@ -138,6 +138,16 @@ def test_a_dataset_of_that_name_not_ours_is_not_taken_over():
     assert get_condition(plan.status["conditions"], "Ready")["reason"] == "DatasetNameTaken"
 
 
+def test_the_api_servers_defaults_are_not_an_edit():
+    created = PATHS["dataset-created"]
+    child = g.synthetic_child(created)
+    child["spec"] = validation.validate_manifest({k: v for k, v in child.items() if k != "status"})["spec"]
+    assert child["spec"]["source"]["maxBytes"] == "10Gi"  # defaulted, as the real server does
+    plan = g.plan_synthetic(created, report=g.generation_report(), review=g.review_stats(accepted=6),
+                            finalized={}, dataset=child)
+    assert plan.patches == [] and plan.status["phase"] == "Finalizing"
+
+
 def test_a_child_edited_by_hand_is_put_back():
     created = PATHS["dataset-created"]
     child = g.synthetic_child(created)

@@ -564,6 +564,8 @@ async def _wake_waiting_jobs(namespace: str, dataset: str, indices: dict, logger
                 waiting.append(name)
     for name in waiting:
         await reconcile_finetunejob(namespace, name, indices, logger)
+    # ... and the SyntheticDatasets it is the seed (or the result) of.
+    await synthetic_handlers.wake_and_reconcile(namespace, indices, logger, dataset=dataset)
 
 
 @kopf.on.event(GROUP, VERSION, "datasets")
@@ -576,7 +578,6 @@ async def dataset_event(type: str, body: kopf.Body, namespace: str, name: str, l
         return
     if await reconcile_dataset(namespace, name, kwargs, logger, _plain(body)):
         await _wake_waiting_jobs(namespace, name, kwargs, logger)
-        await synthetic_handlers.wake_and_reconcile(namespace, kwargs, logger, dataset=name)
 
 
 # --- FineTuneJobs ----------------------------------------------------------------------------

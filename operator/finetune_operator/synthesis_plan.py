@@ -23,7 +23,7 @@ from finetune_trainer import storage
 from finetune_trainer.review import review_outcome
 
 from . import children
-from .api.dataset import Dataset, SyntheticOrigin
+from .api.dataset import Dataset, DatasetSpec, SyntheticOrigin
 from .api.finetunejob import FineTuneJob
 from .api.synthetic import GenerationReport, ReviewStats, SynthesisConfig, SynthesisInputs, SyntheticDataset
 from .conditions import bounded, set_condition
@@ -197,6 +197,15 @@ def child_dataset(body: dict, sd: SyntheticDataset, inputs: SynthesisInputs, wor
     }
 
 
+def same_dataset_spec(have: Optional[dict], want: dict) -> bool:
+    """Equal once defaulted: the API server fills in the schema's defaults (maxBytes, evaluation.seed, ...)."""
+    try:
+        have_spec = DatasetSpec.model_validate(have or {})
+    except ValidationError:
+        return False
+    return have_spec.model_dump(mode="json") == DatasetSpec.model_validate(want).model_dump(mode="json")
+
+
 def owned_by(obj: dict, owner: dict) -> bool:
     uid = owner["metadata"].get("uid")
     return any(ref.get("uid") == uid for ref in (obj["metadata"].get("ownerReferences") or []))
@@ -308,7 +317,7 @@ def plan_synthetic(body: dict, inputs: SyntheticInputs, resolved: tuple[Optional
         to_phase("Invalid", "DatasetNameTaken", f"a Dataset named {meta['name']!r} exists and is not this "
                  "SyntheticDataset's: rename one of them")
         return _finish(old, status, plan)
-    if child.get("spec") != wanted["spec"]:
+    if not same_dataset_spec(child.get("spec"), wanted["spec"]):
         # A newer run (or someone edited the child): the spec is ours again.
         plan.patches.append(("finetune.dev/v1alpha1", "Dataset", meta["name"], {"spec": wanted["spec"]}))
         to_phase("Finalizing", "DatasetUpdated", f"Dataset {meta['name']} updated for run {run}; validating")

@@ -29,6 +29,10 @@ _POLLS: dict[tuple, asyncio.Task] = {}
 _BODIES: dict[tuple[str, str], dict] = {}
 
 
+def _fresh(body: Optional[dict]) -> Optional[dict]:
+    return h._with_written_status(body) if body is not None else None
+
+
 async def _read_once(uri: str) -> Optional[dict]:
     if uri not in _FILES:
         found = await h._read_json(uri)
@@ -65,8 +69,10 @@ async def _reconcile(namespace: str, name: str, indices: dict, logger: Any, body
                 logger.warning(f"SyntheticDataset {namespace}/{name} does not parse: {str(exc)[:300]}")
                 return
             spec = sd.spec
-            seed = h._one(indices["datasets_idx"], (namespace, spec.seed.dataset))
-            generator = h.STATE.finetunejobs.get((namespace, spec.generator.fineTuneJob or ""))
+            # The status we wrote last, not the index's copy: a wake-up comes right after our own patch of
+            # the seed (or the generator), before its watch event has reached the index.
+            seed = _fresh(h._one(indices["datasets_idx"], (namespace, spec.seed.dataset)))
+            generator = _fresh(h.STATE.finetunejobs.get((namespace, spec.generator.fineTuneJob or "")))
             policies = [p for store in indices["policies_idx"].values() for p in store]
             resolved = synthesis_plan.resolve(sd, seed, generator, policy_eval_sets(policies, namespace))
             inputs = synthesis_plan.SyntheticInputs(seed=seed, generator_job=generator)
@@ -98,7 +104,7 @@ async def _read_run(work: str, sd: SyntheticDataset, name: str, namespace: str, 
     if inputs.finalized is not None:
         inputs.review = ReviewStats.model_validate({k: v for k, v in inputs.finalized.items()
                                                     if k in ReviewStats.model_fields})
-        inputs.dataset = h._one(indices["datasets_idx"], (namespace, name))
+        inputs.dataset = _fresh(h._one(indices["datasets_idx"], (namespace, name)))
     else:
         # One LIST and a GET per new decision (review_store caches nothing across processes: cheap
         # enough at the poll interval; see finetune_trainer/review.py).
