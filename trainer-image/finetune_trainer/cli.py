@@ -4,6 +4,9 @@
     finetune-trainer train      --config job.json          # LoRA / QLoRA / DoRA training
     finetune-trainer governance --config job.json          # governance checks on the adapter
     finetune-trainer sync-adapters --config adapters.json  # beside vLLM: the promoted adapters, verified
+    finetune-trainer federation-superlink --config superlink.json  # Flower's SuperLink (coordinator)
+    finetune-trainer federation-server --config server.json        # submits the run, runs the ServerApp
+    finetune-trainer federation-site --config site.json            # a SuperNode training on one site's data
 
 Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
 """
@@ -26,6 +29,10 @@ COMMANDS = {
     "train": "finetune_trainer.train",
     "governance": "finetune_trainer.governance.runner",
     "sync-adapters": "finetune_trainer.sync_adapters",
+    # Federated fine-tuning (docs/federated.md): the three roles of a Flower federation.
+    "federation-superlink": "finetune_trainer.federated.superlink",
+    "federation-server": "finetune_trainer.federated.server",
+    "federation-site": "finetune_trainer.federated.site",
 }
 
 

@@ -7,16 +7,18 @@ the operator and the CLI all share one definition of every field.
 from .meta import GROUP, VERSION, API_VERSION, Condition
 from .dataset import Dataset, DatasetSpec, DatasetStatus
 from .finetunejob import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+from .federated import FederatedFineTuneJob, FederatedFineTuneJobSpec, FederatedFineTuneJobStatus
 from .governance import GovernancePolicy, GovernancePolicySpec, GovernanceSpec, CHECK_NAMES
 from .trainer_config import TrainerConfig
 
 #: Every kind this API serves, in the order the CRDs are generated.
-KINDS = (Dataset, FineTuneJob, GovernancePolicy)
+KINDS = (Dataset, FineTuneJob, GovernancePolicy, FederatedFineTuneJob)
 
 __all__ = [
     "GROUP", "VERSION", "API_VERSION", "Condition",
     "Dataset", "DatasetSpec", "DatasetStatus",
     "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus",
+    "FederatedFineTuneJob", "FederatedFineTuneJobSpec", "FederatedFineTuneJobStatus",
     "GovernancePolicy", "GovernancePolicySpec", "GovernanceSpec", "CHECK_NAMES",
     "TrainerConfig", "KINDS",
 ]
