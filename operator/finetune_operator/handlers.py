@@ -967,3 +967,7 @@ async def job_event(type: str, name: str, namespace: str, labels: dict, logger: 
 @kopf.on.event("v1", "pods", labels=MANAGED)
 async def pod_event(namespace: str, labels: dict, logger: Any, **kwargs: Any) -> None:
     await _owner_event(namespace, labels, kwargs, logger)
+
+
+# FederatedFineTuneJobs: their handlers register with Kopf on import (federation_handlers.py).
+from . import federation_handlers  # noqa: E402,F401

@@ -21,6 +21,11 @@ FineTuneJob        WaitingForDataset (Dataset Invalid/Failed)  False  False     
 FineTuneJob        AwaitingApproval, Suspended                 False  False        False    Current
 FineTuneJob        Succeeded (promoted)                        True   False        False    Current
 FineTuneJob        Failed (blocked, rejected, failed)          False  False        True     Failed
+Federated...       Pending, WaitingForDatasets, Starting,      False  True         False    InProgress
+                   Training, Evaluating
+Federated...       AwaitingApproval                            False  False        False    Current
+Federated...       Succeeded (promoted)                        True   False        False    Current
+Federated...       Failed (refused, server failed, blocked)    False  False        True     Failed
 =================  ==========================================  =====  ===========  =======  ==========
 
 AwaitingApproval is not Ready (nothing was promoted) and not Stalled (nothing is wrong): the
@@ -48,11 +53,12 @@ TYPES = (READY, RECONCILING, STALLED)
 IN_PROGRESS = {
     "Dataset": ("Pending", "Validating"),
     "FineTuneJob": ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating"),
+    "FederatedFineTuneJob": ("Pending", "WaitingForDatasets", "Starting", "Training", "Evaluating"),
 }
 #: Phases that cannot move without a change (of the spec, the data, the policy).
-STALLED_PHASES = {"Dataset": ("Invalid", "Failed"), "FineTuneJob": ("Failed",)}
+STALLED_PHASES = {"Dataset": ("Invalid", "Failed"), "FineTuneJob": ("Failed",), "FederatedFineTuneJob": ("Failed",)}
 #: The successful terminal phase.
-READY_PHASE = {"Dataset": "Ready", "FineTuneJob": "Succeeded"}
+READY_PHASE = {"Dataset": "Ready", "FineTuneJob": "Succeeded", "FederatedFineTuneJob": "Succeeded"}
 #: A FineTuneJob waiting for a Dataset that will not become Ready unless someone changes it.
 STALLED_DATASET_REASONS = ("DatasetInvalid", "DatasetFailed")
 
