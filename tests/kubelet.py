@@ -34,7 +34,8 @@ from typing import Any, Optional
 import aiohttp
 
 OWNED = ("/apis/batch/v1/jobs", "/api/v1/configmaps", "/api/v1/pods")
-OWNERS = ("/apis/finetune.dev/v1alpha1/datasets", "/apis/finetune.dev/v1alpha1/finetunejobs", "/apis/batch/v1/jobs")
+OWNERS = ("/apis/finetune.dev/v1alpha1/datasets", "/apis/finetune.dev/v1alpha1/finetunejobs",
+          "/apis/finetune.dev/v1alpha1/federatedfinetunejobs", "/apis/batch/v1/jobs")
 
 
 @dataclasses.dataclass

@@ -174,7 +174,7 @@ class Cluster:
         if obj["kind"] != "GovernancePolicy":
             meta.setdefault("namespace", "default")
         plural = {"Dataset": "datasets", "FineTuneJob": "finetunejobs", "GovernancePolicy": "governancepolicies",
-                  "Secret": "secrets"}[obj["kind"]]
+                  "FederatedFineTuneJob": "federatedfinetunejobs", "Secret": "secrets"}[obj["kind"]]
         return self.request("POST", _path(obj["apiVersion"], plural, meta.get("namespace")), obj)
 
     def secret(self, name: str, data: dict[str, str], namespace: str = "default") -> dict:
