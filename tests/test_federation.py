@@ -399,3 +399,30 @@ def test_chart_rbac_covers_the_kind_and_binds_nothing_to_the_federation_accounts
             for resource, group in (("secrets", ""), ("datasets", "finetune.dev")):
                 for ns in ["coord", *(n for _, n in SITES)]:
                     assert not can(objects, verb, resource, ns, group, sa=who), (who, verb, resource, ns)
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+
+def test_federation_metrics_have_no_per_object_or_per_site_labels():
+    from prometheus_client import generate_latest
+
+    from finetune_operator.metrics import OperatorMetrics
+
+    m = OperatorMetrics()
+    m.federation_phase("coord", "triage", "Training")
+    m.federation_phase("coord", "triage", "Succeeded")
+    m.federated_round(12.5, dropouts=1)
+    m.federated_round(None, dropouts=0)
+    text = generate_latest(m.registry).decode()
+    assert 'finetune_operator_federatedfinetunejobs{phase="Succeeded"} 1.0' in text
+    assert 'finetune_operator_federatedfinetunejobs{phase="Training"} 0.0' in text
+    assert "finetune_operator_federated_rounds_total 2.0" in text
+    assert "finetune_operator_federated_site_dropouts_total 1.0" in text
+    assert "finetune_operator_federated_round_seconds_count 1.0" in text
+    federation_lines = [line for line in text.splitlines() if "federat" in line and not line.startswith("#")]
+    assert not [line for line in federation_lines if "namespace=" in line or "site=" in line or "name=" in line]
+    m.federation_phase("coord", "triage", None)  # deleted
+    assert 'finetune_operator_federatedfinetunejobs{phase="Succeeded"} 0.0' in generate_latest(m.registry).decode()
+    with pytest.raises(ValueError, match="phase"):
+        m.federation_phase("coord", "triage", "Exploded")
