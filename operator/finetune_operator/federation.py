@@ -340,10 +340,14 @@ def coordinator_objects(fed: dict, job: FederatedFineTuneJob, datasets: dict[str
     out.append(_config_map(superlink_name(name), ns, fed, link,
                            roles.superlink_config(job).model_dump(mode="json", exclude_none=True)))
     # The SuperLink relays messages, holds no data and reads no bucket: no credentials at all.
-    out.append(_job(name=superlink_name(name), namespace=ns, owner=fed, labels=link, role=ROLE_SUPERLINK,
-                    account=account, image=image, config=config, secret=None,
-                    resources={"cpu": "500m", "memory": "1Gi", "gpusPerNode": 0}, backoff_limit=10,
-                    ports=[("api", API_PORT), ("health", HEALTH_PORT)]))
+    superlink = _job(name=superlink_name(name), namespace=ns, owner=fed, labels=link, role=ROLE_SUPERLINK,
+                     account=account, image=image, config=config, secret=None,
+                     resources={"cpu": "500m", "memory": "1Gi", "gpusPerNode": 0}, backoff_limit=10,
+                     ports=[("api", API_PORT), ("health", HEALTH_PORT)])
+    # The Service routes to the SuperLink once its gRPC health service answers, not merely once it runs.
+    superlink["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
+        "grpc": {"port": HEALTH_PORT}, "periodSeconds": 5, "failureThreshold": 3}
+    out.append(superlink)
     server = labels_of(ns, name, ROLE_SERVER)
     server_cfg = roles.server_config(job, superlink=superlink_address(ns, name, config), datasets=datasets)
     out.append(_config_map(server_name(name), ns, fed, server, server_cfg.model_dump(mode="json", exclude_none=True)))

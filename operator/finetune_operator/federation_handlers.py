@@ -171,6 +171,10 @@ async def reconcile(namespace: str, name: str, indices: dict, logger: Any, body:
 async def _reconcile(body: dict, indices: dict, logger: Any) -> None:
     meta, old = body["metadata"], body.get("status") or {}
     ns, name = meta["namespace"], meta["name"]
+    if ((old.get("phase") == "Succeeded" or (old.get("phase") == "Failed" and old.get("startTime")))
+            and old.get("observedGeneration") == (meta.get("generation") or 1)):
+        metrics.federation_phase(ns, name, old["phase"])
+        return  # final, and already said so for this generation: nothing to read again
     job, error = typed(body)
     if job is None:
         plan = plan_rejected(body, "the spec", error or "it does not validate", now_iso())
