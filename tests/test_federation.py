@@ -286,6 +286,16 @@ def test_progress_becomes_status_and_a_dropout_is_an_event():
     assert again.status is None and not again.events  # idempotent: the same progress writes nothing
 
 
+def test_a_spec_edit_while_running_is_not_applied_and_says_so():
+    obj = started()
+    obj["metadata"]["generation"] = 2
+    obj["spec"]["localSteps"] = 40
+    p = plan(obj, observed(jobs=running_jobs(), progress=progress(rounds=1)), now=T2)
+    assert ("Warning", "SpecChangedWhileRunning") in [(e[0], e[1]) for e in p.events]
+    assert not p.create and p.status["observedGeneration"] == 2
+    assert plan(step(obj, p), observed(jobs=running_jobs(), progress=progress(rounds=1)), now=T2).events == []
+
+
 def test_a_malformed_progress_file_is_ignored():
     obj = started()
     for junk in ({"rounds": "many"}, {"state": "Exploded"}, ["not", "a", "dict"], {"currentRound": -1}):

@@ -631,6 +631,11 @@ def plan_federation(fed: dict, job: FederatedFineTuneJob, observed: Observed, co
         return done()
 
     # Started: progress.json says how far the rounds are, the server Job when they are over.
+    if old.get("observedGeneration") not in (None, generation) and phase in ("Starting", "Training"):
+        # The pods run with the configs rendered at the start; a rerun is a new object.
+        plan.events.append(("Warning", "SpecChangedWhileRunning",
+                            f"generation {generation} is not applied to the running federation: its sites and "
+                            "server keep the spec they started with (delete and recreate it to change it)"))
     status["sites"] = sites_status(job, per_site, observed, progress, started=True)
     if progress is not None:
         for round_, missed in dropped_rounds(old.get("rounds") or [], progress):
