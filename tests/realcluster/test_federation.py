@@ -127,7 +127,7 @@ def test_federation_accounts_and_objects_on_the_real_api_server(stack):
                              input=json.dumps(obj), check=False)
             assert proc.returncode == 0, (obj["kind"], obj["metadata"]["name"], proc.stderr)
             stored = json.loads(proc.stdout)
-            assert stored["metadata"]["labels"] == obj["metadata"]["labels"]
+            assert obj["metadata"]["labels"].items() <= stored["metadata"]["labels"].items()
 
         # 4. Deleting the federation deletes its site objects in the other namespaces (the finalizer).
         c.kubectl("delete", "federatedfinetunejob", "fed", "-n", coord, "--wait=true", "--timeout=60s")
