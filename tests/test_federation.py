@@ -342,6 +342,14 @@ def test_trained_then_promoted_through_the_finetunejob_gate():
     assert {"Promoted"} <= {e[1] for e in p.events}
 
 
+def test_serving_targets_of_a_federation_are_not_published_and_it_says_so():
+    obj, obs = finished(manifest_ok=(True, "ok"))
+    obj["spec"]["promotion"] = {"targets": [{"name": "chat", "vllm": {"configMap": "adapters"}}]}
+    p = plan(obj, obs, now=T3)
+    assert p.status["phase"] == "Succeeded"
+    assert "PromotionTargetsIgnored" in [e[1] for e in p.events]
+
+
 def test_without_a_verified_manifest_it_stays_evaluating():
     obj, obs = finished()
     p = plan(obj, obs, now=T3)

@@ -715,6 +715,11 @@ def _govern(fed: dict, job: FederatedFineTuneJob, observed: Observed, config: Op
         promo.update(aliasURI=uri, promotedAt=promo.get("promotedAt") or now)
         status["promotion"] = promo
         cond("Promoted", True, decision.reason, f"alias {alias} -> {digest}")
+        if status.get("phase") != "Succeeded" and (job.spec.promotion.targets or job.spec.promotion.revoked):
+            # Serving targets and rollback are a FineTuneJob's (docs/serving.md); a federation only writes its alias.
+            plan.events.append(("Warning", "PromotionTargetsIgnored",
+                                "spec.promotion.targets and spec.promotion.revoked are not acted on for a "
+                                f"FederatedFineTuneJob: alias {alias} was written, nothing was published"))
         to_phase("Succeeded", f"adapter {digest} promoted as {alias}", "Promoted")
     elif decision.state == "AwaitingApproval":
         status["promotion"] = promo
