@@ -151,7 +151,8 @@ async def reconcile(namespace: str, name: str, indices: dict, logger: Any, body:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             body = _with_written(body)
-            await _reconcile(body, indices, logger)
+            with metrics.reconcile_timer("FederatedFineTuneJob"):
+                await _reconcile(body, indices, logger)
     except Exception as exc:
         current = STATE.bodies.get((namespace, name))
         if isinstance(exc, kube.ApiError) and permanent_api_error(exc.status, exc.message) and current is not None:
