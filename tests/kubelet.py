@@ -158,7 +158,7 @@ class FakeKubelet:
         owned = [(path, (await self._api("GET", path))["items"]) for path in OWNED]
         owners = set()
         for path in OWNERS:
-            for obj in (await self._api("GET", path))["items"]:
+            for obj in ((await self._api("GET", path)) or {}).get("items") or []:  # 404: a kind not served
                 owners.add(obj["metadata"].get("uid"))
         jobs = set()
         for job in (await self._api("GET", "/apis/batch/v1/jobs"))["items"]:
