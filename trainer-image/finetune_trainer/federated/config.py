@@ -68,6 +68,8 @@ class SiteProvenance(ApiModel):
     datasetDigest: Optional[str] = Field(None, description="sha256 of the site's validated data.")
     license: Optional[str] = Field(None, description="License of the site's data.")
     format: Optional[DataFormat] = Field(None, description="Format of the site's data.")
+    examples: Optional[int] = Field(None, ge=0, description="Training examples of the site's Dataset (its "
+                                    "status): bounds the SecAgg+ weights.")
 
 
 class ModelShape(ApiModel):
@@ -101,6 +103,7 @@ class ServerConfig(ApiModel):
     outputURI: str = Field(..., pattern=URI_PATTERN,
                            description="Aggregate adapters, federation/progress.json, the final adapter.")
     connectTimeoutSeconds: int = Field(600, ge=1, description="How long to wait for minSites SuperNodes to connect.")
+    pollSeconds: float = Field(1.0, gt=0, le=10, description="How often the ServerApp asks the SuperLink for replies.")
 
     @property
     def progressURI(self) -> str:
@@ -118,12 +121,23 @@ class SiteConfig(ApiModel):
     authPrivateKeyFile: Optional[str] = Field(None, description="The SuperNode's private key (remote sites).")
     model: ModelShape = Field(..., description="What the site trains.")
     aggregation: Aggregation = Field("ffa-lora", description="ffa-lora freezes A; svd-refactor sends B·A.")
+    rounds: int = Field(..., ge=1, description="spec.rounds: the site's schedule spans rounds × localSteps steps.")
+    localSteps: int = Field(..., ge=1, description="Optimizer steps per round.")
+    minSites: int = Field(..., ge=1, description="spec.minSites: the site's share of the DP noise is 1/minSites.")
+    secureAggregation: bool = Field(..., description="The site sends its update only through SecAgg+ "
+                                    "(a plain training request is refused).")
+    differentialPrivacy: DifferentialPrivacy = Field(default_factory=DifferentialPrivacy,
+                                                     description="Clipping and noise the site applies itself.")
     data: TrainingData = Field(..., description="The site's validated Dataset (train.jsonl, eval.jsonl).")
     scratchURI: str = Field(..., pattern=URI_PATTERN,
                             description="The site's own folder (its storage, its credentials): local checkpoints, "
                             "so a site that comes back resumes.")
     healthPort: int = Field(HEALTH_PORT, ge=0, le=65535, description="gRPC health port of the SuperNode (0: none).")
     maxWaitSeconds: Optional[int] = Field(None, ge=1, description="Give up reconnecting after this long (unset: never).")
+    pollSeconds: float = Field(3.0, gt=0, le=10, description="How often the SuperNode asks the SuperLink for "
+                               "messages (Flower's own interval is 3 s).")
+    runtimePort: int = Field(SUPERNODE_RUNTIME_PORT, ge=1, le=65535,
+                             description="The SuperNode's local runtime API port (127.0.0.1 only).")
 
 
 class FinalAdapter(ApiModel):
@@ -180,7 +194,8 @@ def site_provenance(participant: Participant, dataset: Optional[Dataset]) -> Sit
     return SiteProvenance(site=participant.name, namespace=participant.namespace, dataset=participant.dataset,
                           datasetDigest=status.digest if status else None,
                           license=dataset.spec.provenance.license if dataset is not None else None,
-                          format=dataset.spec.format if dataset is not None else None)
+                          format=dataset.spec.format if dataset is not None else None,
+                          examples=status.stats.examples if status and status.stats else None)
 
 
 def server_config(job: FederatedFineTuneJob, *, superlink: str, datasets: dict[str, Optional[Dataset]],
@@ -211,9 +226,23 @@ def site_config(job: FederatedFineTuneJob, participant: Participant, dataset: Da
         raise NotReady(f"Dataset {participant.namespace}/{participant.dataset} of site {participant.name} is not Ready")
     return SiteConfig(
         job=identity(job), site=participant.name, superlink=superlink, tls=tls, model=model_shape(job),
-        aggregation=job.spec.aggregation,
+        aggregation=job.spec.aggregation, rounds=job.spec.rounds, localSteps=job.spec.localSteps,
+        minSites=job.spec.minSites, secureAggregation=job.secure_aggregation(),
+        differentialPrivacy=job.spec.privacy.differentialPrivacy,
         data=TrainingData(uri=status.validatedURI, format=dataset.spec.format, digest=status.digest),
         scratchURI=scratch_uri)
+
+
+def federation_dataset_digest(sites: list[SiteProvenance]) -> Optional[str]:
+    """One digest for the union of the sites' data (the adapter manifest's dataset.digest): sha256 of the
+    sorted (site, digest) pairs; None while a site's digest is unknown."""
+    import hashlib
+    import json
+
+    if any(s.datasetDigest is None for s in sites):
+        return None
+    pairs = sorted([s.site, s.datasetDigest] for s in sites)
+    return "sha256:" + hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
 RoleConfig = SuperLinkConfig | ServerConfig | SiteConfig
