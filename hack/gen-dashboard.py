@@ -112,6 +112,20 @@ PANELS = [
           [target(f"max by (namespace, name) (finetune_operator_finetunejob_gpu_hours{{{OBJS}}})",
                   instant=True, fmt="table")], unit="h", w=24, h=6),
 
+    row("Federations"),
+    panel("bargauge", "FederatedFineTuneJobs by phase", "Current number of FederatedFineTuneJobs in each phase.",
+          [target("max by (phase) (finetune_operator_federatedfinetunejobs)", "{{phase}}", instant=True)],
+          w=8, orientation="horizontal", displayMode="basic"),
+    panel("timeseries", "Federated rounds and site dropouts", "Rounds aggregated, and selected sites that did "
+          "not report (the round completed without them), all federations; which site is in the SiteDropout Event.",
+          [target("sum(increase(finetune_operator_federated_rounds_total[$__rate_interval]))", "rounds"),
+           target("sum(increase(finetune_operator_federated_site_dropouts_total[$__rate_interval]))", "dropouts",
+                  ref="B")], w=8),
+    panel("timeseries", "Federated round time", "p50 / p95 wall time of one federated round.",
+          [target(f"histogram_quantile({q}, sum by (le) "
+                  f"(rate(finetune_operator_federated_round_seconds_bucket[$__rate_interval])))",
+                  f"p{int(q * 100)}", ref=chr(65 + i)) for i, q in enumerate((0.5, 0.95))], unit="s", w=8),
+
     row("Datasets"),
     panel("table", "Dataset examples", "Examples in each Dataset after validation.",
           [target(f"max by (namespace, name) (finetune_operator_dataset_examples{{{OBJS}}})",

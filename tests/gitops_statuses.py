@@ -324,11 +324,94 @@ def synthetic_child(obj) -> dict:
     return child
 
 
+# --- FederatedFineTuneJob ----------------------------------------------------------------------------
+
+FED_SITES = (("north", "team-north"), ("south", "team-south"))
+FED_CFG = OperatorConfig(artifact_store="s3://store",
+                         default_governance={"required": ["evaluation", "provenance", "pii"]})
+
+
+def fed_obj(status=None, generation=1, **spec) -> dict:
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FederatedFineTuneJob",
+            "metadata": {"name": "fed", "namespace": "coord", "uid": "f-uid", "generation": generation},
+            "spec": {"baseModel": {"uri": "s3://models/tiny"}, "rounds": 2, "minSites": 2,
+                     "participants": [{"name": n, "namespace": ns, "dataset": "ds"} for n, ns in FED_SITES],
+                     "resources": {"gpusPerNode": 0}, "output": {"uri": "s3://out-bucket/fed"}, **spec},
+            "status": copy.deepcopy(status) if status else {}}
+
+
+def fed_dataset(namespace: str, phase: str = "Ready", consent: str = "coord/fed") -> dict:
+    status = {"phase": phase}
+    if phase == "Ready":
+        status.update(digest=DS_DIGEST, validatedURI=f"s3://{namespace}/validated", piiFindings={})
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "Dataset",
+            "metadata": {"name": "ds", "namespace": namespace, "generation": 1,
+                         "annotations": {"finetune.dev/federation-consent": consent}},
+            "spec": {"source": {"uri": f"s3://{namespace}/raw.jsonl"}, "format": "chat",
+                     "provenance": {"origin": "tests", "license": "CC0-1.0", "consent": "not-required"}},
+            "status": status}
+
+
+def _fed_progress(rounds: int, losses=(2.0, 1.5), adapter: bool = False, state: str = "Training") -> dict:
+    record = {"state": state, "currentRound": rounds, "totalRounds": 2,
+              "privacy": {"secureAggregation": False},
+              "rounds": [{"round": r + 1, "sitesSelected": 2, "sitesReported": 2, "heldOutLoss": losses[r],
+                          "seconds": 10.0, "sites": [{"site": n, "examples": 10, "localLoss": losses[r],
+                                                      "evalLoss": losses[r]} for n, _ in FED_SITES]}
+                         for r in range(rounds)]}
+    if adapter:
+        record["adapter"] = {"uri": "s3://out-bucket/fed/adapters/ab", "digest": DIGEST}
+    return record
+
+
+def federation_paths() -> dict[str, dict]:
+    """Every phase plan_federation produces, from observations (Datasets, Jobs, progress.json)."""
+    from finetune_operator import federation
+    from finetune_operator.api.federated import FederatedFineTuneJob
+
+    def plan(obj: dict, now: str = T1, cfg: OperatorConfig = FED_CFG, **observed) -> dict:
+        datasets = observed.pop("datasets", {(ns, "ds"): fed_dataset(ns) for _, ns in FED_SITES})
+        return step(obj, federation.plan_federation(obj, FederatedFineTuneJob.model_validate(obj),
+                                                    federation.Observed(datasets=datasets, **observed), cfg, now))
+
+    def jobs(**server) -> dict:
+        out = {("coord", "fed-superlink"): job("fed-superlink", active=1, ready=1),
+               ("coord", "fed-server"): job("fed-server", **(server or {"active": 1, "ready": 1}))}
+        for n, ns in FED_SITES:
+            name = federation.site_job_name("coord", "fed", n)
+            out[(ns, name)] = job(name, active=1, ready=1)
+        return out
+
+    out: dict[str, dict] = {}
+    out["waiting-missing-dataset"] = plan(fed_obj(), T0, datasets={("team-north", "ds"): fed_dataset("team-north")})
+    out["waiting-validating-dataset"] = plan(fed_obj(), T0, datasets={
+        ("team-north", "ds"): fed_dataset("team-north"), ("team-south", "ds"): fed_dataset("team-south", "Validating")})
+    out["no-consent"] = plan(fed_obj(), T0, datasets={
+        ("team-north", "ds"): fed_dataset("team-north"), ("team-south", "ds"): fed_dataset("team-south", consent="")})
+    out["starting"] = plan(out["waiting-validating-dataset"], T1)
+    out["training"] = plan(out["starting"], T1, jobs=jobs(), progress=_fed_progress(1))
+    done = dict(jobs=jobs(complete=True, succeeded=1), progress=_fed_progress(2, adapter=True, state="Succeeded"))
+    out["evaluating"] = plan(out["training"], T2, **done)
+    out["succeeded"] = plan(out["evaluating"], T3, manifest_ok=(True, "ok"), **done)
+    manual = copy.deepcopy(out["evaluating"])
+    manual["spec"]["promotion"] = {"mode": "manual"}
+    out["awaiting-approval"] = plan(manual, T3, manifest_ok=(True, "ok"), **done)
+    worse = dict(done, progress=_fed_progress(2, losses=(1.5, 2.0), adapter=True, state="Succeeded"))
+    out["governance-blocked"] = plan(out["evaluating"], T3, manifest_ok=(True, "ok"), **worse)
+    out["server-failed"] = plan(out["training"], T2, jobs=jobs(failed_reason="BackoffLimitExceeded"),
+                                progress=_fed_progress(1))
+    stale = copy.deepcopy(out["succeeded"])
+    stale["metadata"]["generation"] = 2
+    out["stale"] = stale
+    return out
+
+
 def all_paths() -> dict[str, dict]:
     """'<Kind>/<path>' -> object."""
     return ({f"Dataset/{k}": v for k, v in dataset_paths().items()}
             | {f"FineTuneJob/{k}": v for k, v in finetunejob_paths().items()}
-            | {f"SyntheticDataset/{k}": v for k, v in synthetic_paths().items()})
+            | {f"SyntheticDataset/{k}": v for k, v in synthetic_paths().items()}
+            | {f"FederatedFineTuneJob/{k}": v for k, v in federation_paths().items()})
 
 
 def policy_obj() -> dict:
@@ -373,4 +456,5 @@ def run_health(kind: str, obj: dict) -> dict:
     return out
 
 
-__all__ = ["all_paths", "dataset_paths", "finetunejob_paths", "synthetic_paths", "plan_synthetic", "policy_obj", "run_health", "governance"]
+__all__ = ["all_paths", "dataset_paths", "federation_paths", "finetunejob_paths", "synthetic_paths", "plan_synthetic",
+           "policy_obj", "run_health", "governance"]

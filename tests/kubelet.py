@@ -34,7 +34,8 @@ from typing import Any, Optional
 import aiohttp
 
 OWNED = ("/apis/batch/v1/jobs", "/api/v1/configmaps", "/api/v1/pods")
-OWNERS = ("/apis/finetune.dev/v1alpha1/datasets", "/apis/finetune.dev/v1alpha1/finetunejobs", "/apis/batch/v1/jobs")
+OWNERS = ("/apis/finetune.dev/v1alpha1/datasets", "/apis/finetune.dev/v1alpha1/finetunejobs",
+          "/apis/finetune.dev/v1alpha1/federatedfinetunejobs", "/apis/batch/v1/jobs")
 
 
 @dataclasses.dataclass
@@ -157,7 +158,7 @@ class FakeKubelet:
         owned = [(path, (await self._api("GET", path))["items"]) for path in OWNED]
         owners = set()
         for path in OWNERS:
-            for obj in (await self._api("GET", path))["items"]:
+            for obj in ((await self._api("GET", path)) or {}).get("items") or []:  # 404: a kind not served
                 owners.add(obj["metadata"].get("uid"))
         jobs = set()
         for job in (await self._api("GET", "/apis/batch/v1/jobs"))["items"]:

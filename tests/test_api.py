@@ -12,7 +12,7 @@ import celpy
 import pytest
 import yaml
 
-from finetune_operator.api import KINDS, Dataset, FineTuneJob, GovernancePolicy
+from finetune_operator.api import KINDS, FineTuneJob
 from finetune_operator.api.crd import crd, openapi_schema
 from finetune_operator.api.validation import ManifestError, validate_manifest
 
@@ -112,7 +112,7 @@ def test_examples_are_valid(path):
     assert docs
     for doc in docs:
         defaulted = validate_manifest(doc)
-        model = {"Dataset": Dataset, "FineTuneJob": FineTuneJob, "GovernancePolicy": GovernancePolicy}[doc["kind"]]
+        model = {k.KIND: k for k in KINDS}[doc["kind"]]
         model.model_validate(defaulted)  # the models agree with the schema on valid input
 
 
@@ -284,7 +284,8 @@ def test_every_default_validates_against_its_own_schema(kind):
         validation._cel(copy.deepcopy(node["default"]), node, path, None, errors)
         assert not errors, f"{path}: default {node['default']!r} is invalid: {errors.items}"
         count += 1
-    assert count >= {"Dataset": 15, "FineTuneJob": 50, "GovernancePolicy": 15, "SyntheticDataset": 30}[kind.KIND]
+    assert count >= {"Dataset": 15, "FineTuneJob": 50, "GovernancePolicy": 15, "SyntheticDataset": 30,
+                     "FederatedFineTuneJob": 40}[kind.KIND]
 
 
 def test_metadata_of_the_wrong_type_fails_alone_like_decoding():

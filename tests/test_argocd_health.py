@@ -28,7 +28,7 @@ import gitops_statuses as paths  # noqa: E402
 from gitops_statuses import CHART, CUSTOMIZATIONS, health_lua, run_health  # noqa: E402
 from testutil import REPO  # noqa: E402
 
-KINDS = ("Dataset", "FineTuneJob", "GovernancePolicy", "SyntheticDataset")
+KINDS = ("Dataset", "FineTuneJob", "GovernancePolicy", "SyntheticDataset", "FederatedFineTuneJob")
 
 
 # --- every status the decisions produce ---------------------------------------------------------------
@@ -74,6 +74,17 @@ EXPECTED = {
     "SyntheticDataset/dataset-created": "Progressing",
     "SyntheticDataset/ready": "Healthy",
     "SyntheticDataset/dataset-invalid": "Degraded",
+    "FederatedFineTuneJob/waiting-missing-dataset": "Missing",
+    "FederatedFineTuneJob/waiting-validating-dataset": "Progressing",
+    "FederatedFineTuneJob/no-consent": "Degraded",
+    "FederatedFineTuneJob/starting": "Progressing",
+    "FederatedFineTuneJob/training": "Progressing",
+    "FederatedFineTuneJob/evaluating": "Progressing",
+    "FederatedFineTuneJob/awaiting-approval": "Suspended",
+    "FederatedFineTuneJob/succeeded": "Healthy",
+    "FederatedFineTuneJob/governance-blocked": "Degraded",
+    "FederatedFineTuneJob/server-failed": "Degraded",
+    "FederatedFineTuneJob/stale": "Progressing",
 }
 
 ALL = paths.all_paths()
@@ -101,6 +112,13 @@ def test_blocked_by_governance_is_degraded_naming_the_failing_checks():
     assert "below the threshold" in health["message"]
 
 
+def test_a_federation_blocked_by_governance_names_the_failing_check_and_site():
+    health = run_health("FederatedFineTuneJob", ALL["FederatedFineTuneJob/governance-blocked"])
+    assert health["status"] == "Degraded"
+    assert health["message"].startswith("Blocked by governance: failing checks: evaluation (held-out loss not improved")
+    assert "north" in health["message"]
+
+
 def test_awaiting_approval_is_suspended_and_says_which_digest_to_approve():
     health = run_health("FineTuneJob", ALL["FineTuneJob/awaiting-approval"])
     assert health["status"] == "Suspended" and health["message"].startswith("Awaiting approval: ")
@@ -108,7 +126,7 @@ def test_awaiting_approval_is_suspended_and_says_which_digest_to_approve():
 
 
 def test_a_status_for_an_older_generation_is_progressing_not_the_old_verdict():
-    for kind in ("Dataset", "FineTuneJob"):
+    for kind in ("Dataset", "FineTuneJob", "FederatedFineTuneJob"):
         health = run_health(kind, ALL[f"{kind}/stale"])
         assert health["status"] == "Progressing" and "generation 2" in health["message"], health
 
@@ -124,7 +142,8 @@ def test_the_api_servers_default_observed_generation_is_not_read_as_an_old_gener
 
 
 def test_an_object_the_operator_has_not_seen_yet_is_progressing():
-    for kind, obj in (("Dataset", paths.dataset_obj()), ("FineTuneJob", paths.ftj_obj())):
+    for kind, obj in (("Dataset", paths.dataset_obj()), ("FineTuneJob", paths.ftj_obj()),
+                      ("FederatedFineTuneJob", paths.fed_obj())):
         obj.pop("status")
         health = run_health(kind, obj)
         assert health["status"] == "Progressing" and "finetune-operator" in health["message"]
@@ -177,6 +196,12 @@ TESTDATA = {
                          "degraded_low_acceptance.yaml": "SyntheticDataset/low-acceptance",
                          "degraded_seed_invalid.yaml": "SyntheticDataset/seed-invalid",
                          "healthy.yaml": "SyntheticDataset/ready"},
+    "FederatedFineTuneJob": {"missing_dataset.yaml": "FederatedFineTuneJob/waiting-missing-dataset",
+                             "progressing_training.yaml": "FederatedFineTuneJob/training",
+                             "degraded_no_consent.yaml": "FederatedFineTuneJob/no-consent",
+                             "degraded_governance_blocked.yaml": "FederatedFineTuneJob/governance-blocked",
+                             "suspended_awaiting_approval.yaml": "FederatedFineTuneJob/awaiting-approval",
+                             "healthy.yaml": "FederatedFineTuneJob/succeeded"},
 }
 #: Per run: a fresh platform key signs the report, so these differ between runs (and mean nothing here).
 VOLATILE = ("reportDigest", "signingKey")

@@ -340,13 +340,17 @@ def test_uninstall_hook_rbac_is_minimal(rendered, value_set):
                for r in roles for rule in r["rules"] for g in rule["apiGroups"] for res in rule["resources"]
                for v in rule["verbs"]}
     watched = values["watch"]["namespaces"] or [None]  # None: cluster-wide (a ClusterRole)
-    expected = {(ns, "finetune.dev", "finetunejobs", (), v) for ns in watched for v in ("get", "list", "patch")}
+    expected = {(ns, "finetune.dev", kind, (), v) for ns in watched for v in ("get", "list", "patch")
+                for kind in ("finetunejobs", "federatedfinetunejobs")}
     expected |= {(NAMESPACE, "apps", "deployments/scale", (deploy["metadata"]["name"],), v) for v in ("get", "patch")}
     expected |= {(NAMESPACE, "", "pods", (), "list")}
     # What the operator made without an owner: the Job NetworkPolicies and its governance Jobs.
     expected |= {(ns, "networking.k8s.io", "networkpolicies", (), v) for ns in watched for v in ("list", "delete")}
     expected |= {(NAMESPACE, "networking.k8s.io", "networkpolicies", (), v) for v in ("list", "delete")}
     expected |= {(NAMESPACE, "batch", "jobs", (), v) for v in ("list", "delete")}
+    # ... and a deleted federation's site objects in the participants' namespaces (docs/federated.md).
+    expected |= {(ns, group, res, (), v) for ns in watched for v in ("list", "delete")
+                 for group, res in (("batch", "jobs"), ("", "configmaps"), ("", "serviceaccounts"))}
     assert granted == expected
 
 

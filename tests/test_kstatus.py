@@ -14,6 +14,7 @@ import yaml
 import gitops_statuses as paths
 from finetune_operator import decisions, kstatus
 from finetune_operator.api.dataset import DatasetStatus
+from finetune_operator.api.federated import FederatedFineTuneJobStatus
 from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.api.synthetic import SyntheticDatasetStatus
 from finetune_operator.conditions import get_condition
@@ -64,6 +65,17 @@ EXPECTED = {
     "SyntheticDataset/dataset-created": ("InProgress", "False", "True", "False"),
     "SyntheticDataset/ready": ("Current", "True", "False", "False"),
     "SyntheticDataset/dataset-invalid": ("Failed", "False", "False", "True"),
+    "FederatedFineTuneJob/waiting-missing-dataset": ("InProgress", "False", "True", "False"),
+    "FederatedFineTuneJob/waiting-validating-dataset": ("InProgress", "False", "True", "False"),
+    "FederatedFineTuneJob/no-consent": ("Failed", "False", "False", "True"),  # until the Dataset consents
+    "FederatedFineTuneJob/starting": ("InProgress", "False", "True", "False"),
+    "FederatedFineTuneJob/training": ("InProgress", "False", "True", "False"),
+    "FederatedFineTuneJob/evaluating": ("InProgress", "False", "True", "False"),
+    "FederatedFineTuneJob/awaiting-approval": ("Current", "False", "False", "False"),
+    "FederatedFineTuneJob/succeeded": ("Current", "True", "False", "False"),
+    "FederatedFineTuneJob/governance-blocked": ("Failed", "False", "False", "True"),
+    "FederatedFineTuneJob/server-failed": ("Failed", "False", "False", "True"),
+    "FederatedFineTuneJob/stale": ("InProgress", "True", "False", "False"),
 }
 
 
@@ -87,7 +99,7 @@ def test_kstatus_of_each_decision_path(name):
         assert cond["reason"] and "\n" not in cond["message"] and len(cond["message"]) <= 1024
     # The existing conditions stay: kstatus adds three, it replaces none.
     model = {"Dataset": DatasetStatus, "FineTuneJob": FineTuneJobStatus,
-             "SyntheticDataset": SyntheticDatasetStatus}[obj["kind"]]
+             "SyntheticDataset": SyntheticDatasetStatus, "FederatedFineTuneJob": FederatedFineTuneJobStatus}[obj["kind"]]
     model.model_validate(obj["status"])
 
 

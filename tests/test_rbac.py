@@ -110,8 +110,12 @@ IN_WATCHED = {
     ("", "configmaps"): {"create", "get", "list", "watch", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch", "create"},  # create: the admission dry run of a Job's pod
     ("", "events"): {"create", "patch"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},  # the Job pods' egress policy
-    ("", "services"): {"get", "create"},  # a multi-node trainer's headless Service
+    # the Job pods' egress policy; a federation's site policies (deleted by its finalizer)
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "list", "delete"},
+    ("", "services"): {"get", "create"},  # a multi-node trainer's headless Service, a SuperLink's
+    ("finetune.dev", "federatedfinetunejobs"): {"get", "list", "watch", "patch", "update"},
+    ("finetune.dev", "federatedfinetunejobs/status"): {"get", "patch", "update"},
+    ("", "serviceaccounts"): {"get", "create", "list", "delete"},  # a federation's pods' own accounts
     ("serving.kserve.io", "llminferenceservices"): {"get", "patch"},  # kserve serving targets
 }
 # ... in its own namespace, where the governance Jobs run.
@@ -123,6 +127,7 @@ IN_OPERATOR_NAMESPACE = {
     ("finetune.dev", "datasets"): {"get", "list", "watch"},
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch"},
     ("finetune.dev", "syntheticdatasets"): {"get", "list", "watch"},
+    ("finetune.dev", "federatedfinetunejobs"): {"get", "list", "watch"},
 }
 # ... and cluster-wide.
 CLUSTER_WIDE = {

@@ -116,3 +116,26 @@ def test_an_unreadable_config_is_a_clear_error(monkeypatch, tmp_path):
     lines: list[str] = []
     assert uninstall.main(None, None, 1, False, say=lines.append) == 1
     assert lines == [f"error: ValueError: {bad}: unknown setting 'noSuchSetting'"]
+
+
+def test_federations_release_their_finalizer_and_only_deleted_ones_lose_their_sites():
+    from finetune_operator import federation
+
+    def fed(name, deleting, finalizers):
+        meta = {"name": name, "namespace": "coord", "finalizers": finalizers}
+        if deleting:
+            meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        return {"metadata": meta, "spec": {"participants": [
+            {"name": "a", "namespace": "team-a", "dataset": "d"}, {"name": "b", "namespace": "team-b", "dataset": "d"},
+            {"name": "c", "namespace": "team-a", "dataset": "e"}, {"name": "r", "remote": {"credentialsSecret": "k"}}]}}
+
+    plans = {p.name: p for p in uninstall.plan_federations([
+        fed("gone", True, ["other/keep", federation.FINALIZER]), fed("stays", False, [federation.FINALIZER]),
+        fed("none", True, ["other/keep"])])}
+    assert set(plans) == {"gone", "stays"}
+    assert plans["gone"].sites == (("team-a", "finetune.dev/federation=coord.gone"),
+                                   ("team-b", "finetune.dev/federation=coord.gone"))
+    assert plans["stays"].sites == ()  # a reinstalled operator takes it up again
+    released = jsonpatch.apply_patch({"metadata": {"finalizers": ["other/keep", federation.FINALIZER]}},
+                                     plans["gone"].patch)
+    assert released["metadata"]["finalizers"] == ["other/keep"]

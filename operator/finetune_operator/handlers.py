@@ -979,3 +979,5 @@ async def pod_event(namespace: str, labels: dict, logger: Any, **kwargs: Any) ->
 
 # Registered last: they use the indices and helpers above.
 from . import synthesis_plan, synthetic_handlers  # noqa: E402
+# FederatedFineTuneJobs: their handlers register with Kopf on import (federation_handlers.py).
+from . import federation_handlers  # noqa: E402,F401

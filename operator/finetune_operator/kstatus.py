@@ -27,6 +27,11 @@ SyntheticDataset   WaitingForInputs (seed Invalid, ...)        False  False     
 SyntheticDataset   Reviewing (people review)                   False  False        False    Current
 SyntheticDataset   Ready (its Dataset is Ready)                True   False        False    Current
 SyntheticDataset   Invalid, Failed                             False  False        True     Failed
+Federated...       Pending, WaitingForDatasets, Starting,      False  True         False    InProgress
+                   Training, Evaluating
+Federated...       AwaitingApproval                            False  False        False    Current
+Federated...       Succeeded (promoted)                        True   False        False    Current
+Federated...       Failed (refused, server failed, blocked)    False  False        True     Failed
 =================  ==========================================  =====  ===========  =======  ==========
 
 AwaitingApproval is not Ready (nothing was promoted) and not Stalled (nothing is wrong): the
@@ -56,12 +61,14 @@ IN_PROGRESS = {
     "FineTuneJob": ("Pending", "WaitingForDataset", "Queued", "Training", "Evaluating"),
     # Reviewing is not in progress: it waits for people, as AwaitingApproval does (Current, not stalled).
     "SyntheticDataset": ("Pending", "WaitingForInputs", "Generating", "Finalizing"),
+    "FederatedFineTuneJob": ("Pending", "WaitingForDatasets", "Starting", "Training", "Evaluating"),
 }
 #: Phases that cannot move without a change (of the spec, the data, the policy).
 STALLED_PHASES = {"Dataset": ("Invalid", "Failed"), "FineTuneJob": ("Failed",),
-                  "SyntheticDataset": ("Invalid", "Failed")}
+                  "SyntheticDataset": ("Invalid", "Failed"), "FederatedFineTuneJob": ("Failed",)}
 #: The successful terminal phase.
-READY_PHASE = {"Dataset": "Ready", "FineTuneJob": "Succeeded", "SyntheticDataset": "Ready"}
+READY_PHASE = {"Dataset": "Ready", "FineTuneJob": "Succeeded", "SyntheticDataset": "Ready",
+               "FederatedFineTuneJob": "Succeeded"}
 #: Kinds whose plan sets Ready itself, with the specific reason (kept as it is).
 OWN_READY = ("Dataset", "SyntheticDataset")
 #: A FineTuneJob waiting for a Dataset that will not become Ready unless someone changes it.

@@ -38,7 +38,7 @@ def path_of(api_version: str, kind: str, namespace: Optional[str], name: Optiona
             subresource: Optional[str] = None) -> str:
     plural = PLURALS.get(kind) or {"ConfigMap": "configmaps", "Job": "jobs", "Event": "events",
                                    "Secret": "secrets", "Pod": "pods", "Service": "services",
-                                   "NetworkPolicy": "networkpolicies"}[kind]
+                                   "NetworkPolicy": "networkpolicies", "ServiceAccount": "serviceaccounts"}[kind]
     root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
     parts = [root]
     if namespace:

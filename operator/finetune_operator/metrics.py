@@ -32,6 +32,10 @@ SERVING_KINDS = ("vllm", "kserve", "oci")
 SERVING_OUTCOMES = ("published", "unpublished", "failed")
 GOVERNANCE_RUN_TRIGGERS = ("first", "policy_change")
 DEFAULT_RETENTION_SECONDS = 3600.0
+FEDERATION_PHASES = ("Pending", "WaitingForDatasets", "Starting", "Training", "Evaluating", "AwaitingApproval",
+                     "Succeeded", "Failed")
+#: Federated rounds take minutes (local training at every site, then aggregation).
+ROUND_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 # Reconciles are mostly API round-trips (tens of ms) but S3 checks can take seconds.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -121,6 +125,23 @@ class OperatorMetrics:
         self.final_eval_loss_by_job = Gauge(
             "finetune_operator_final_eval_loss", "Eval loss (nats per token) of a finished FineTuneJob's adapter.",
             ["namespace", "name"], registry=r)
+
+        # Federations: no namespace/name/site labels. A site label would be bounded per federation
+        # (spec.participants) but not across them: every team that federates adds series that stay.
+        # Which site dropped out is in the Event and in status.rounds; here only how often.
+        self._federation_phases: dict[tuple[str, str], str] = {}
+        self.federations = Gauge("finetune_operator_federatedfinetunejobs", "FederatedFineTuneJobs by current phase.",
+                                 ["phase"], registry=r)
+        self.federated_rounds = Counter("finetune_operator_federated_rounds",
+                                        "Federated rounds completed (aggregated), all federations.", registry=r)
+        self.federated_round_seconds = Histogram(
+            "finetune_operator_federated_round_seconds", "Wall time of one federated round (the server's clock).",
+            buckets=ROUND_BUCKETS, registry=r)
+        self.federated_dropouts = Counter(
+            "finetune_operator_federated_site_dropouts",
+            "Sites selected for a round that did not report (the round completed without them).", registry=r)
+        for phase in FEDERATION_PHASES:
+            self.federations.labels(phase).set(0)
 
         # Zero series for every known label value, so dashboards and alert expressions such as
         # finetune_operator_finetunejobs{phase="Failed"} > 0 evaluate to data, not to nothing.
@@ -241,6 +262,28 @@ class OperatorMetrics:
     def final_eval_loss(self, namespace: str, name: str, value: float) -> None:
         self.final_eval_loss_by_job.labels(namespace, name).set(value)
 
+    # --- federations -------------------------------------------------------------------------
+
+    def federation_phase(self, namespace: str, name: str, phase: Optional[str]) -> None:
+        """Record a federation's phase (None: it is gone)."""
+        if phase is not None and phase not in FEDERATION_PHASES:
+            raise ValueError(f"unknown federation phase {phase!r}")
+        with self._lock:
+            previous = self._federation_phases.pop((namespace, name), None)
+            if previous is not None:
+                self.federations.labels(previous).dec()
+            if phase is not None:
+                self.federations.labels(phase).inc()
+                self._federation_phases[(namespace, name)] = phase
+
+    def federated_round(self, seconds: Optional[float], dropouts: int) -> None:
+        """One round newly seen aggregated, how long it took and how many selected sites missed it."""
+        self.federated_rounds.inc()
+        if seconds is not None and seconds >= 0:
+            self.federated_round_seconds.observe(seconds)
+        if dropouts:
+            self.federated_dropouts.inc(dropouts)
+
     # --- bounding cardinality ----------------------------------------------------------------
 
     @staticmethod
@@ -351,6 +394,14 @@ def gpu_hours(namespace: str, name: str, hours: float) -> None:
 
 def final_eval_loss(namespace: str, name: str, value: float) -> None:
     DEFAULT.final_eval_loss(namespace, name, value)
+
+
+def federation_phase(namespace: str, name: str, phase: Optional[str]) -> None:
+    DEFAULT.federation_phase(namespace, name, phase)
+
+
+def federated_round(seconds: Optional[float], dropouts: int) -> None:
+    DEFAULT.federated_round(seconds, dropouts)
 
 
 def forget(kind: str, namespace: str, name: str) -> None:

@@ -13,7 +13,9 @@ leave the namespace Terminating forever. The chart runs this command in a `pre-d
    Delete and the job is being deleted (or, with --delete-all-checkpoints, also when it is not) --
    then remove both finalizers with a JSON patch whose `test` ops make it apply only to the list
    that was read (a concurrent change is re-read and tried again);
-3. delete what the operator made outside any owner's reach: the Job NetworkPolicy
+3. release the FederatedFineTuneJobs' finalizer, after deleting the site objects (by label, in the
+   participants' namespaces) of those being deleted;
+4. delete what the operator made outside any owner's reach: the Job NetworkPolicy
    (`finetune-job-pods`) in each watched namespace and the governance Jobs in its own namespace.
 
 Storage trouble never blocks the release: the operator is going away, nobody would retry later,
@@ -57,13 +59,13 @@ class Release:
     note: str = ""
 
 
-def release_patch(finalizers: Iterable[str]) -> Optional[list[dict]]:
+def release_patch(finalizers: Iterable[str], ours: tuple[str, ...] = OURS) -> Optional[list[dict]]:
     """A JSON patch (RFC 6902) removing our finalizers from metadata.finalizers, or None when the
     list holds none. Each removal is preceded by a `test` of the value at its index, so the patch
     fails (422) instead of removing someone else's finalizer when the list changed since it was
     read. Removals go from the highest index down, so earlier removals do not shift later ones."""
     current = list(finalizers)
-    indices = [i for i, f in enumerate(current) if f in OURS]
+    indices = [i for i, f in enumerate(current) if f in ours]
     if not indices:
         return None
     tests = [{"op": "test", "path": f"/metadata/finalizers/{i}", "value": current[i]} for i in indices]
@@ -233,6 +235,89 @@ def release(api_client: Any, namespaces: tuple[str, ...], delete_all: bool = Fal
                        f"({', '.join(f'{r.namespace}/{r.name}' for r in pending)}): is an operator still running?")
 
 
+# --- FederatedFineTuneJobs ------------------------------------------------------------------------
+
+FEDERATIONS = "federatedfinetunejobs"
+
+
+@dataclass(frozen=True)
+class FederationRelease:
+    namespace: str
+    name: str
+    patch: list[dict]
+    #: (namespace, label selector) of its site objects to delete first: only for a federation being
+    #: deleted (one that stays keeps its sites: a reinstalled operator takes it up again).
+    sites: tuple[tuple[str, str], ...]
+
+
+def plan_federations(items: Iterable[dict]) -> list[FederationRelease]:
+    """The releases of the FederatedFineTuneJobs that carry the federation finalizer."""
+    from . import federation
+
+    out = []
+    for item in items:
+        meta = item.get("metadata") or {}
+        patch = release_patch(meta.get("finalizers") or [], (federation.FINALIZER,))
+        if patch is None:
+            continue
+        ns, name = meta.get("namespace") or "", meta.get("name") or ""
+        sites: tuple[tuple[str, str], ...] = ()
+        if meta.get("deletionTimestamp"):
+            participants = (item.get("spec") or {}).get("participants") or []
+            where = dict.fromkeys(p.get("namespace") for p in participants if isinstance(p, dict))
+            sites = tuple((s, federation.site_selector(ns, name)) for s in where if isinstance(s, str) and s)
+        out.append(FederationRelease(ns, name, patch, sites))
+    return out
+
+
+def release_federations(api_client: Any, namespaces: tuple[str, ...], say: Callable[[str], None] = print) -> int:
+    """Delete the site objects of federations being deleted, then release every federation's
+    finalizer (one attempt: a changed list is an operator still running, which releases it itself)."""
+    import kubernetes
+
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    released = 0
+    items: list[dict] = []
+    for ns in namespaces or (None,):
+        try:
+            items += (custom.list_namespaced_custom_object(GROUP, VERSION, ns, FEDERATIONS) if ns else
+                      custom.list_cluster_custom_object(GROUP, VERSION, FEDERATIONS))["items"]
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:  # 404: no such CRD (an older install) or namespace
+                raise
+    core, batch = kubernetes.client.CoreV1Api(api_client), kubernetes.client.BatchV1Api(api_client)
+    net = kubernetes.client.NetworkingV1Api(api_client)
+    kinds = ((batch.list_namespaced_job, batch.delete_namespaced_job),
+             (core.list_namespaced_config_map, core.delete_namespaced_config_map),
+             (net.list_namespaced_network_policy, net.delete_namespaced_network_policy),
+             (core.list_namespaced_service_account, core.delete_namespaced_service_account))
+    for item in plan_federations(items):
+        for site_ns, selector in item.sites:
+            for list_, delete in kinds:
+                try:
+                    for obj in list_(site_ns, label_selector=selector).items:
+                        delete(obj.metadata.name, site_ns, propagation_policy="Background")
+                except kubernetes.client.ApiException as exc:
+                    if exc.status == 404:
+                        continue
+                    if exc.status == 403:  # a participant namespace the hook may not touch: say so, go on
+                        say(f"warning: FederatedFineTuneJob {item.namespace}/{item.name}: cannot delete its "
+                            f"site objects in {site_ns} ({exc.status}); delete `-l {selector}` there by hand")
+                        break
+                    raise
+        try:
+            custom.patch_namespaced_custom_object(GROUP, VERSION, item.namespace, FEDERATIONS, item.name, item.patch,
+                                                  _content_type="application/json-patch+json")
+        except kubernetes.client.ApiException as exc:
+            if exc.status in (404, 409, 422):
+                continue
+            raise
+        released += 1
+        say(f"FederatedFineTuneJob {item.namespace}/{item.name}: released its finalizer"
+            + (f" (deleted its site objects in {', '.join(n for n, _ in item.sites)})" if item.sites else ""))
+    return released
+
+
 def remove_operator_objects(api_client: Any, namespaces: tuple[str, ...], operator_namespace: str,
                             say: Callable[[str], None] = print) -> dict[str, int]:
     """Delete the Job NetworkPolicies (by name and our label; in `namespaces`, all when empty) and the
@@ -319,6 +404,8 @@ def _main(cfg: Any, namespaces: Optional[tuple[str, ...]], stop: Optional[str], 
     scope = ", ".join(watched) if watched else "all namespaces"
     say(f"released {counts['released']} FineTuneJob(s) in {scope}; checkpoints deleted: "
         f"{counts['checkpointsDeleted']}, left behind: {counts['checkpointsLeft']}")
+    federations = release_federations(api_client, tuple(watched), say)
+    say(f"released {federations} FederatedFineTuneJob(s)")
     removed = remove_operator_objects(api_client, tuple(watched), cfg.namespace, say)
     say(f"deleted {removed['networkPolicies']} Job NetworkPolicy(ies) and {removed['governanceJobs']} "
         "governance Job(s)")

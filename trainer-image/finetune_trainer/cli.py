@@ -6,6 +6,9 @@
     finetune-trainer sync-adapters --config adapters.json  # beside vLLM: the promoted adapters, verified
     finetune-trainer synthesize --config synthesis.json    # SyntheticDataset: generate and filter candidates
     finetune-trainer synthesis-finalize --config synthesis.json  # reviewed candidates -> reviewed.jsonl
+    finetune-trainer federation-superlink --config superlink.json  # Flower's SuperLink (coordinator)
+    finetune-trainer federation-server --config server.json        # submits the run, runs the ServerApp
+    finetune-trainer federation-site --config site.json            # a SuperNode training on one site's data
 
 Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
 """
@@ -30,6 +33,10 @@ COMMANDS = {
     "sync-adapters": "finetune_trainer.sync_adapters",
     "synthesize": "finetune_trainer.synthesis.command",
     "synthesis-finalize": "finetune_trainer.review",
+    # Federated fine-tuning (docs/federated.md): the three roles of a Flower federation.
+    "federation-superlink": "finetune_trainer.federated.superlink",
+    "federation-server": "finetune_trainer.federated.server",
+    "federation-site": "finetune_trainer.federated.site",
 }
 
 

@@ -154,7 +154,22 @@ def run(config_path: str) -> int:
         stop.uninstall()
 
 
-def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
+def run_local_round(cfg, fed) -> int:
+    """One federated round at a site (federated/local_round.py): this same loop, from the global adapter
+    the server sent, for `fed.local_steps` more steps; the weights go back to `fed`, not to an adapter."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    stop = StopFlag()
+    stop.install()
+    try:
+        return _run(cfg, stop, distributed.init("ddp"), fed)
+    finally:
+        stop.uninstall()
+
+
+def _run(cfg, stop: StopFlag, world: distributed.World, fed=None) -> int:
+    if fed is not None and (world.distributed or cfg.data.format == "image-text"):
+        raise ConfigError("a federated site trains on one rank, on text data (chat, instruction or completion)")
     if cfg.data.format == "image-text":  # a vision-language model: its own loop (vision.py)
         from . import vision
 
@@ -222,6 +237,8 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
                                     quantization=quantization, gradient_checkpointing=t.gradientCheckpointing,
                                     quant_storage_as_compute=sharded)
     model = model_io.build_peft_model(base, cfg.method, cfg.lora, cfg.baseModel.uri)
+    if fed is not None:
+        fed.prepare(model)  # ffa-lora: A frozen before the optimizer sees the parameters
     anchor = None
     if parent is not None:
         try:
@@ -243,6 +260,8 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, {k: v.to(device) for k, v in loaded.adapter_state.items()})
+    if fed is not None:
+        fed.load_global(model, device)  # this round starts from the aggregate, with the site's own optimizer state
     if sharded:
         distributed.shard(model, world)
         model.to(device)
@@ -267,6 +286,8 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
         checkpoint.set_rng_state(loaded.rng)  # rank 0's generators
         state = loaded.state
         log.info("resumed from checkpoint", extra={"event": "resume", "step": state.step, "uri": loaded.uri})
+    if fed is not None:
+        fed.begin(state.step, n_steps, len(train_set), len(eval_set))
     if world.rank > 0:
         # Dropout differs per rank (as it would per example in one big batch); reproducible per (seed, rank, step).
         torch.manual_seed(t.seed * 1_000_003 + world.rank * 7919 + state.step)
@@ -283,7 +304,8 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
     # FINETUNE_PREFIX_CACHE=0 takes the ordinary path (benchmarks and the equivalence test compare both).
     seconds["load"] = time.perf_counter() - load_started
     cache_started = time.perf_counter()
-    use_cache = state.step < n_steps and os.environ.get("FINETUNE_PREFIX_CACHE", "1") != "0"
+    use_cache = (state.step < (fed.until_step if fed is not None else n_steps)
+                 and os.environ.get("FINETUNE_PREFIX_CACHE", "1") != "0")
     prefix = PrefixCache.build(model, train_set, max_len=t.maxSeqLength, pad_id=tokenizer.pad_token_id,
                                device=device, amp_dtype=amp_dtype) if use_cache else None
     seconds["prefix_cache"] = time.perf_counter() - cache_started
@@ -360,6 +382,9 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
         optimizer.zero_grad(set_to_none=True)
         return float(step_loss)  # waits for the GPU: step timings below are real
 
+    if fed is not None:  # the aggregate the site received, on the site's eval split
+        fed.eval_loss = run_eval()
+
     # ---- 4. the loop: one iteration = one optimizer step
     # Fault-injection tests slow steps down so they can signal a run mid-training; 0 in real runs.
     debug_sleep = float(os.environ.get("FINETUNE_DEBUG_STEP_SLEEP", "0"))
@@ -370,7 +395,7 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
         # This process's time in optimizer steps (no eval, checkpoint, progress), real tokens and the
         # attention FLOP term: the benchmark's tokens/s and MFU.
         train_seconds, tokens_this_run, sum_sq_lengths = 0.0, 0, 0
-        while state.step < n_steps:
+        while state.step < (fed.until_step if fed is not None else n_steps):
             if state.step == started_step and distributed.any_rank(world, stop.requested):
                 # asked to stop before a step: nothing new to save
                 log.info("preempted before the first step", extra={"event": "preempted", "step": state.step})
@@ -396,9 +421,12 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
             state.tokens_seen += step_tokens
             state.last_loss = step_loss
             is_last = state.step == n_steps
+            if fed is not None:
+                fed.losses.append(step_loss)
+            round_done = fed is not None and state.step >= fed.until_step
 
             eval_loss = None
-            if state.step % t.evalEverySteps == 0 or is_last:
+            if (state.step % t.evalEverySteps == 0 or is_last) and fed is None:
                 eval_loss = state.last_eval_loss = run_eval()
                 log.info("eval", extra={"event": "eval", "step": state.step, "eval_loss": eval_loss})
 
@@ -414,12 +442,21 @@ def _run(cfg, stop: StopFlag, world: distributed.World) -> int:
                 window_tokens, window_start = 0, time.monotonic()
 
             stopping = distributed.any_rank(world, stop.requested)
-            if state.step % t.checkpointEverySteps == 0 or is_last or stopping:
+            if state.step % t.checkpointEverySteps == 0 or is_last or stopping or round_done:
                 save_checkpoint()
+            if round_done:
+                break
             if stopping and not is_last:
                 progress.write()
                 log.info("preempted: checkpoint written", extra={"event": "preempted", "step": state.step})
                 return EXIT_PREEMPTED
+
+        if fed is not None:  # a federated round: the weights go to the server, not into an adapter
+            fed.finish(model)
+            progress.update(step=state.step, epoch=epoch_done(), loss=state.last_loss, force=True)
+            log.info("local round done", extra={"event": "round_done", "step": state.step,
+                                                "steps": state.step - started_step, "eval_loss": fed.eval_loss})
+            return EXIT_OK
 
         # ---- 5. the adapter: content-addressed, manifest last; then result.json for the operator
         if state.last_eval_loss is None:  # defensive: every finished run evaluates at its last step

@@ -82,16 +82,16 @@ reads logs with the user's own credentials; the operator reads none). */}}
 {{- define "finetune-operator.namespacedRules" }}
 # Our custom resources: Kopf patches finalizers and progress annotations, handlers write status.
 - apiGroups: [finetune.dev]
-  resources: [datasets, finetunejobs, syntheticdatasets]
+  resources: [datasets, finetunejobs, syntheticdatasets, federatedfinetunejobs]
   verbs: [get, list, watch, patch, update]
 - apiGroups: [finetune.dev]
-  resources: [datasets/status, finetunejobs/status, syntheticdatasets/status]
+  resources: [datasets/status, finetunejobs/status, syntheticdatasets/status, federatedfinetunejobs/status]
   verbs: [get, patch, update]
 # A SyntheticDataset's result: the Dataset of its reviewed examples (owned by it).
 - apiGroups: [finetune.dev]
   resources: [datasets]
   verbs: [create]
-# Validation and trainer Jobs.
+# Validation, trainer, synthesis and federation (SuperLink, server, site) Jobs.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, watch, delete, patch]
@@ -111,14 +111,23 @@ reads logs with the user's own credentials; the operator reads none). */}}
 # The one egress NetworkPolicy per namespace for the operator's Job pods (created, then kept as
 # rendered; never listed or deleted), and one per multi-node trainer Job letting its pods reach
 # each other (owned by the FineTuneJob: garbage-collected with it).
+# A federation's policies (docs/federated.md): the SuperLink's and the server's are owned by the
+# FederatedFineTuneJob; a site's, in the participant's namespace, cannot be (no owner reference
+# crosses namespaces), so the federation's finalizer lists and deletes it by label.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, patch]
+  verbs: [get, create, patch, list, delete]
 # The headless Service of a multi-node trainer Job (pod 0's DNS name for the rendezvous; owned by
-# the FineTuneJob).
+# the FineTuneJob) and a federation's SuperLink Service (owned by the FederatedFineTuneJob).
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create]
+# A federation's pods run as ServiceAccounts of their own, bound to no Role and without a token:
+# created, and (in the participants' namespaces) deleted by the federation's finalizer. Not
+# serviceaccounts/token: the operator cannot mint a token for any account.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, create, list, delete]
 # Serving targets: the LoRA adapter list of a KServe LLMInferenceService (server-side apply).
 - apiGroups: [serving.kserve.io]
   resources: [llminferenceservices]
@@ -149,7 +158,7 @@ Jobs run there, next to the signing key, so no watched namespace ever sees the k
 # Kopf watches this namespace too (for the governance Jobs) and so lists our resources here; users'
 # objects live in the watched namespaces, so nothing here is written.
 - apiGroups: [finetune.dev]
-  resources: [datasets, finetunejobs, syntheticdatasets]
+  resources: [datasets, finetunejobs, syntheticdatasets, federatedfinetunejobs]
   verbs: [get, list, watch]
 # The report signing key: read and rotated by name only.
 - apiGroups: [""]

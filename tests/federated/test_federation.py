@@ -1,0 +1,263 @@
+"""A real federation on Flower's deployment engine, as local processes: SuperLink, three SuperNodes with
+their ClientApps (our trainer's loop) and the ServerApp, 3 sites × 3 rounds on the tiny model, SecAgg+
+on (auto, three sites), FedAvg. One run (module fixture) serves every test here:
+
+* the aggregate after each round is the weighted mean of the updates the sites sent (each site keeps
+  its own record of what it sent; the test averages them itself);
+* the federated adapter beats every single-site adapter (the trainer alone, same steps) on the union
+  of the sites' eval splits;
+* the ServerApp never receives one site's update in the clear (every payload it received is on disk);
+* the south site is killed mid-round 2 (after a checkpoint inside the round): the round completes with
+  the other two, south comes back, rejoins in round 3 and resumes from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from finetune_operator.api import Dataset, FederatedFineTuneJob
+from finetune_operator.api.validation import validate_manifest
+from finetune_trainer import adapter as adapter_io
+from finetune_trainer.federated import aggregation as agg
+from finetune_trainer.federated import config as fc
+from finetune_trainer.federated import wire
+from finetune_trainer.federated.client_app import update_uri
+from finetune_trainer.federated.localrun import LocalFederation, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SITES = ("north", "south", "east")
+ROUNDS, LOCAL_STEPS = 3, 20
+KILLED = "south"
+
+
+def _split_site_data(root: Path) -> dict[str, Path]:
+    """Each site's validated folder: the first 54 of its 72 tickets train, the last 18 evaluate."""
+    out = {}
+    for site in SITES:
+        lines = (REPO / "examples" / "federated" / "data" / f"{site}.jsonl").read_text().splitlines()
+        folder = root / "data" / site
+        folder.mkdir(parents=True)
+        (folder / "train.jsonl").write_text("\n".join(lines[:54]) + "\n")
+        (folder / "eval.jsonl").write_text("\n".join(lines[54:]) + "\n")
+        out[site] = folder
+    return out
+
+
+def _job(model: Path, output: Path) -> FederatedFineTuneJob:
+    doc = yaml.safe_load((REPO / "examples" / "federated" / "federation.yaml").read_text())
+    doc["metadata"].update(namespace="coordinator", uid="uid-federation-test")
+    doc["spec"]["baseModel"] = {"uri": f"file://{model}"}
+    doc["spec"]["output"] = {"uri": f"file://{output}"}
+    doc["spec"]["roundTimeoutSeconds"] = 20  # how long a round waits for a dead site
+    return FederatedFineTuneJob.model_validate(validate_manifest(doc))
+
+
+def _dataset(site: str, folder: Path) -> Dataset:
+    return Dataset.model_validate({
+        "metadata": {"name": "tickets", "namespace": f"desk-{site}"},
+        "spec": {"source": {"uri": f"file://{folder}/train.jsonl"}, "format": "instruction",
+                 "provenance": {"origin": f"{site} desk", "license": "CC0-1.0"}},
+        "status": {"phase": "Ready", "validatedURI": f"file://{folder}", "stats": {"examples": 54},
+                   "digest": "sha256:" + f"{SITES.index(site) + 1:x}" * 64}})
+
+
+def _checkpoint_steps(scratch: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (scratch / "checkpoints").glob("step-*"))
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("federation")
+    folders = _split_site_data(work)
+    job = _job(tiny_model_dir, work / "out")
+    datasets = {s: _dataset(s, folders[s]) for s in SITES}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    superlink = fc.superlink_config(job).model_copy(update={"host": "127.0.0.1", "port": port, "healthPort": 0})
+    server = fc.server_config(job, superlink=address, datasets=datasets).model_copy(
+        update={"pollSeconds": 0.2, "connectTimeoutSeconds": 120})
+    sites = {p.name: fc.site_config(job, p, datasets[p.name], superlink=address,
+                                    scratch_uri=f"file://{work}/scratch/{p.name}").model_copy(
+        update={"pollSeconds": 0.2, "healthPort": 0, "runtimePort": free_port()}) for p in job.spec.participants}
+    audit = work / "audit"
+    run = LocalFederation(work, superlink, server, sites,
+                          env={"FINETUNE_FEDERATION_AUDIT_DIR": str(audit), "OMP_NUM_THREADS": "1"},
+                          # South's steps are slowed so that round 2 can be interrupted inside the round.
+                          role_env={f"site-{KILLED}": {"FINETUNE_DEBUG_STEP_SLEEP": "0.25"}})
+    started = time.monotonic()
+    killed_after = None
+    run.start()
+    try:
+        scratch = work / "scratch" / KILLED
+        deadline = time.monotonic() + 240
+        # Kill south once it has checkpointed inside round 2 (a step between the rounds' boundaries).
+        while not any(LOCAL_STEPS < s < 2 * LOCAL_STEPS for s in _checkpoint_steps(scratch)):
+            assert time.monotonic() < deadline, run.log_of(f"site-{KILLED}")[-3000:]
+            assert run.procs["server"].poll() is None, run.log_of("server")[-3000:]
+            time.sleep(0.1)
+        run.kill_site(KILLED)
+        killed_after = max(_checkpoint_steps(scratch))
+        run.start_site(KILLED)
+        code = run.wait(timeout=400)
+    finally:
+        run.stop()
+    seconds = time.monotonic() - started
+    progress = json.loads(Path(server.progressURI.removeprefix("file://")).read_text())
+    return {"work": work, "code": code, "progress": progress, "server": server, "sites": sites, "audit": audit,
+            "folders": folders, "job": job, "run": run, "killed_after": killed_after, "seconds": seconds,
+            "model": tiny_model_dir}
+
+
+def _sent_update(site_cfg, round_: int) -> tuple[dict, float]:
+    data = Path(update_uri(site_cfg, round_).removeprefix("file://")).read_bytes()
+    return wire.arrays_from_bytes(data), float(wire.metadata_of(data)["weight"])
+
+
+def _global(federation, round_: int) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(federation["work"] / "out" / "federation" / "rounds" / f"round-{round_:04d}.safetensors")
+
+
+def test_the_federation_finishes_with_a_complete_status(federation):
+    assert federation["code"] == 0, federation["run"].log_of("server")[-4000:]
+    p = federation["progress"]
+    assert p["state"] == "Succeeded" and p["currentRound"] == ROUNDS
+    assert [r["round"] for r in p["rounds"]] == [1, 2, 3]
+    assert all(r["sitesSelected"] == 3 for r in p["rounds"])
+    assert all(r["heldOutLoss"] is not None and r["seconds"] > 0 for r in p["rounds"])
+    for r in p["rounds"]:
+        for s in r["sites"]:
+            assert s["examples"] == 54 and s["localLoss"] > 0 and s["evalLoss"] > 0
+    assert p["privacy"]["secureAggregation"] is True
+    ok, why = adapter_io.verify(p["adapter"]["uri"])
+    assert ok, why
+    manifest = json.loads(Path(p["adapter"]["uri"].removeprefix("file://"), "manifest.json").read_text())
+    recorded = {s["site"]: (s["datasetDigest"], s["license"]) for s in manifest["dataset"]["federation"]}
+    assert recorded == {s: ("sha256:" + f"{SITES.index(s) + 1:x}" * 64, "CC0-1.0") for s in SITES}
+    assert manifest["dataset"]["digest"].startswith("sha256:")
+    assert manifest["training"]["federation"]["privacy"]["secureAggregation"] is True
+    # The result.json a FineTuneJob's trainer writes: the governance Job finds the adapter the same way.
+    result = json.loads((federation["work"] / "out" / "result.json").read_text())
+    assert result["digest"] == p["adapter"]["digest"]
+
+
+def test_each_aggregate_is_the_weighted_mean_of_the_updates_the_sites_sent(federation):
+    p = federation["progress"]
+    for entry in p["rounds"]:
+        r = entry["round"]
+        reported = [s["site"] for s in entry["sites"]]
+        updates, weights = zip(*(_sent_update(federation["sites"][s], r) for s in reported))
+        mean = {n: sum(w * u[n].astype(np.float64) for u, w in zip(updates, weights)) / sum(weights)
+                for n in updates[0]}
+        before, after = _global(federation, r - 1), _global(federation, r)
+        assert set(mean) == set(after)  # fedavg: every tensor, A and B
+        for name, expected in mean.items():
+            got = after[name].astype(np.float64) - before[name].astype(np.float64)
+            # SecAgg+ quantizes each entry to 2 * range / 2**29 (and the tensors are float32).
+            assert np.allclose(got, expected, atol=2e-6, rtol=1e-4), (r, name, np.max(np.abs(got - expected)))
+        assert max(np.max(np.abs(v)) for v in mean.values()) > 1e-3  # the sites did change the adapter
+
+
+def _union_eval_loss(model_dir: Path, adapter_dir: Path, folders: dict) -> float:
+    import torch
+    from peft import PeftModel
+
+    from finetune_trainer import data, model_io
+    from finetune_trainer.objective import evaluate
+
+    tokenizer = model_io.load_tokenizer(model_dir)
+    data.ensure_chat_template(tokenizer, None)
+    examples = []
+    for folder in folders.values():
+        examples += data.tokenize_all(data.read_examples(f"file://{folder}", "eval.jsonl", "instruction"),
+                                      tokenizer, 128)
+    base = model_io.load_base_model(model_dir, precision="fp32", device=torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return evaluate(model, examples, batch_size=8, max_len=128, packing=True, pad_id=tokenizer.pad_token_id,
+                    device=torch.device("cpu"))
+
+
+def _single_site_adapter(federation, site: str) -> Path:
+    """The trainer alone on one site's data, the same model, adapter shape and number of steps."""
+    job, out = federation["job"], federation["work"] / "single" / site
+    cfg = {"job": {"name": f"single-{site}"}, "baseModel": {"uri": f"file://{federation['model']}"},
+           "data": {"uri": f"file://{federation['folders'][site]}", "format": "instruction"},
+           "lora": job.spec.lora.model_dump(mode="json"),
+           "training": {**job.spec.training.model_dump(mode="json", exclude_none=True),
+                        "maxSteps": ROUNDS * LOCAL_STEPS, "evalEverySteps": 1000},
+           "outputURI": f"file://{out}", "metricsPort": 0}
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    proc = subprocess.run([sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(out / "config.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(json.loads((out / "result.json").read_text())["adapterURI"].removeprefix("file://"))
+
+
+def test_the_federated_adapter_beats_every_single_site_adapter_on_the_union_of_eval_splits(federation):
+    folders, model = federation["folders"], federation["model"]
+    federated = _union_eval_loss(model, Path(federation["progress"]["adapter"]["uri"].removeprefix("file://")),
+                                 folders)
+    singles = {s: _union_eval_loss(model, _single_site_adapter(federation, s), folders) for s in SITES}
+    print(f"union eval loss: federated {federated:.4f}, single sites {singles}")
+    for site, loss in singles.items():
+        assert federated < loss, (site, federated, singles)
+    # and the status' held-out loss of the last round is the same union, as the sites computed it
+    assert federation["progress"]["rounds"][-1]["heldOutLoss"] == pytest.approx(federated, rel=1e-3)
+
+
+def _contains(received: np.ndarray, update: np.ndarray) -> bool:
+    """Whether an array the server received carries this update: equal, or (quantized) proportional."""
+    if received.size != update.size or received.size < 8:
+        return False
+    a, b = received.astype(np.float64).ravel(), update.astype(np.float64).ravel()
+    if np.allclose(a, b, atol=1e-6):
+        return True
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return bool(denom > 0 and abs(a @ b) / denom > 0.5)
+
+
+def test_with_secagg_the_server_app_never_receives_a_site_update_in_the_clear(federation):
+    received = []
+    for path in sorted(federation["audit"].glob("*.npz")):
+        with np.load(path) as npz:
+            received += [(path.name, npz[k]) for k in npz.files]
+    assert any("train" in name for name, _ in received)  # the fit replies (masked vectors) were recorded
+    updates = [(s, r["round"], u) for r in federation["progress"]["rounds"] for s in (x["site"] for x in r["sites"])
+               for u in [_sent_update(federation["sites"][s], r["round"])[0]]]
+    checked = 0
+    for site, round_, update in updates:
+        for tensor in update.values():
+            assert _contains(tensor, tensor)  # the detector does find an update where there is one
+            for name, arr in received:
+                checked += 1
+                assert not _contains(arr, tensor), f"{name} carries {site}'s round-{round_} update in the clear"
+    assert checked > 1000
+    # What arrived in the fit replies is integers modulo 2**32 (masked, quantized), never floats.
+    fit_arrays = [arr for name, arr in received if "-train-" in name and arr.size > 8]
+    assert fit_arrays and all(arr.dtype.kind in "iu" for arr in fit_arrays)
+
+
+def test_a_site_killed_mid_round_the_round_completes_and_the_site_rejoins(federation):
+    rounds = {r["round"]: r for r in federation["progress"]["rounds"]}
+    assert sorted(s["site"] for s in rounds[2]["sites"]) == ["east", "north"]  # completed without south
+    assert rounds[2]["sitesReported"] == 2
+    assert KILLED in [s["site"] for s in rounds[3]["sites"]]  # back in the next round
+    killed_after = federation["killed_after"]
+    assert LOCAL_STEPS < killed_after < 2 * LOCAL_STEPS
+    # The second south process resumed from the checkpoint the first one wrote inside round 2.
+    log = (federation["work"] / "logs" / f"site-{KILLED}.2.log").read_text()
+    resumed = [json.loads(line)["step"] for line in log.splitlines() if '"event": "resume"' in line]
+    assert resumed and resumed[0] >= killed_after
+    server_log = federation["run"].log_of("server")
+    assert '"event": "dropout"' in server_log and KILLED in server_log

@@ -1,0 +1,249 @@
+"""What each role of a federation reads (`finetune-trainer federation-* --config F`), and how the
+operator renders it from a FederatedFineTuneJob.
+
+Three roles, three configs (docs/federated.md):
+
+    federation-superlink  SuperLinkConfig   coordinator namespace; holds no credentials at all
+    federation-server     ServerConfig      coordinator namespace; the output's credentials only
+    federation-site       SiteConfig        the participant's namespace; that namespace's data only
+
+Plain pydantic, no torch and no flwr: the operator imports this module to render the configs.
+Credentials are never part of a config: they come from the pod's environment (secretKeyRef).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from finetune_operator.api.dataset import DataFormat, Dataset
+from finetune_operator.api.federated import (MAX_PARTICIPANTS, MAX_STATUS_ROUNDS, Aggregation, DifferentialPrivacy,
+                                             FederatedFineTuneJob, Participant, PrivacyStatus, RoundStatus)
+from finetune_operator.api.finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
+from finetune_operator.api.meta import URI_PATTERN, ApiModel
+from finetune_operator.api.trainer_config import JobIdentity, TrainingData
+
+#: The SuperLink's one HTTP port (Flower 1.42 serves its Fleet, Control and runtime APIs on it).
+SUPERLINK_PORT = 9092
+#: Health (gRPC, no TLS) of the SuperLink and of each SuperNode: readiness and liveness probes.
+HEALTH_PORT = 9099
+#: A SuperNode's local runtime API (the ClientApp's process talks to it on 127.0.0.1 only).
+SUPERNODE_RUNTIME_PORT = 9094
+
+
+def progress_uri(output_uri: str) -> str:
+    """Where the server writes the federation's progress (rounds, privacy, final adapter): the operator reads it."""
+    return output_uri.rstrip("/") + "/federation/progress.json"
+
+
+class TLSFiles(ApiModel):
+    """PEM files mounted in the pod (from a Secret the operator names); unset: plaintext inside the cluster."""
+
+    caFile: str = Field(..., min_length=1, description="CA certificate the peers verify against.")
+    certFile: Optional[str] = Field(None, description="This role's certificate (the SuperLink's).")
+    keyFile: Optional[str] = Field(None, description="This role's private key (the SuperLink's).")
+
+
+class SuperLinkConfig(ApiModel):
+    """Input of `finetune-trainer federation-superlink`: Flower's SuperLink, nothing else."""
+
+    job: JobIdentity
+    host: str = Field("0.0.0.0", description="Address the SuperLink listens on.")
+    port: int = Field(SUPERLINK_PORT, ge=1, le=65535, description="The SuperLink's HTTP API port (Fleet, Control, runtime).")
+    healthPort: int = Field(HEALTH_PORT, ge=0, le=65535, description="gRPC health port (0: none).")
+    tls: Optional[TLSFiles] = Field(None, description="TLS of the SuperLink; unset: --insecure (in-cluster only).")
+    supernodeAuth: bool = Field(False, description="Only SuperNodes whose public key is registered may connect "
+                                "(remote sites present keys).")
+    databasePath: Optional[str] = Field(None, description="SQLite state file (a volume: the run survives a "
+                                        "SuperLink restart); unset: in memory.")
+
+
+class SiteProvenance(ApiModel):
+    """What the server records about a site's data in the adapter's provenance (never the data itself)."""
+
+    site: str = Field(..., description="The participant's name.")
+    namespace: Optional[str] = Field(None, description="The site's namespace (unset for a remote site).")
+    dataset: Optional[str] = Field(None, description="The site's Dataset name.")
+    datasetDigest: Optional[str] = Field(None, description="sha256 of the site's validated data.")
+    license: Optional[str] = Field(None, description="License of the site's data.")
+    format: Optional[DataFormat] = Field(None, description="Format of the site's data.")
+    examples: Optional[int] = Field(None, ge=0, description="Training examples of the site's Dataset (its "
+                                    "status): bounds the SecAgg+ weights.")
+
+
+class ModelShape(ApiModel):
+    """The adapter every site trains: one base model, one method, one LoRA shape, one local loop."""
+
+    baseModel: BaseModelRef
+    method: Method = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    quantization: Optional[Quantization] = None
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+
+class ServerConfig(ApiModel):
+    """Input of `finetune-trainer federation-server`: submit the run to the SuperLink, run the ServerApp
+    (sampling, aggregation, SecAgg+, DP accounting), write progress and the final adapter."""
+
+    job: JobIdentity
+    superlink: str = Field(..., description="host:port of the SuperLink's HTTP API.")
+    tls: Optional[TLSFiles] = Field(None, description="CA of the SuperLink's certificate; unset: plaintext.")
+    model: ModelShape = Field(..., description="What the sites train (the server records it in the manifest).")
+    rounds: int = Field(..., ge=1)
+    localSteps: int = Field(..., ge=1)
+    fractionFit: float = Field(1.0, gt=0, le=1)
+    minSites: int = Field(..., ge=1)
+    roundTimeoutSeconds: int = Field(3600, ge=1)
+    aggregation: Aggregation = "ffa-lora"
+    secureAggregation: bool = Field(..., description="Run the fit rounds through Flower's SecAggPlusWorkflow.")
+    differentialPrivacy: DifferentialPrivacy = Field(default_factory=DifferentialPrivacy)
+    sites: list[SiteProvenance] = Field(..., min_length=1, max_length=MAX_PARTICIPANTS,
+                                        description="The participants: how many to wait for, and provenance.")
+    outputURI: str = Field(..., pattern=URI_PATTERN,
+                           description="Aggregate adapters, federation/progress.json, the final adapter.")
+    connectTimeoutSeconds: int = Field(600, ge=1, description="How long to wait for minSites SuperNodes to connect.")
+    pollSeconds: float = Field(1.0, gt=0, le=10, description="How often the ServerApp asks the SuperLink for replies.")
+
+    @property
+    def progressURI(self) -> str:
+        return progress_uri(self.outputURI)
+
+
+class SiteConfig(ApiModel):
+    """Input of `finetune-trainer federation-site`: a SuperNode and the ClientApp that trains on this
+    site's Dataset only."""
+
+    job: JobIdentity = Field(..., description="The federation (namespace = the coordinator's).")
+    site: str = Field(..., description="The participant's name.")
+    superlink: str = Field(..., description="host:port of the SuperLink's HTTP API (Fleet).")
+    tls: Optional[TLSFiles] = Field(None, description="CA of the SuperLink's certificate; unset: plaintext.")
+    authPrivateKeyFile: Optional[str] = Field(None, description="The SuperNode's private key (remote sites).")
+    model: ModelShape = Field(..., description="What the site trains.")
+    aggregation: Aggregation = Field("ffa-lora", description="ffa-lora freezes A; svd-refactor sends B·A.")
+    rounds: int = Field(..., ge=1, description="spec.rounds: the site's schedule spans rounds × localSteps steps.")
+    localSteps: int = Field(..., ge=1, description="Optimizer steps per round.")
+    minSites: int = Field(..., ge=1, description="spec.minSites: the site's share of the DP noise is 1/minSites.")
+    secureAggregation: bool = Field(..., description="The site sends its update only through SecAgg+ "
+                                    "(a plain training request is refused).")
+    differentialPrivacy: DifferentialPrivacy = Field(default_factory=DifferentialPrivacy,
+                                                     description="Clipping and noise the site applies itself.")
+    data: TrainingData = Field(..., description="The site's validated Dataset (train.jsonl, eval.jsonl).")
+    scratchURI: str = Field(..., pattern=URI_PATTERN,
+                            description="The site's own folder (its storage, its credentials): local checkpoints, "
+                            "so a site that comes back resumes.")
+    healthPort: int = Field(HEALTH_PORT, ge=0, le=65535, description="gRPC health port of the SuperNode (0: none).")
+    maxWaitSeconds: Optional[int] = Field(None, ge=1, description="Give up reconnecting after this long (unset: never).")
+    pollSeconds: float = Field(3.0, gt=0, le=10, description="How often the SuperNode asks the SuperLink for "
+                               "messages (Flower's own interval is 3 s).")
+    runtimePort: int = Field(SUPERNODE_RUNTIME_PORT, ge=1, le=65535,
+                             description="The SuperNode's local runtime API port (127.0.0.1 only).")
+
+
+class FinalAdapter(ApiModel):
+    """The federation's adapter, written with the trainer's manifest (the governance Job can check it)."""
+
+    uri: str = Field(..., description="Folder of the adapter.")
+    digest: str = Field(..., description="sha256 of its manifest.json.")
+    sizeBytes: int = Field(0, ge=0, description="Total size of its files.")
+
+
+class FederationProgress(ApiModel):
+    """<outputURI>/federation/progress.json, rewritten by the server after every round; the operator copies
+    it into status (rounds, privacy, adapter)."""
+
+    state: Literal["Starting", "Training", "Succeeded", "Failed"] = Field(
+        "Starting", description="Starting (waiting for sites), Training, Succeeded (adapter written) or Failed.")
+    currentRound: int = Field(0, ge=0, description="Rounds finished.")
+    totalRounds: int = Field(0, ge=0, description="spec.rounds.")
+    rounds: list[RoundStatus] = Field(default_factory=list, max_length=MAX_STATUS_ROUNDS,
+                                      description="Finished rounds, newest last (the last MAX_STATUS_ROUNDS).")
+    privacy: PrivacyStatus = Field(default_factory=PrivacyStatus, description="SecAgg+ and the (epsilon, delta) spent.")
+    adapter: Optional[FinalAdapter] = Field(None, description="Set once the final adapter is written.")
+    droppedSites: list[str] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
+                                    description="Sites selected in the last round that did not report.")
+    message: str = Field("", description="What is happening, or why it failed.")
+    updatedAt: Optional[str] = Field(None, description="When the server wrote this record (RFC 3339).")
+
+
+# ---- rendering (the operator calls these with the typed API objects)
+
+def model_shape(job: FederatedFineTuneJob) -> ModelShape:
+    s = job.spec
+    return ModelShape(baseModel=s.baseModel, method=s.method, lora=s.lora, quantization=s.quantization,
+                      training=s.training)
+
+
+def identity(job: FederatedFineTuneJob) -> JobIdentity:
+    meta = job.metadata.model_dump()
+    return JobIdentity(namespace=meta.get("namespace") or "default", name=meta["name"], uid=meta.get("uid"))
+
+
+def superlink_config(job: FederatedFineTuneJob, *, tls: Optional[TLSFiles] = None,
+                     database_path: Optional[str] = None) -> SuperLinkConfig:
+    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path,
+                           supernodeAuth=any(p.remote is not None for p in job.spec.participants))
+
+
+def site_provenance(participant: Participant, dataset: Optional[Dataset]) -> SiteProvenance:
+    """What the coordinator may know of a site: its Dataset's digest and license (read by the operator)."""
+    if participant.remote is not None:
+        return SiteProvenance(site=participant.name, datasetDigest=participant.remote.datasetDigest,
+                              license=participant.remote.license)
+    status = dataset.status if dataset is not None else None
+    return SiteProvenance(site=participant.name, namespace=participant.namespace, dataset=participant.dataset,
+                          datasetDigest=status.digest if status else None,
+                          license=dataset.spec.provenance.license if dataset is not None else None,
+                          format=dataset.spec.format if dataset is not None else None,
+                          examples=status.stats.examples if status and status.stats else None)
+
+
+def server_config(job: FederatedFineTuneJob, *, superlink: str, datasets: dict[str, Optional[Dataset]],
+                  output_uri: Optional[str] = None, tls: Optional[TLSFiles] = None) -> ServerConfig:
+    """The server's config. `datasets`: participant name -> its Dataset (None for remote sites);
+    `output_uri` defaults to spec.output.uri."""
+    s = job.spec
+    return ServerConfig(
+        job=identity(job), superlink=superlink, tls=tls, model=model_shape(job), rounds=s.rounds,
+        localSteps=s.localSteps, fractionFit=s.fractionFit, minSites=s.minSites,
+        roundTimeoutSeconds=s.roundTimeoutSeconds, aggregation=s.aggregation,
+        secureAggregation=job.secure_aggregation(), differentialPrivacy=s.privacy.differentialPrivacy,
+        sites=[site_provenance(p, datasets.get(p.name)) for p in s.participants],
+        outputURI=output_uri or s.output.uri)
+
+
+class NotReady(ValueError):
+    """The site's Dataset cannot be trained on yet (not Ready, or no validated data)."""
+
+
+def site_config(job: FederatedFineTuneJob, participant: Participant, dataset: Dataset, *, superlink: str,
+                scratch_uri: str, tls: Optional[TLSFiles] = None) -> SiteConfig:
+    """The config of one in-cluster site: its Dataset's validated data, in its namespace, and nothing else."""
+    if participant.remote is not None:
+        raise ValueError(f"participant {participant.name} is remote: it runs its own SuperNode")
+    status = dataset.status
+    if status is None or status.phase != "Ready" or not status.validatedURI:
+        raise NotReady(f"Dataset {participant.namespace}/{participant.dataset} of site {participant.name} is not Ready")
+    return SiteConfig(
+        job=identity(job), site=participant.name, superlink=superlink, tls=tls, model=model_shape(job),
+        aggregation=job.spec.aggregation, rounds=job.spec.rounds, localSteps=job.spec.localSteps,
+        minSites=job.spec.minSites, secureAggregation=job.secure_aggregation(),
+        differentialPrivacy=job.spec.privacy.differentialPrivacy,
+        data=TrainingData(uri=status.validatedURI, format=dataset.spec.format, digest=status.digest),
+        scratchURI=scratch_uri)
+
+
+def federation_dataset_digest(sites: list[SiteProvenance]) -> Optional[str]:
+    """One digest for the union of the sites' data (the adapter manifest's dataset.digest): sha256 of the
+    sorted (site, digest) pairs; None while a site's digest is unknown."""
+    import hashlib
+    import json
+
+    if any(s.datasetDigest is None for s in sites):
+        return None
+    pairs = sorted([s.site, s.datasetDigest] for s in sites)
+    return "sha256:" + hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+RoleConfig = SuperLinkConfig | ServerConfig | SiteConfig
+Role = Literal["superlink", "server", "site"]
