@@ -293,3 +293,23 @@ def test_metadata_of_the_wrong_type_fails_alone_like_decoding():
     assert _fields({**_job(), "metadata": "j"}) == ["metadata"]
     assert _fields({**_job(), "metadata": {"name": "j", "labels": {"a": 1}}}) == ["metadata.labels"]
     assert _fields({**_job(), "metadata": {"name": "j", "finalizers": ["a b"]}}) == ["metadata.finalizers"]
+
+
+def test_cel_reads_reserved_property_names_escaped_as_the_api_server_does():
+    """`namespace` is a CEL keyword: the API server hands the property to rules as __namespace__. A rule
+    that says self.namespace reads nothing (has() is false) and the server refuses its cost estimate;
+    our port escapes the same way, so a valid participant passes and a duplicated Dataset does not."""
+    from finetune_operator.api.validation import cel_property_name
+
+    assert [cel_property_name(n) for n in ("namespace", "a.b", "x-y", "p/q", "a__b", "name")] == [
+        "__namespace__", "a__dot__b", "x__dash__y", "p__slash__q", "a__underscores__b", "name"]
+    base = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FederatedFineTuneJob", "metadata": {"name": "f"},
+            "spec": {"baseModel": {"uri": "s3://models/x"}, "output": {"uri": "s3://out-b/x"}}}
+    good = [{"name": "a", "namespace": "ns-a", "dataset": "d"}, {"name": "b", "namespace": "ns-b", "dataset": "d"},
+            {"name": "c", "remote": {"credentialsSecret": "c-key"}}]
+    validate_manifest({**base, "spec": {**base["spec"], "participants": good}})
+    twice = good[:2] + [{"name": "c", "namespace": "ns-a", "dataset": "d"}]
+    with pytest.raises(ManifestError, match="can be one participant only"):
+        validate_manifest({**base, "spec": {**base["spec"], "participants": twice}})
+    with pytest.raises(ManifestError, match="either namespace and dataset"):
+        validate_manifest({**base, "spec": {**base["spec"], "participants": good[:1] + [{"name": "z"}]}})

@@ -52,8 +52,19 @@ def _valid_participants(spec: dict) -> dict:
     return spec
 
 
+def _one_generator(spec: dict) -> dict:
+    """SyntheticDataset: the generator is a FineTuneJob or a base model, exactly one (a CEL rule); a drawn
+    spec sets both or neither about half the time. Keep the fineTuneJob when both are drawn."""
+    generator = dict(spec.get("generator") or {})
+    if "fineTuneJob" in generator:
+        generator.pop("baseModel", None)
+    elif "baseModel" not in generator:
+        generator["fineTuneJob"] = "seed-job"
+    return dict(spec, generator=generator)
+
+
 #: Per kind: a repair of the drawn spec, for cross-field rules a JSON-schema fuzzer cannot satisfy.
-REPAIR = {"FederatedFineTuneJob": _valid_participants}
+REPAIR = {"FederatedFineTuneJob": _valid_participants, "SyntheticDataset": _one_generator}
 RANDOM = os.environ.get("FUZZ_RANDOM") == "1"
 EXAMPLES = 200 if RANDOM else 40
 

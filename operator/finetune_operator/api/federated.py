@@ -60,8 +60,9 @@ class Participant(ApiModel):
     """One site of the federation: a Dataset in a namespace of this cluster, or a remote site."""
 
     model_config = ApiModel.model_config | _rules({
-        "rule": "has(self.remote) ? !has(self.namespace) && !has(self.dataset) "
-                ": has(self.namespace) && has(self.dataset)",
+        # `namespace` is a CEL keyword: rules spell the property __namespace__ (Kubernetes' escaping).
+        "rule": "has(self.remote) ? !has(self.__namespace__) && !has(self.dataset) "
+                ": has(self.__namespace__) && has(self.dataset)",
         "message": "a participant sets either namespace and dataset (a site in this cluster) or remote",
     })
 
@@ -139,8 +140,11 @@ class FederatedFineTuneJobSpec(ApiModel):
                            "x-kubernetes-validations": [
                                {"rule": "self.all(p, self.exists_one(q, q.name == p.name))",
                                 "message": "participant names must be unique"},
-                               {"rule": "self.filter(p, has(p.namespace)).all(p, self.filter(q, has(q.namespace))"
-                                        ".exists_one(q, q.namespace == p.namespace && q.dataset == p.dataset))",
+                               # `namespace` is a CEL keyword: __namespace__ (Kubernetes' escaping).
+                               # Conditionals, not ||/&&: the test port (cel-python) evaluates both sides.
+                               {"rule": "self.all(p, has(p.__namespace__) ? self.exists_one(q, "
+                                        "has(q.__namespace__) ? (q.__namespace__ == p.__namespace__ "
+                                        "&& q.dataset == p.dataset) : false) : true)",
                                 "message": "a Dataset (namespace and dataset) can be one participant only"}]})
     rounds: int = Field(3, ge=1, le=1000, description="Federated rounds.",
                         json_schema_extra=_immutable("spec.rounds"))

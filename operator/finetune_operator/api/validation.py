@@ -396,6 +396,35 @@ def _list_invariants(value: Any, schema: dict[str, Any], path: str, errors: _Err
 
 # --- 4. CEL rules ------------------------------------------------------------------------------
 
+#: Property names CEL reserves: a rule reads the property `namespace` as `self.__namespace__`
+#: (Kubernetes' escaping; unescaped, `self.namespace` is no field at all: has() is always false and the
+#: API server's cost estimate of a rule over it is unbounded, which refuses the CRD).
+CEL_RESERVED = frozenset({"true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
+                          "function", "if", "import", "let", "loop", "package", "namespace", "return", "var",
+                          "void", "while"})
+
+
+def cel_property_name(name: str) -> str:
+    """A declared property's name as a CEL rule spells it (apiextensions' escaping rules)."""
+    if name in CEL_RESERVED:
+        return f"__{name}__"
+    return (name.replace("__", "__underscores__").replace(".", "__dot__").replace("-", "__dash__")
+            .replace("/", "__slash__"))
+
+
+def _cel_value(value: Any, schema: dict[str, Any]) -> Any:
+    """The value as the API server hands it to CEL: declared properties under their escaped names
+    (map keys -- additionalProperties -- stay as they are)."""
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_cel_value(v, schema["items"]) for v in value]
+    if isinstance(value, dict) and "properties" in schema:
+        props = schema["properties"]
+        return {(cel_property_name(k) if k in props else k): _cel_value(v, props.get(k, {})) for k, v in value.items()}
+    if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return {k: _cel_value(v, schema["additionalProperties"]) for k, v in value.items()}
+    return value
+
+
 def _cel(value: Any, schema: dict[str, Any], path: str, old: Any, errors: _Errors) -> None:
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(value):
@@ -413,9 +442,9 @@ def _cel(value: Any, schema: dict[str, Any], path: str, old: Any, errors: _Error
         if transition and old is None:
             continue  # transition rules run on updates only
         try:
-            activation = {"self": celpy.json_to_cel(value)}
+            activation = {"self": celpy.json_to_cel(_cel_value(value, schema))}
             if transition:
-                activation["oldSelf"] = celpy.json_to_cel(old)
+                activation["oldSelf"] = celpy.json_to_cel(_cel_value(old, schema))
         except ValueError:  # an integer beyond int64 inside a number field: already out of its bounds
             continue
         try:
