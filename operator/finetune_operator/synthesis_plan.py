@@ -24,7 +24,7 @@ from finetune_trainer.review import review_outcome
 
 from . import children
 from .api.dataset import Dataset, DatasetSpec, SyntheticOrigin
-from .api.finetunejob import FineTuneJob
+from .api.finetunejob import FineTuneJob, ResourceSettings
 from .api.synthetic import GenerationReport, ReviewStats, SynthesisConfig, SynthesisInputs, SyntheticDataset
 from .conditions import bounded, set_condition
 from .config import OperatorConfig
@@ -146,9 +146,11 @@ def job_children(body: dict, sd: SyntheticDataset, cfg: SynthesisConfig, job_nam
     ns = meta.get("namespace", "default")
     labels = {children.MANAGED_BY: children.OPERATOR, children.ROLE: role, SYNTHETIC_LABEL: meta["name"]}
     cm = children.config_map(job_name, ns, body, labels, CONFIG_FILE, cfg.model_dump(mode="json"))
-    res = sd.spec.resources
+    res = sd.spec.resources or ResourceSettings(gpusPerNode=0)  # unset: a CPU pod
     command = "synthesize" if role == ROLE_GENERATE else "synthesis-finalize"
     scheduling = res.model_dump(mode="json", exclude_none=True)
+    if sd.spec.resources is None:
+        res = res.model_copy(update={"cpu": config.validation_cpu, "memory": config.validation_memory})
     job = children.batch_job(
         name=job_name, namespace=ns, owner=body, labels=labels, image=config.trainer_image,
         command=["finetune-trainer", command, "--config", f"{children.CONFIG_DIR}/{CONFIG_FILE}"],

@@ -100,6 +100,10 @@ REQUIRED = {
     "FineTuneJob": {"baseModel": {"uri": "s3://models/m"}, "datasetRef": {"name": "d"},
                     "output": {"uri": "s3://out/x"}, "method": "dora"},
     "GovernancePolicy": {},
+    "SyntheticDataset": {"seed": {"dataset": "seed"}, "generator": {"fineTuneJob": "gen"}, "examples": 10},
+    "FederatedFineTuneJob": {"baseModel": {"uri": "s3://models/m"}, "output": {"uri": "s3://out/x"},
+                             "participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"},
+                                              {"name": "b", "namespace": "ns-b", "dataset": "d"}]},
 }
 
 
@@ -112,7 +116,13 @@ def test_every_default_is_applied_by_the_server(real_cluster, crds, namespace, k
         # need one (affinity terms, approval) and keep those with defaults below them.
         spec["resources"] = {"tolerations": [{"operator": "Exists"}]}
         spec.pop("initFrom")  # exactly one of fineTuneJob, alias, adapter: an empty one is invalid
-    name = f"defaults-{kind.KIND.lower()}-{namespace}"
+    if kind.KIND == "SyntheticDataset":
+        spec["generator"] = REQUIRED[kind.KIND]["generator"]  # exactly one of fineTuneJob, baseModel
+        spec.get("filters", {}).pop("judge", None)  # needs its rubric
+    if kind.KIND == "FederatedFineTuneJob":
+        for drop in ("quantization", "initFrom"):
+            spec.pop(drop, None)
+    name = f"defaults-{kind.KIND.lower()}-{namespace}"[-kind.NAME_MAX_LENGTH:].lstrip("-")
     manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": kind.KIND, "metadata": {"name": name}, "spec": spec}
     args = ("-n", namespace) if kind.SCOPE == "Namespaced" else ()
     real_cluster.kubectl("create", *args, "-f", "-", input=json.dumps(manifest))
@@ -124,7 +134,8 @@ def test_every_default_is_applied_by_the_server(real_cluster, crds, namespace, k
         raise
     seen: list[str] = []
     _check_defaults(stored["spec"], spec, schema["properties"]["spec"], "spec", seen)
-    assert len(seen) >= {"Dataset": 8, "FineTuneJob": 40, "GovernancePolicy": 10}[kind.KIND], seen
+    assert len(seen) >= {"Dataset": 8, "FineTuneJob": 40, "GovernancePolicy": 10, "SyntheticDataset": 20,
+                         "FederatedFineTuneJob": 30}[kind.KIND], seen
     # And validation.py defaults the same way.
     assert validate_manifest(manifest)["spec"] == stored["spec"]
 
@@ -140,7 +151,8 @@ def test_every_default_is_applied_by_the_server(real_cluster, crds, namespace, k
             real_cluster.kubectl("delete", kind.PLURAL, name, "--wait=false")
     status_seen: list[str] = []
     _check_defaults(stored["status"], status, schema["properties"]["status"], "status", status_seen)
-    assert len(status_seen) >= {"Dataset": 8, "FineTuneJob": 10, "GovernancePolicy": 1}[kind.KIND], status_seen
+    assert len(status_seen) >= {"Dataset": 8, "FineTuneJob": 10, "GovernancePolicy": 1, "SyntheticDataset": 3,
+                                "FederatedFineTuneJob": 3}[kind.KIND], status_seen
 
 
 # --- kubectl explain --------------------------------------------------------------------------
@@ -176,7 +188,8 @@ def test_kubectl_explain_shows_every_description(real_cluster, crds, kind):
             assert desc and desc in out, f"kubectl explain {path}: description of {name} missing: {desc!r}"
             checked += 1
     assert _flat(schema["description"]) in _flat(real_cluster.kubectl("explain", kind.PLURAL).stdout)
-    assert checked >= {"Dataset": 40, "FineTuneJob": 120, "GovernancePolicy": 15}[kind.KIND]
+    assert checked >= {"Dataset": 40, "FineTuneJob": 120, "GovernancePolicy": 15, "SyntheticDataset": 40,
+                       "FederatedFineTuneJob": 60}[kind.KIND]
 
 
 # --- printer columns --------------------------------------------------------------------------
@@ -231,7 +244,10 @@ def test_printer_columns_show_headers_and_status_values(real_cluster, crds, name
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
 def test_example_is_accepted_by_the_server(real_cluster, crds, namespace, path):
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    proc = real_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
+    for doc in docs:  # an example's own namespaces (a federation's sites) are the test namespace here
+        doc.get("metadata", {}).pop("namespace", None)
+    proc = real_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                                input=yaml.safe_dump_all(docs))
     assert proc.stdout.count("(server dry run)") == len(docs), proc.stdout
 
 

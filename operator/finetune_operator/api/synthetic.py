@@ -156,9 +156,9 @@ class SyntheticDatasetSpec(ApiModel):
         description="The resulting Dataset's held-out split.")
     output: Optional[DatasetOutput] = Field(
         None, description="Folder for the work files and the reviewed data; defaults to the operator's artifact store.")
-    resources: ResourceSettings = Field(
-        default_factory=lambda: ResourceSettings(gpusPerNode=0),
-        description="Resources of the generation Job (one pod; gpusPerNode 0 runs on CPU).")
+    resources: Optional[ResourceSettings] = Field(
+        None, description="Resources of the generation Job (one pod). Unset: CPU only (gpusPerNode 0), the "
+        "operator's validation CPU and memory.")
 
 
 # --- what the Jobs write and read (work folder files) ---------------------------------------------------
