@@ -177,7 +177,9 @@ class SiteRound(ApiModel):
     site: str = Field(..., description="The participant's name.")
     examples: int = Field(0, ge=0, description="Training examples the site's update was weighted by.")
     localLoss: Optional[float] = Field(None, description="The site's mean training loss in the round.")
-    evalLoss: Optional[float] = Field(None, description="Loss of the aggregate the site received on its eval split.")
+    evalLoss: Optional[float] = Field(
+        None, description="Loss, on the site's eval split, of the aggregate the site started the round from "
+        "(the previous round's; the seeded initialisation in round 1), computed at the site.")
 
 
 class RoundStatus(ApiModel):
@@ -189,8 +191,9 @@ class RoundStatus(ApiModel):
     sites: list[SiteRound] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
                                    description="Per-site numbers of the sites that reported.")
     heldOutLoss: Optional[float] = Field(
-        None, description="The aggregate's loss on the union of the sites' eval splits (each site evaluates on "
-        "its own; weighted by their eval examples).")
+        None, description="Loss of this round's aggregate on the union of the sites' eval splits: each site "
+        "evaluates it on its own split, weighted by their eval examples. Filled by the next round's reports "
+        "(and, for the last round, by a final evaluation at every site).")
     seconds: Optional[float] = Field(None, ge=0, description="Wall time of the round.")
 
 

@@ -485,5 +485,11 @@ def run_all(manifests: ManifestSet, options: RunOptions, console: Console, repor
         line = answers.right_line(outcome.answers)
         if line:
             console.print(line, markup=False, soft_wrap=True)
+    for federation in manifests.federations:  # ftctl/federated.py: Flower's deployment engine on 127.0.0.1
+        from .federated import run_federation
+
+        with run.timings.phase(f"federation {federation['metadata']['name']}"):
+            worst = max(worst, run_federation(federation, run.datasets, options.cwd, options.state_dir, console,
+                                              tiny=options.tiny))
     console.print(display.timings_table(run.timings.phases, run.timings.total(), os.environ.get("OMP_NUM_THREADS")))
     return worst
