@@ -246,8 +246,8 @@ class FederatedFineTuneJob(Resource):
     KIND: ClassVar[str] = "FederatedFineTuneJob"
     PLURAL: ClassVar[str] = "federatedfinetunejobs"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftfed",)
-    # Child names are <name>-site-<site> and label values: keep the name short.
-    NAME_MAX_LENGTH: ClassVar[int] = 28
+    # Child names (<name>-site-<site>, with a site name of <= 30) and label values are <= 63 characters.
+    NAME_MAX_LENGTH: ClassVar[int] = 27
     PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Round", "type": "integer", "jsonPath": ".status.currentRound"},

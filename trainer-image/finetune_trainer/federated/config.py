@@ -181,8 +181,13 @@ def identity(job: FederatedFineTuneJob) -> JobIdentity:
 
 def superlink_config(job: FederatedFineTuneJob, *, tls: Optional[TLSFiles] = None,
                      database_path: Optional[str] = None) -> SuperLinkConfig:
-    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path,
-                           supernodeAuth=any(p.remote is not None for p in job.spec.participants))
+    """Remote participants present keys (Flower's SuperNode authentication), which Flower only accepts
+    over TLS: such a federation needs `tls` (certificate, key and CA mounted in the SuperLink pod)."""
+    remote = [p.name for p in job.spec.participants if p.remote is not None]
+    if remote and (tls is None or not tls.certFile or not tls.keyFile):
+        raise ValueError(f"participants {', '.join(remote)} are remote: the SuperLink needs TLS (a certificate, "
+                         "key and CA) for Flower's SuperNode authentication")
+    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path, supernodeAuth=bool(remote))
 
 
 def site_provenance(participant: Participant, dataset: Optional[Dataset]) -> SiteProvenance:
