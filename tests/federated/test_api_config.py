@@ -117,3 +117,13 @@ def test_rendered_configs_carry_no_credentials_and_only_the_sites_own_data():
         fc.site_config(job, south, _dataset("team-south", phase="Validating"), superlink="x:1", scratch_uri="s3://b/x")
     with pytest.raises(ValueError, match="remote"):
         fc.site_config(job, far, datasets["north"], superlink="x:1", scratch_uri="s3://b/x")
+
+
+def test_the_operator_can_import_the_render_functions_without_torch_or_flower():
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune_trainer.federated.config\n"
+            "bad = [m for m in ('torch', 'flwr', 'transformers', 'peft') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

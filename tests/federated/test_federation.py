@@ -56,7 +56,9 @@ def _job(model: Path, output: Path) -> FederatedFineTuneJob:
     doc["metadata"].update(namespace="coordinator", uid="uid-federation-test")
     doc["spec"]["baseModel"] = {"uri": f"file://{model}"}
     doc["spec"]["output"] = {"uri": f"file://{output}"}
-    doc["spec"]["roundTimeoutSeconds"] = 20  # how long a round waits for a dead site
+    # How long each exchange of a round waits: for a dead site, and for live ones on a loaded machine
+    # (a SecAgg+ round is four exchanges, each a new ClientApp process at every site).
+    doc["spec"]["roundTimeoutSeconds"] = 30
     doc["spec"]["aggregation"] = "fedavg"  # the example trains ffa-lora; FedAvg is the claim checked here
     return FederatedFineTuneJob.model_validate(validate_manifest(doc))
 
@@ -188,28 +190,38 @@ def _union_eval_loss(model_dir: Path, adapter_dir: Path, folders: dict) -> float
                     device=torch.device("cpu"))
 
 
-def _single_site_adapter(federation, site: str) -> Path:
-    """The trainer alone on one site's data, the same model, adapter shape and number of steps."""
-    job, out = federation["job"], federation["work"] / "single" / site
-    cfg = {"job": {"name": f"single-{site}"}, "baseModel": {"uri": f"file://{federation['model']}"},
-           "data": {"uri": f"file://{federation['folders'][site]}", "format": "instruction"},
+def _single_site_adapters(federation) -> dict[str, Path]:
+    """The trainer alone on each site's data (three trainers at once), the same model, shape and steps."""
+    job = federation["job"]
+    cfg = {"baseModel": {"uri": f"file://{federation['model']}"},
            "lora": job.spec.lora.model_dump(mode="json"),
            "training": {**job.spec.training.model_dump(mode="json", exclude_none=True),
                         "maxSteps": ROUNDS * LOCAL_STEPS, "evalEverySteps": 1000},
-           "outputURI": f"file://{out}", "metricsPort": 0}
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(out / "config.json")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return Path(json.loads((out / "result.json").read_text())["adapterURI"].removeprefix("file://"))
+           "metricsPort": 0}
+    procs = {}
+    for site in SITES:
+        out = federation["work"] / "single" / site
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({
+            **cfg, "job": {"name": f"single-{site}"}, "outputURI": f"file://{out}",
+            "data": {"uri": f"file://{federation['folders'][site]}", "format": "instruction"}}))
+        with open(out / "train.log", "wb") as log:
+            procs[site] = subprocess.Popen([sys.executable, "-m", "finetune_trainer.cli", "train", "--config",
+                                            str(out / "config.json")], stdout=log, stderr=subprocess.STDOUT)
+    adapters = {}
+    for site, proc in procs.items():
+        proc.wait(timeout=300)
+        assert proc.returncode == 0, (federation["work"] / "single" / site / "train.log").read_text()[-3000:]
+        result = federation["work"] / "single" / site / "result.json"
+        adapters[site] = Path(json.loads(result.read_text())["adapterURI"].removeprefix("file://"))
+    return adapters
 
 
 def test_the_federated_adapter_beats_every_single_site_adapter_on_the_union_of_eval_splits(federation):
     folders, model = federation["folders"], federation["model"]
     federated = _union_eval_loss(model, Path(federation["progress"]["adapter"]["uri"].removeprefix("file://")),
                                  folders)
-    singles = {s: _union_eval_loss(model, _single_site_adapter(federation, s), folders) for s in SITES}
+    singles = {s: _union_eval_loss(model, path, folders) for s, path in _single_site_adapters(federation).items()}
     print(f"union eval loss: federated {federated:.4f}, single sites {singles}")
     for site, loss in singles.items():
         assert federated < loss, (site, federated, singles)

@@ -37,6 +37,8 @@ def federated_workdir(tmp_path, tiny_model_dir) -> Path:
     return tmp_path
 
 
+# ~45 s: tests/federated/test_federation.py (the federation tests) already takes the budget's 3 minutes.
+@pytest.mark.slow
 def test_ftctl_runs_the_federated_example_locally(federated_workdir):
     proc = ftctl("run", "examples/federated/", cwd=federated_workdir, timeout=240)
     out = proc.stdout + proc.stderr

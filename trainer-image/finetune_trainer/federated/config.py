@@ -28,6 +28,8 @@ from finetune_operator.api.trainer_config import JobIdentity, TrainingData
 SUPERLINK_PORT = 9092
 #: Health (gRPC, no TLS) of the SuperLink and of each SuperNode: readiness and liveness probes.
 HEALTH_PORT = 9099
+#: A round with fewer than minSites reports is tried again, up to this many attempts in all.
+ROUND_ATTEMPTS = 3
 #: A SuperNode's local runtime API (the ClientApp's process talks to it on 127.0.0.1 only).
 SUPERNODE_RUNTIME_PORT = 9094
 
