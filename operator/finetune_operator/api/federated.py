@@ -181,7 +181,9 @@ class SiteRound(ApiModel):
     site: str = Field(..., description="The participant's name.")
     examples: int = Field(0, ge=0, description="Training examples the site's update was weighted by.")
     localLoss: Optional[float] = Field(None, description="The site's mean training loss in the round.")
-    evalLoss: Optional[float] = Field(None, description="Loss of the aggregate the site received on its eval split.")
+    evalLoss: Optional[float] = Field(
+        None, description="Loss, on the site's eval split, of the aggregate the site started the round from "
+        "(the previous round's; the seeded initialisation in round 1), computed at the site.")
 
 
 class RoundStatus(ApiModel):
@@ -193,8 +195,9 @@ class RoundStatus(ApiModel):
     sites: list[SiteRound] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
                                    description="Per-site numbers of the sites that reported.")
     heldOutLoss: Optional[float] = Field(
-        None, description="The aggregate's loss on the union of the sites' eval splits (each site evaluates on "
-        "its own; weighted by their eval examples).")
+        None, description="Loss of this round's aggregate on the union of the sites' eval splits: each site "
+        "evaluates it on its own split, weighted by their eval examples. Filled by the next round's reports "
+        "(and, for the last round, by a final evaluation at every site).")
     seconds: Optional[float] = Field(None, ge=0, description="Wall time of the round.")
 
 
@@ -247,8 +250,8 @@ class FederatedFineTuneJob(Resource):
     KIND: ClassVar[str] = "FederatedFineTuneJob"
     PLURAL: ClassVar[str] = "federatedfinetunejobs"
     SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ftfed",)
-    # Child names are <name>-site-<site> and label values: keep the name short.
-    NAME_MAX_LENGTH: ClassVar[int] = 28
+    # Child names (<name>-site-<site>, with a site name of <= 30) and label values are <= 63 characters.
+    NAME_MAX_LENGTH: ClassVar[int] = 27
     PRINTER_COLUMNS: ClassVar[tuple[dict, ...]] = (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Round", "type": "integer", "jsonPath": ".status.currentRound"},

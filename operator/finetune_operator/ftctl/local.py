@@ -522,6 +522,12 @@ def _run_in_order(run: LocalRun, manifests: ManifestSet, console: Console, repor
                       f"{escape(job['spec']['datasetRef']['name'])} is not Ready", soft_wrap=True)
     for line in waiting:
         console.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
+    for federation in manifests.federations:  # ftctl/federated.py: Flower's deployment engine on 127.0.0.1
+        from .federated import run_federation
+
+        with run.timings.phase(f"federation {federation['metadata']['name']}"):
+            worst = max(worst, run_federation(federation, run.datasets, run.options.cwd, run.options.state_dir,
+                                              console, tiny=run.options.tiny))
     console.print(display.timings_table(run.timings.phases, run.timings.total(), os.environ.get("OMP_NUM_THREADS")))
     if pending_jobs and not waiting:
         worst = max(worst, EXIT_FAILED)

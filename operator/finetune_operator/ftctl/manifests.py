@@ -34,12 +34,13 @@ class ManifestSet:
     jobs: list[dict] = field(default_factory=list)
     policies: list[dict] = field(default_factory=list)
     synthetic: list[dict] = field(default_factory=list)
+    federations: list[dict] = field(default_factory=list)
 
     def dataset(self, name: str) -> dict | None:
         return next((d for d in self.datasets if d["metadata"]["name"] == name), None)
 
     def all(self) -> list[dict]:
-        return [*self.policies, *self.datasets, *self.synthetic, *self.jobs]
+        return [*self.policies, *self.datasets, *self.synthetic, *self.jobs, *self.federations]
 
 
 def manifest_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -464,7 +465,7 @@ def load(paths: Iterable[str | Path]) -> ManifestSet:
                 raise FtctlError(f"{path}:{doc.line}: {describe(obj)} is defined twice", EXIT_USAGE)
             seen.add(key)
             {"Dataset": result.datasets, "FineTuneJob": result.jobs, "GovernancePolicy": result.policies,
-             "SyntheticDataset": result.synthetic}[obj["kind"]].append(obj)
+             "SyntheticDataset": result.synthetic, "FederatedFineTuneJob": result.federations}[obj["kind"]].append(obj)
     if not seen:
         raise FtctlError("no manifests found in " + ", ".join(map(str, paths)), EXIT_USAGE)
     return result

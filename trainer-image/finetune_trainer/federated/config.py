@@ -28,6 +28,8 @@ from finetune_operator.api.trainer_config import JobIdentity, TrainingData
 SUPERLINK_PORT = 9092
 #: Health (gRPC, no TLS) of the SuperLink and of each SuperNode: readiness and liveness probes.
 HEALTH_PORT = 9099
+#: A round with fewer than minSites reports is tried again, up to this many attempts in all.
+ROUND_ATTEMPTS = 3
 #: A SuperNode's local runtime API (the ClientApp's process talks to it on 127.0.0.1 only).
 SUPERNODE_RUNTIME_PORT = 9094
 
@@ -181,8 +183,13 @@ def identity(job: FederatedFineTuneJob) -> JobIdentity:
 
 def superlink_config(job: FederatedFineTuneJob, *, tls: Optional[TLSFiles] = None,
                      database_path: Optional[str] = None) -> SuperLinkConfig:
-    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path,
-                           supernodeAuth=any(p.remote is not None for p in job.spec.participants))
+    """Remote participants present keys (Flower's SuperNode authentication), which Flower only accepts
+    over TLS: such a federation needs `tls` (certificate, key and CA mounted in the SuperLink pod)."""
+    remote = [p.name for p in job.spec.participants if p.remote is not None]
+    if remote and (tls is None or not tls.certFile or not tls.keyFile):
+        raise ValueError(f"participants {', '.join(remote)} are remote: the SuperLink needs TLS (a certificate, "
+                         "key and CA) for Flower's SuperNode authentication")
+    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path, supernodeAuth=bool(remote))
 
 
 def site_provenance(participant: Participant, dataset: Optional[Dataset]) -> SiteProvenance:

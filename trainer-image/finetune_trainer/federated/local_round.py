@@ -1,7 +1,7 @@
 """A site's part of a round: the trainer's own loop (train.run_local_round) from the global adapter.
 
-The site's TrainerConfig trains rounds × localSteps steps in all (one learning-rate schedule over the
-federation, one checkpoint fingerprint), with its checkpoints in the site's scratch folder. Each round
+The site's TrainerConfig has a budget of rounds × localSteps × ROUND_ATTEMPTS steps (one learning-rate
+schedule over the federation, one checkpoint fingerprint), with its checkpoints in the site's scratch folder. Each round
 resumes from the newest checkpoint (optimizer state, data position, step), replaces the adapter's
 weights with the aggregate the server sent, and trains localSteps more steps. A site that was away
 resumes the same way: its checkpoint is its own.
@@ -20,16 +20,18 @@ import numpy as np
 from finetune_operator.api.trainer_config import JobIdentity, TrainerConfig
 
 from .aggregation import Arrays, is_frozen
-from .config import SiteConfig
+from .config import ROUND_ATTEMPTS, SiteConfig
 
 #: Local rounds never write a mid-round eval (the received aggregate is evaluated once, at the start).
 NEVER = 10**9
 
 
 def trainer_config(site: SiteConfig) -> TrainerConfig:
+    """The site's training run: its step budget has room for retried rounds (an attempt whose round did
+    not complete still trained) and is what the learning-rate schedule spans."""
     m = site.model
     training = m.training.model_copy(update={
-        "maxSteps": site.rounds * site.localSteps, "epochs": None, "evalEverySteps": NEVER,
+        "maxSteps": site.rounds * site.localSteps * ROUND_ATTEMPTS, "epochs": None, "evalEverySteps": NEVER,
         "checkpointEverySteps": min(m.training.checkpointEverySteps, site.localSteps)})
     return TrainerConfig(
         job=JobIdentity(namespace=site.job.namespace, name=f"{site.job.name}-{site.site}", uid=site.job.uid),

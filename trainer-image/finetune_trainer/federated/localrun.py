@@ -39,6 +39,23 @@ def wait_for_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 @dataclass
 class LocalFederation:
     workdir: Path
@@ -83,7 +100,17 @@ class LocalFederation:
         return self._start(f"site-{name}", "federation-site", self.sites[name])
 
     def kill_site(self, name: str) -> None:
-        self._kill(f"site-{name}", signal.SIGKILL)
+        """SIGKILL the site and every process under it, as a node dying takes its pod: Flower's SuperExec and
+        ClientApps start sessions of their own, so the process group alone would leave them running."""
+        proc = self.procs.get(f"site-{name}")
+        if proc is None or proc.poll() is not None:
+            return
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
 
     def _kill(self, name: str, sig: int) -> None:
         proc = self.procs.get(name)

@@ -37,7 +37,7 @@ from .. import storage
 from ..logs import get_logger
 from . import aggregation as agg
 from . import privacy
-from .config import FederationProgress, FinalAdapter, ServerConfig, federation_dataset_digest
+from .config import ROUND_ATTEMPTS, FederationProgress, FinalAdapter, ServerConfig, federation_dataset_digest
 from .grid import PollingGrid
 from .processes import load
 from .wire import arrays_from_bytes, arrays_to_bytes
@@ -45,8 +45,6 @@ from .wire import arrays_from_bytes, arrays_to_bytes
 log = get_logger("federation.server")
 SERVER_CONFIG_KEY = "server-config"
 AUDIT_DIR_KEY = "audit-dir"
-#: A round with fewer than minSites reports is tried again this many times before the federation fails.
-ROUND_ATTEMPTS = 3
 
 
 def now_iso() -> str:
