@@ -206,6 +206,28 @@ CEL_CASES: dict[str, list[dict]] = {
         {"required": ["bias", "bias"]},
         {"namespaces": ["a", "a"]},
     ],
+    "SyntheticDataset": [
+        {"generator": {"fineTuneJob": "gen", "baseModel": {"uri": "s3://models/x"}}},
+        {"generator": {"baseModel": {"uri": "s3://models/x"}}},
+        {"review": {"fraction": 0}},
+        {"judge": {}},
+    ],
+    # The participant rules read `namespace`, a CEL keyword (escaped __namespace__ by the server).
+    "FederatedFineTuneJob": [
+        {"participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"},
+                          {"name": "a", "namespace": "ns-b", "dataset": "d"}]},
+        {"participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"},
+                          {"name": "b", "namespace": "ns-a", "dataset": "d"}]},
+        {"participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"},
+                          {"name": "b", "namespace": "ns-a", "dataset": "e"}]},
+        {"participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"}, {"name": "b"}]},
+        {"participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"},
+                          {"name": "b", "namespace": "ns-b", "dataset": "d", "remote": {"credentialsSecret": "k"}}]},
+        {"participants": [{"name": "a", "namespace": "ns-a", "dataset": "d"},
+                          {"name": "b", "remote": {"credentialsSecret": "k"}}]},
+        {"minSites": 9},
+        {"training": {"epochs": 1}},
+    ],
 }
 
 #: metadata variants: (metadata, what it tests). The namespace is left to the request.

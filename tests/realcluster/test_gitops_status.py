@@ -21,7 +21,11 @@ from test_kstatus import EXPECTED as KSTATUS  # noqa: E402
 SPECS = {"Dataset": {"source": {"uri": "s3://bucket/raw.jsonl"}, "format": "chat",
                      "provenance": {"origin": "test", "license": "CC0-1.0"}},
          "FineTuneJob": {"baseModel": {"uri": "s3://models/tiny"}, "datasetRef": {"name": "ds"},
-                         "output": {"uri": "s3://out/j"}, "resources": {"gpusPerNode": 1}}}
+                         "output": {"uri": "s3://out/j"}, "resources": {"gpusPerNode": 1}},
+         "SyntheticDataset": {"seed": {"dataset": "seed"}, "generator": {"fineTuneJob": "gen"}, "examples": 20},
+         "FederatedFineTuneJob": {"baseModel": {"uri": "s3://models/tiny"}, "output": {"uri": "s3://out/f"},
+                                  "participants": [{"name": "north", "namespace": "team-north", "dataset": "ds"},
+                                                   {"name": "south", "namespace": "team-south", "dataset": "ds"}]}}
 
 
 def _as_written(stored, written) -> bool:
@@ -83,7 +87,8 @@ def test_the_charts_argocd_health_configmap_is_accepted_by_the_api_server(real_c
                          capture_output=True, text=True, timeout=120, check=True).stdout
     real_cluster.apply(out)
     cm = real_cluster.get("configmap", "ft-finetune-operator-argocd-health", namespace)
-    assert sorted(cm["data"]) == [f"resource.customizations.health.finetune.dev_{k}"
-                                  for k in ("Dataset", "FineTuneJob", "GovernancePolicy")]
+    assert sorted(cm["data"]) == sorted(f"resource.customizations.health.finetune.dev_{k}"
+                                        for k in ("Dataset", "FineTuneJob", "GovernancePolicy", "SyntheticDataset",
+                                                  "FederatedFineTuneJob"))
     assert cm["data"]["resource.customizations.health.finetune.dev_FineTuneJob"] == paths.health_lua("FineTuneJob")
     assert yaml.safe_load(out)["kind"] == "ConfigMap"

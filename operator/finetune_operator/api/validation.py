@@ -380,10 +380,12 @@ def _list_invariants(value: Any, schema: dict[str, Any], path: str, errors: _Err
         elif list_type == "map":
             keys = schema.get("x-kubernetes-list-map-keys", [])
             seen_keys: list[tuple] = []
+            reported_keys: list[tuple] = []  # as for sets: each repeated key once, at its first repeat
             for i, item in enumerate(value):
                 if isinstance(item, dict):
                     key = tuple(item.get(k) for k in keys)
-                    if key in seen_keys:
+                    if key in seen_keys and key not in reported_keys:
+                        reported_keys.append(key)
                         errors.add("duplicate", f"{path}[{i}]", f"Duplicate value: {dict(zip(keys, key))}")
                     seen_keys.append(key)
         for i, item in enumerate(value):
