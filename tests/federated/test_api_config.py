@@ -98,21 +98,17 @@ def test_rendered_configs_carry_no_credentials_and_only_the_sites_own_data():
     # The configs round-trip through JSON as the pods read them.
     assert fc.SiteConfig.model_validate_json(site.model_dump_json()) == site
     assert fc.ServerConfig.model_validate(json.loads(server.model_dump_json())) == server
-    with pytest.raises(ValueError, match="far are remote: the SuperLink needs TLS"):
-        fc.superlink_config(job)  # Flower authenticates SuperNodes over TLS only
-    tls = fc.TLSFiles(caFile="/tls/ca.crt", certFile="/tls/tls.crt", keyFile="/tls/tls.key")
-    sl = fc.superlink_config(job, tls=tls)
-    assert sl.supernodeAuth and sl.port == fc.SUPERLINK_PORT  # a remote site presents a key
-    from finetune_trainer.errors import ConfigError
+    sl = fc.superlink_config(job)  # a remote site comes in through the remote Fleet port, with its key
+    assert sl.port == fc.SUPERLINK_PORT and sl.remoteFleet is not None
+    assert [(k.site, k.publicKeyFile) for k in sl.remoteFleet.sites] == [("far", fc.remote_key_file("far"))]
+    assert sl.remoteFleet.certFile == f"{fc.REMOTE_TLS_DIR}/tls.crt" and sl.remoteFleet.port == fc.REMOTE_FLEET_PORT
+    assert [s.remote for s in server.sites] == [False, False, True]
     from finetune_trainer.federated.superlink import superlink_argv
 
-    argv = superlink_argv(sl)
-    assert "--enable-supernode-auth" in argv and "--insecure" not in argv and "/tls/tls.key" in argv
-    with pytest.raises(ConfigError, match="needs TLS"):
-        superlink_argv(sl.model_copy(update={"tls": None}))
     local = fc.superlink_config(FederatedFineTuneJob.model_validate(
         validate_manifest(_job(participants=JOB["spec"]["participants"][:2]))))
     assert "--insecure" in superlink_argv(local) and "--isolation" in superlink_argv(local)
+    assert local.remoteFleet is None
     with pytest.raises(fc.NotReady, match="team-south/notes"):
         fc.site_config(job, south, _dataset("team-south", phase="Validating"), superlink="x:1", scratch_uri="s3://b/x")
     with pytest.raises(ValueError, match="remote"):

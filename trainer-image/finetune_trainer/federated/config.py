@@ -32,6 +32,12 @@ HEALTH_PORT = 9099
 ROUND_ATTEMPTS = 3
 #: A SuperNode's local runtime API (the ClientApp's process talks to it on 127.0.0.1 only).
 SUPERNODE_RUNTIME_PORT = 9094
+#: The SuperLink's port for sites in other clusters: TLS, Fleet API only (no Control, no runtime API),
+#: and only SuperNodes presenting one of the listed remote sites' keys (superlink.py).
+REMOTE_FLEET_PORT = 9095
+#: On the SuperLink's in-cluster port: which node ids belong to remote sites, as JSON
+#: {"nodes": {"<node id>": "<site>"}} (the server binds a remote site's name to its key with it).
+REMOTE_NODES_PATH = "/finetune/v1/remote-nodes"
 
 
 def progress_uri(output_uri: str) -> str:
@@ -54,11 +60,33 @@ class SuperLinkConfig(ApiModel):
     host: str = Field("0.0.0.0", description="Address the SuperLink listens on.")
     port: int = Field(SUPERLINK_PORT, ge=1, le=65535, description="The SuperLink's HTTP API port (Fleet, Control, runtime).")
     healthPort: int = Field(HEALTH_PORT, ge=0, le=65535, description="gRPC health port (0: none).")
-    tls: Optional[TLSFiles] = Field(None, description="TLS of the SuperLink; unset: --insecure (in-cluster only).")
-    supernodeAuth: bool = Field(False, description="Only SuperNodes whose public key is registered may connect "
-                                "(remote sites present keys).")
+    tls: Optional[TLSFiles] = Field(None, description="TLS of the in-cluster port; unset: --insecure (the "
+                                    "NetworkPolicy admits the server and the sites' pods only).")
+    remoteFleet: Optional["RemoteFleet"] = Field(
+        None, description="The port for sites in other clusters (set when a participant is remote).")
     databasePath: Optional[str] = Field(None, description="SQLite state file (a volume: the run survives a "
                                         "SuperLink restart); unset: in memory.")
+
+
+class RemoteSiteKey(ApiModel):
+    """A remote site's SuperNode public key, mounted in the SuperLink pod from its credentialsSecret."""
+
+    site: str = Field(..., description="The participant's name.")
+    publicKeyFile: str = Field(..., min_length=1, description="Its ECDSA (NIST curve) public key, OpenSSH or PEM.")
+
+
+class RemoteFleet(ApiModel):
+    """The SuperLink's listener for sites in other clusters: TLS with the platform's certificate, the
+    Fleet API only, and only for SuperNodes that sign with a listed key."""
+
+    port: int = Field(REMOTE_FLEET_PORT, ge=1, le=65535, description="The listener's port.")
+    certFile: str = Field(..., min_length=1, description="The certificate remote sites see (tls.crt).")
+    keyFile: str = Field(..., min_length=1, description="Its private key (tls.key).")
+    sites: list[RemoteSiteKey] = Field(..., min_length=1, max_length=MAX_PARTICIPANTS,
+                                       description="The remote sites and their keys.")
+
+
+SuperLinkConfig.model_rebuild()
 
 
 class SiteProvenance(ApiModel):
@@ -72,6 +100,8 @@ class SiteProvenance(ApiModel):
     format: Optional[DataFormat] = Field(None, description="Format of the site's data.")
     examples: Optional[int] = Field(None, ge=0, description="Training examples of the site's Dataset (its "
                                     "status): bounds the SecAgg+ weights.")
+    remote: bool = Field(False, description="A site in another cluster: only a node that signs with its key "
+                         "(the SuperLink's remote port) may be it.")
 
 
 class ModelShape(ApiModel):
@@ -181,22 +211,36 @@ def identity(job: FederatedFineTuneJob) -> JobIdentity:
     return JobIdentity(namespace=meta.get("namespace") or "default", name=meta["name"], uid=meta.get("uid"))
 
 
+#: Where the operator mounts, in the SuperLink pod, the external certificate and the remote sites' keys.
+REMOTE_TLS_DIR = "/etc/finetune/remote-tls"
+REMOTE_KEYS_DIR = "/etc/finetune/remote-keys"
+
+
+def remote_key_file(site: str) -> str:
+    return f"{REMOTE_KEYS_DIR}/{site}/public-key"
+
+
 def superlink_config(job: FederatedFineTuneJob, *, tls: Optional[TLSFiles] = None,
-                     database_path: Optional[str] = None) -> SuperLinkConfig:
-    """Remote participants present keys (Flower's SuperNode authentication), which Flower only accepts
-    over TLS: such a federation needs `tls` (certificate, key and CA mounted in the SuperLink pod)."""
+                     database_path: Optional[str] = None, remote_tls: Optional[TLSFiles] = None,
+                     key_file=remote_key_file) -> SuperLinkConfig:
+    """Remote participants come in through the remote Fleet port: TLS with `remote_tls` (the platform's
+    certificate and key; default: the files the operator mounts from spec.superlink.tls.secretName) and
+    their keys (`key_file(site)`: default, the operator's mount of each credentialsSecret)."""
     remote = [p.name for p in job.spec.participants if p.remote is not None]
-    if remote and (tls is None or not tls.certFile or not tls.keyFile):
-        raise ValueError(f"participants {', '.join(remote)} are remote: the SuperLink needs TLS (a certificate, "
-                         "key and CA) for Flower's SuperNode authentication")
-    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path, supernodeAuth=bool(remote))
+    fleet = None
+    if remote:
+        cert, key = ((remote_tls.certFile or "", remote_tls.keyFile or "") if remote_tls else
+                     (f"{REMOTE_TLS_DIR}/tls.crt", f"{REMOTE_TLS_DIR}/tls.key"))
+        fleet = RemoteFleet(certFile=cert, keyFile=key,
+                            sites=[RemoteSiteKey(site=s, publicKeyFile=key_file(s)) for s in remote])
+    return SuperLinkConfig(job=identity(job), tls=tls, databasePath=database_path, remoteFleet=fleet)
 
 
 def site_provenance(participant: Participant, dataset: Optional[Dataset]) -> SiteProvenance:
     """What the coordinator may know of a site: its Dataset's digest and license (read by the operator)."""
     if participant.remote is not None:
         return SiteProvenance(site=participant.name, datasetDigest=participant.remote.datasetDigest,
-                              license=participant.remote.license)
+                              license=participant.remote.license, remote=True)
     status = dataset.status if dataset is not None else None
     return SiteProvenance(site=participant.name, namespace=participant.namespace, dataset=participant.dataset,
                           datasetDigest=status.digest if status else None,

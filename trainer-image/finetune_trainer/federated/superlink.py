@@ -7,15 +7,11 @@ never imports the trainer or sees an adapter it could write anywhere.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
 from .config import SuperLinkConfig
 from .processes import executable, load, run_foreground
 
 
 def superlink_argv(cfg: SuperLinkConfig) -> list[str]:
-    if cfg.supernodeAuth and (cfg.tls is None or not cfg.tls.certFile or not cfg.tls.keyFile):
-        raise ConfigError("supernodeAuth: Flower's SuperNode authentication needs TLS (tls.certFile, tls.keyFile, "
-                          "tls.caFile)")
     argv = [executable("flower-superlink"), "--isolation", "process", "--host", cfg.host, "--port", str(cfg.port),
             # The image carries every dependency: never `uv sync` an app at run time.
             "--disable-runtime-dependency-installation"]
@@ -26,8 +22,6 @@ def superlink_argv(cfg: SuperLinkConfig) -> list[str]:
                  "--ssl-keyfile", cfg.tls.keyFile or ""]
     if cfg.healthPort:
         argv += ["--health-server-address", f"{cfg.host}:{cfg.healthPort}"]
-    if cfg.supernodeAuth:
-        argv.append("--enable-supernode-auth")
     if cfg.databasePath:
         argv += ["--database", cfg.databasePath]
     return argv
