@@ -304,7 +304,8 @@ def test_cel_reads_reserved_property_names_escaped_as_the_api_server_does():
     assert [cel_property_name(n) for n in ("namespace", "a.b", "x-y", "p/q", "a__b", "name")] == [
         "__namespace__", "a__dot__b", "x__dash__y", "p__slash__q", "a__underscores__b", "name"]
     base = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FederatedFineTuneJob", "metadata": {"name": "f"},
-            "spec": {"baseModel": {"uri": "s3://models/x"}, "output": {"uri": "s3://out-b/x"}}}
+            "spec": {"baseModel": {"uri": "s3://models/x"}, "output": {"uri": "s3://out-b/x"},
+                     "superlink": {"externalAddress": "fed.example.org:443", "tls": {"secretName": "f-tls"}}}}
     good = [{"name": "a", "namespace": "ns-a", "dataset": "d"}, {"name": "b", "namespace": "ns-b", "dataset": "d"},
             {"name": "c", "remote": {"credentialsSecret": "c-key"}}]
     validate_manifest({**base, "spec": {**base["spec"], "participants": good}})

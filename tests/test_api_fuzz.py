@@ -49,6 +49,10 @@ def _valid_participants(spec: dict) -> dict:
                                     {"name": "b", "remote": {"credentialsSecret": "b-key"}}])
     if spec.get("minSites", 0) > 2:
         spec["minSites"] = 2
+    # A remote participant needs the remote port's certificate and address (their own rule's tests are in
+    # tests/federated/); drawn values of the other superlink fields stay.
+    superlink = spec.get("superlink") if isinstance(spec.get("superlink"), dict) else {}
+    spec["superlink"] = {**superlink, "tls": {"secretName": "f-tls"}, "externalAddress": "fed.example.org:443"}
     return spec
 
 

@@ -105,6 +105,16 @@ def started() -> dict:
     return step(fed_obj(), p)
 
 
+def remote_fed(**superlink) -> dict:
+    obj = fed_obj(sites=SITES[:2], superlink={"externalAddress": "fed.example.org:443", "tls": {
+        "secretName": "triage-remote-tls", "caBundle": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"},
+        "serviceType": "LoadBalancer", "serviceAnnotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+        **superlink})
+    obj["spec"]["participants"].append({"name": "west", "remote": {"credentialsSecret": "west-key",
+                                                                   "license": "CC-BY-4.0"}})
+    return obj
+
+
 def by_kind(objects: list[dict], kind: str, namespace: str = None) -> list[dict]:
     return [o for o in objects if o["kind"] == kind and (namespace is None or o["metadata"]["namespace"] == namespace)]
 
@@ -184,6 +194,7 @@ def test_objects_in_the_coordinator_namespace():
     assert all(o["metadata"]["ownerReferences"][0]["uid"] == "f-uid" for o in coord)
     svc = by_kind(coord, "Service")[0]
     assert {p_["name"]: p_["port"] for p_ in svc["spec"]["ports"]} == {"api": 9092, "health": 9099}
+    assert svc["spec"]["type"] == "ClusterIP"
     jobs = {j["metadata"]["name"]: j for j in by_kind(coord, "Job")}
     link, server = jobs["triage-superlink"], jobs["triage-server"]
     assert svc["spec"]["selector"].items() <= link["spec"]["template"]["metadata"]["labels"].items()
@@ -207,6 +218,56 @@ def test_objects_in_the_coordinator_namespace():
     sa = by_kind(coord, "ServiceAccount")[0]
     assert sa["automountServiceAccountToken"] is False
     assert not [o for o in p.create if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+
+
+def test_a_remote_site_gets_the_remote_port_its_key_mounted_and_a_join_bundle_and_no_site_objects():
+    obj = remote_fed()
+    p = plan(obj, observed())
+    assert p.status["phase"] == "Starting"
+    coord = [o for o in p.create if o["metadata"]["namespace"] == "coord"]
+    svc = by_kind(coord, "Service")[0]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["metadata"]["annotations"] == {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+    assert {p_["name"]: p_["port"] for p_ in svc["spec"]["ports"]} == {"api": 9092, "health": 9099, "remote": 9095}
+    link = next(j for j in by_kind(coord, "Job") if j["metadata"]["name"] == "triage-superlink")
+    pod = link["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["remote-tls"]["secret"]["secretName"] == "triage-remote-tls"
+    assert volumes["remote-key-0"]["secret"] == {"secretName": "west-key", "defaultMode": 0o444,
+                                                 "items": [{"key": "public-key", "path": "public-key"}]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    link_cfg = json.loads(next(c for c in by_kind(coord, "ConfigMap")
+                               if c["metadata"]["name"] == "triage-superlink")["data"]["federation.json"])
+    fleet = link_cfg["remoteFleet"]
+    # The paths the config names are the paths the kubelet mounts.
+    assert fleet["certFile"].startswith(mounts["remote-tls"] + "/") and fleet["port"] == 9095
+    assert fleet["sites"] == [{"site": "west", "publicKeyFile": mounts["remote-key-0"] + "/public-key"}]
+    assert {"containerPort": 9095, "name": "remote", "protocol": "TCP"} in pod["containers"][0]["ports"]
+    # The server knows which site is remote (it binds that name to the key), and nothing else of it.
+    server_cfg = json.loads(next(c for c in by_kind(coord, "ConfigMap")
+                                 if c["metadata"]["name"] == "triage-server")["data"]["federation.json"])
+    assert [(s["site"], s["remote"]) for s in server_cfg["sites"]] == [("north", False), ("south", False), ("west", True)]
+    server = next(j for j in by_kind(coord, "Job") if j["metadata"]["name"] == "triage-server")
+    assert not [v for v in server["spec"]["template"]["spec"]["volumes"] if "secret" in v]  # no key, no certificate
+    bundle = next(c for c in by_kind(coord, "ConfigMap") if c["metadata"]["name"] == "triage-join-west")
+    assert bundle["metadata"]["ownerReferences"][0]["uid"] == "f-uid"
+    template = json.loads(bundle["data"]["site-template.json"])
+    assert template["superlink"] == "fed.example.org:443" and template["tls"] == {"caFile": "ca.crt"}
+    assert bundle["data"]["ca.crt"].startswith("-----BEGIN CERTIFICATE-----")
+    assert "data" not in template and "scratchURI" not in template
+    # No objects for the remote site in any namespace of this cluster (it runs its own SuperNode).
+    assert not [o for o in p.create if o["metadata"].get("labels", {}).get(fed_mod.SITE_LABEL) == "west"
+                and o["kind"] != "ConfigMap"]
+    # Without a CA bundle (a public CA signed the certificate) the bundle has no ca.crt and no tls.caFile.
+    public = plan(remote_fed(tls={"secretName": "triage-remote-tls"}), observed())
+    bundle = next(c for c in public.create if c["metadata"]["name"] == "triage-join-west")
+    assert "ca.crt" not in bundle["data"] and "tls" not in json.loads(bundle["data"]["site-template.json"])
+    # An in-cluster-only federation has no remote port, no Secret volume and no bundle.
+    local = plan(fed_obj(), observed())
+    link = next(j for j in local.create if j["kind"] == "Job" and j["metadata"]["name"] == "triage-superlink")
+    assert not [v for v in link["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    svc = by_kind(local.create, "Service")[0]
+    assert svc["spec"]["type"] == "ClusterIP" and "annotations" not in svc["metadata"]
 
 
 def test_objects_in_each_participant_namespace_read_only_that_namespace():
@@ -252,11 +313,13 @@ def test_network_policies_let_sites_reach_only_the_superlink_and_storage():
                 f["podSelector"]["matchLabels"]["finetune.dev/role"]) for f in api["from"]]
     assert sources == [(None, "federation-server"), ("team-north", "federation-site"),
                        ("team-south", "federation-site"), ("team-east", "federation-site")]
-    # A site in another cluster reaches the API port through whatever exposes the Service: from anywhere.
-    remote = fed_obj(sites=SITES[:2])
-    remote["spec"]["participants"].append({"name": "west", "remote": {"credentialsSecret": "west-key"}})
+    # A site in another cluster never reaches the API port (Fleet, Control and runtime on one port): it has
+    # the remote port (TLS, Fleet only, listed keys), from anywhere.
+    remote = remote_fed()
     link = fed_mod.superlink_policy(remote, FederatedFineTuneJob.model_validate(remote))["spec"]
-    assert "from" not in link["ingress"][0]
+    api, health, outside = link["ingress"]
+    assert api["ports"] == [{"protocol": "TCP", "port": 9092}] and len(api["from"]) == 3  # server, north, south
+    assert outside == {"ports": [{"protocol": "TCP", "port": 9095}]}
     # The cluster's policy switch turns them all off.
     off = plan(fed_obj(), observed(), OperatorConfig(job_network_policy=False, default_governance={"required": []}))
     assert not by_kind(off.create, "NetworkPolicy")

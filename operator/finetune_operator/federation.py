@@ -56,6 +56,8 @@ ROLE_SUPERLINK, ROLE_SERVER, ROLE_SITE = "federation-superlink", "federation-ser
 #: Flower 1.42's SuperLink serves its Fleet, Control and ServerAppIo APIs on one port (`--host/--port`;
 #: the 9091/9093 split of earlier releases is gone), plus a gRPC health port for probes.
 API_PORT, HEALTH_PORT = roles.SUPERLINK_PORT, roles.HEALTH_PORT
+#: Sites in other clusters come in here: TLS, the Fleet API only, listed keys only (superlink.py).
+REMOTE_PORT = roles.REMOTE_FLEET_PORT
 CONFIG_FILE = "federation.json"
 #: Phases before anything runs, in which a refusal is looked at again when the spec or a Dataset changes.
 BEFORE_START = ("Pending", "WaitingForDatasets")
@@ -84,6 +86,11 @@ def superlink_name(name: str) -> str:
 
 def server_name(name: str) -> str:
     return children.child_name(name, "server")
+
+
+def join_bundle_name(name: str, site: str) -> str:
+    """The ConfigMap (coordinator namespace) a remote site's team starts from: its site.json template."""
+    return children.child_name(name, f"join-{site}")
 
 
 def coordinator_account(name: str) -> str:
@@ -234,13 +241,13 @@ def _config_map(name: str, namespace: str, owner: Optional[dict], labels: dict, 
 
 def _job(*, name: str, namespace: str, owner: Optional[dict], labels: dict, role: str, account: str, image: str,
          config: OperatorConfig, secret: Optional[str], resources: dict, backoff_limit: int,
-         ports: Iterable[tuple[str, int]] = ()) -> dict:
+         ports: Iterable[tuple[str, int]] = (), volumes: tuple = (), mounts: tuple = ()) -> dict:
     job = children.batch_job(name=name, namespace=namespace, owner=owner, labels=labels, image=image,
                              command=["finetune-trainer", role, "--config", f"{children.CONFIG_DIR}/{CONFIG_FILE}"],
                              config=config, secret=secret, cpu=resources.get("cpu") or config.default_cpu,
                              memory=resources.get("memory") or config.default_memory,
                              gpus=int(resources.get("gpusPerNode", 0) or 0), scheduling=resources,
-                             backoff_limit=backoff_limit)
+                             backoff_limit=backoff_limit, extra_volumes=volumes, extra_mounts=mounts)
     pod = job["spec"]["template"]["spec"]
     pod["serviceAccountName"] = account
     if ports:
@@ -248,15 +255,25 @@ def _job(*, name: str, namespace: str, owner: Optional[dict], labels: dict, role
     return job
 
 
-def superlink_service(fed: dict) -> dict:
+def remote_sites(job: FederatedFineTuneJob) -> list[Participant]:
+    return [p for p in job.spec.participants if p.remote is not None]
+
+
+def superlink_service(fed: dict, job: FederatedFineTuneJob) -> dict:
+    """api and health for the cluster; with a remote participant also `remote`, the port the platform
+    exposes to other clusters (spec.superlink.serviceType, or an Ingress/Gateway of its own)."""
     meta = fed["metadata"]
     labels = labels_of(meta["namespace"], meta["name"], ROLE_SUPERLINK)
-    return {"apiVersion": "v1", "kind": "Service",
-            "metadata": _owned({"name": superlink_name(meta["name"]), "namespace": meta["namespace"],
-                                "labels": labels}, fed),
-            "spec": {"selector": labels, "ports": [
-                {"name": "api", "port": API_PORT, "targetPort": API_PORT, "protocol": "TCP"},
-                {"name": "health", "port": HEALTH_PORT, "targetPort": HEALTH_PORT, "protocol": "TCP"}]}}
+    ports = [{"name": "api", "port": API_PORT, "targetPort": API_PORT, "protocol": "TCP"},
+             {"name": "health", "port": HEALTH_PORT, "targetPort": HEALTH_PORT, "protocol": "TCP"}]
+    if remote_sites(job):
+        ports.append({"name": "remote", "port": REMOTE_PORT, "targetPort": REMOTE_PORT, "protocol": "TCP"})
+    settings = job.spec.superlink
+    metadata = _owned({"name": superlink_name(meta["name"]), "namespace": meta["namespace"], "labels": labels}, fed)
+    if settings.serviceAnnotations:
+        metadata["annotations"] = dict(settings.serviceAnnotations)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+            "spec": {"type": settings.serviceType, "selector": labels, "ports": ports}}
 
 
 def _dns_and_store(config: OperatorConfig) -> list[dict]:
@@ -283,18 +300,21 @@ def _policy(fed: dict, namespace: str, name: str, role: str, ingress: list, egre
 
 
 def superlink_policy(fed: dict, job: FederatedFineTuneJob) -> dict:
-    """Into the SuperLink's API port: the server pod and the sites' pods (from anywhere when a site is
-    in another cluster: it comes through whatever exposes the Service); its health port from anywhere
-    in the cluster (the kubelet's probes). Out of it: nothing."""
+    """Into the SuperLink's API port (Fleet, Control and runtime APIs on one port in Flower 1.42): the
+    server pod and the in-cluster sites' pods only, always; its health port from anywhere in the cluster
+    (the kubelet's probes); with a remote participant its remote port (TLS, Fleet only, listed keys)
+    from anywhere: the sites come through whatever exposes it. Out of it: nothing."""
     meta = fed["metadata"]
     ns, name = meta["namespace"], meta["name"]
     key = federation_key(ns, name)
-    api: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": API_PORT}]}
-    if not any(p.remote is not None for p in job.spec.participants):
-        api["from"] = [_pods_of(None, key, ROLE_SERVER)] + [
-            _pods_of(ns_, key, ROLE_SITE) for ns_ in dict.fromkeys(p.namespace for p in job.spec.participants)]
-    health = {"ports": [{"protocol": "TCP", "port": HEALTH_PORT}]}
-    return _policy(fed, ns, superlink_name(name), ROLE_SUPERLINK, [api, health], [], owned=True)
+    in_cluster = [p.namespace for p in job.spec.participants if p.remote is None]
+    api: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": API_PORT}],
+                           "from": [_pods_of(None, key, ROLE_SERVER)] + [
+                               _pods_of(ns_, key, ROLE_SITE) for ns_ in dict.fromkeys(in_cluster)]}
+    ingress = [api, {"ports": [{"protocol": "TCP", "port": HEALTH_PORT}]}]
+    if remote_sites(job):
+        ingress.append({"ports": [{"protocol": "TCP", "port": REMOTE_PORT}]})
+    return _policy(fed, ns, superlink_name(name), ROLE_SUPERLINK, ingress, [], owned=True)
 
 
 def _to_superlink(fed: dict) -> dict:
@@ -333,17 +353,21 @@ def coordinator_objects(fed: dict, job: FederatedFineTuneJob, datasets: dict[str
     ns, name = meta["namespace"], meta["name"]
     account = coordinator_account(name)
     image = job.spec.image or config.trainer_image
-    out = [service_account(account, ns, labels_of(ns, name, ROLE_SERVER), fed), superlink_service(fed)]
+    out = [service_account(account, ns, labels_of(ns, name, ROLE_SERVER), fed), superlink_service(fed, job)]
     if config.job_network_policy:
         out += [superlink_policy(fed, job), server_policy(fed, config)]
     link = labels_of(ns, name, ROLE_SUPERLINK)
     out.append(_config_map(superlink_name(name), ns, fed, link,
                            roles.superlink_config(job).model_dump(mode="json", exclude_none=True)))
-    # The SuperLink relays messages, holds no data and reads no bucket: no credentials at all.
+    # The SuperLink relays messages, holds no data and reads no bucket: no credentials at all. With
+    # remote sites the kubelet mounts the remote port's certificate and the sites' public keys (the
+    # operator never reads a Secret).
+    volumes, mounts = superlink_remote_volumes(job)
+    ports = [("api", API_PORT), ("health", HEALTH_PORT)] + ([("remote", REMOTE_PORT)] if volumes else [])
     superlink = _job(name=superlink_name(name), namespace=ns, owner=fed, labels=link, role=ROLE_SUPERLINK,
                      account=account, image=image, config=config, secret=None,
                      resources={"cpu": "500m", "memory": "1Gi", "gpusPerNode": 0}, backoff_limit=10,
-                     ports=[("api", API_PORT), ("health", HEALTH_PORT)])
+                     ports=ports, volumes=volumes, mounts=mounts)
     # The Service routes to the SuperLink once its gRPC health service answers, not merely once it runs.
     superlink["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
         "grpc": {"port": HEALTH_PORT}, "periodSeconds": 5, "failureThreshold": 3}
@@ -357,7 +381,47 @@ def coordinator_objects(fed: dict, job: FederatedFineTuneJob, datasets: dict[str
     out.append(_job(name=server_name(name), namespace=ns, owner=fed, labels=server, role=ROLE_SERVER,
                     account=account, image=image, config=config, secret=output_secret,
                     resources={"gpusPerNode": 0}, backoff_limit=3))
+    out += [join_bundle(fed, job, p) for p in remote_sites(job)]
     return out
+
+
+def superlink_remote_volumes(job: FederatedFineTuneJob) -> tuple[tuple, tuple]:
+    """Secret volumes of the SuperLink pod for its remote port: the certificate (tls.crt, tls.key of
+    spec.superlink.tls.secretName) and each remote site's public key (key public-key of its
+    credentialsSecret), at the paths superlink_config names. Nothing without a remote participant."""
+    remote = remote_sites(job)
+    tls = job.spec.superlink.tls
+    if not remote or tls is None:
+        return (), ()
+    volumes = [{"name": "remote-tls", "secret": {"secretName": tls.secretName, "defaultMode": 0o440, "items": [
+        {"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}}]
+    mounts = [{"name": "remote-tls", "mountPath": roles.REMOTE_TLS_DIR, "readOnly": True}]
+    for i, p in enumerate(remote):
+        assert p.remote is not None
+        volume = f"remote-key-{i}"  # volume names are DNS labels of <= 63: an index, not the site's name
+        volumes.append({"name": volume, "secret": {"secretName": p.remote.credentialsSecret, "defaultMode": 0o444,
+                                                   "items": [{"key": "public-key", "path": "public-key"}]}})
+        mounts.append({"name": volume, "mountPath": roles.remote_key_file(p.name).rsplit("/", 1)[0],
+                       "readOnly": True})
+    return tuple(volumes), tuple(mounts)
+
+
+def join_bundle(fed: dict, job: FederatedFineTuneJob, site: Participant) -> dict:
+    """What a remote site's team starts from (coordinator namespace, owned): `site-template.json`, the
+    site's config but for what only that team knows (its data, its scratch folder, its private key),
+    aimed at spec.superlink.externalAddress; and `ca.crt` when spec.superlink.tls.caBundle is set."""
+    meta = fed["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    settings = job.spec.superlink
+    template = roles.remote_site_template(job, site, address=settings.externalAddress or "",
+                                          ca_file="ca.crt" if settings.tls and settings.tls.caBundle else None)
+    data = {"site-template.json": json.dumps(template, indent=1, sort_keys=True)}
+    if settings.tls and settings.tls.caBundle:
+        data["ca.crt"] = settings.tls.caBundle
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _owned({"name": join_bundle_name(name, site.name), "namespace": ns,
+                                "labels": labels_of(ns, name, ROLE_SITE, site.name)}, fed),
+            "data": data}
 
 
 def site_objects(fed: dict, job: FederatedFineTuneJob, site: Participant, dataset: dict,

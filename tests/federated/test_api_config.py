@@ -24,6 +24,7 @@ JOB = {
         ],
         "rounds": 3, "localSteps": 5, "minSites": 2,
         "output": {"uri": "s3://coord/fed", "credentials": {"name": "out-creds"}},
+        "superlink": {"externalAddress": "fed.example.org:443", "tls": {"secretName": "triage-remote-tls"}},
     },
 }
 
@@ -60,6 +61,11 @@ def test_valid_job_defaults():
     ({"participants": [{"name": "a", "namespace": "x", "dataset": "d", "remote": {"credentialsSecret": "k"}},
                        {"name": "b", "namespace": "y", "dataset": "d"}]}, "either namespace and dataset"),
     ({"minSites": 4}, "minSites"),
+    ({"superlink": {}}, "spec.superlink: Required value: a remote participant needs spec.superlink.tls"),
+    ({"superlink": {"tls": {"secretName": "t"}}}, "spec.superlink.externalAddress"),
+    ({"superlink": {"externalAddress": "fed.example.org", "tls": {"secretName": "t"}}}, "externalAddress"),
+    ({"superlink": {"serviceType": "ExternalName"}}, "serviceType"),
+    ({"superlink": {"externalAddress": "a:1", "tls": {"secretName": "t", "caBundle": "not a pem"}}}, "caBundle"),
     ({"training": {"maxSteps": 10}}, "rounds × spec.localSteps"),
     ({"aggregation": "median"}, "aggregation"),
     ({"participants": [{"name": "only", "namespace": "x", "dataset": "d"}]}, "participants"),
@@ -113,6 +119,24 @@ def test_rendered_configs_carry_no_credentials_and_only_the_sites_own_data():
         fc.site_config(job, south, _dataset("team-south", phase="Validating"), superlink="x:1", scratch_uri="s3://b/x")
     with pytest.raises(ValueError, match="remote"):
         fc.site_config(job, far, datasets["north"], superlink="x:1", scratch_uri="s3://b/x")
+
+
+def test_a_remote_sites_template_holds_what_the_coordinator_knows_and_nothing_of_the_site():
+    job = FederatedFineTuneJob.model_validate(validate_manifest(_job()))
+    far = job.spec.participants[2]
+    template = fc.remote_site_template(job, far, address="fed.example.org:443", ca_file="ca.crt")
+    assert template["superlink"] == "fed.example.org:443" and template["tls"] == {"caFile": "ca.crt"}
+    assert template["site"] == "far" and template["secureAggregation"] is True
+    for own in fc.REMOTE_SITE_OWN_FIELDS:
+        assert own not in template
+    assert "credentials" not in template["model"]["baseModel"]  # the coordinator namespace's Secret name
+    # The site's team adds its own three fields and has a config its pod loads.
+    filled = {**template, "data": {"uri": "s3://far-data/validated", "format": "chat"},
+              "scratchURI": "s3://far-data/scratch", "authPrivateKeyFile": "/keys/node"}
+    site = fc.SiteConfig.model_validate_json(json.dumps(filled))
+    assert site.superlink == "fed.example.org:443" and site.tls and site.tls.caFile == "ca.crt"
+    with pytest.raises(ValueError, match="not remote"):
+        fc.remote_site_template(job, job.spec.participants[0], address="x:1", ca_file=None)
 
 
 def test_the_operator_can_import_the_render_functions_without_torch_or_flower():

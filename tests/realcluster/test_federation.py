@@ -29,6 +29,8 @@ from realcluster import operator_harness as h
 from realcluster.realk8s import RealCluster, wait_for
 
 API = "finetune.dev/v1alpha1"
+#: Any PEM certificate block: the API only checks the shape of spec.superlink.tls.caBundle.
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2Ex\n-----END CERTIFICATE-----\n"
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,32 @@ def test_federation_accounts_and_objects_on_the_real_api_server(stack):
             assert proc.returncode == 0, (obj["kind"], obj["metadata"]["name"], proc.stderr)
             stored = json.loads(proc.stdout)
             assert obj["metadata"]["labels"].items() <= stored["metadata"]["labels"].items()
+
+        # 3b. With a site in another cluster: the real server's CEL wants the remote port's certificate and
+        # address, and accepts the remote port (Service type, Secret volumes of the SuperLink, join bundle).
+        remote = federation_manifest("far", coord, sites, stack)
+        remote["spec"]["participants"].append({"name": "west", "remote": {"credentialsSecret": "west-key"}})
+        proc = c.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(remote), check=False)
+        assert proc.returncode != 0 and "spec.superlink" in proc.stderr and "remote participant" in proc.stderr, \
+            proc.stderr
+        remote["spec"]["superlink"] = {"serviceType": "NodePort", "externalAddress": "fed.example.org:31095",
+                                       "serviceAnnotations": {"example.org/exposed-by": "realcluster-test"},
+                                       "tls": {"secretName": "far-remote-tls", "caBundle": CA_PEM}}
+        proc = c.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(remote), check=False)
+        assert proc.returncode == 0, proc.stderr
+        remote = json.loads(proc.stdout)
+        remote["metadata"]["uid"] = "0d0b6f1e-0000-4000-8000-000000000018"
+        objects = federation.plan_objects(remote, FederatedFineTuneJob.model_validate(remote), observed, cfg)
+        assert ("ConfigMap", "far-join-west") in {(o["kind"], o["metadata"]["name"]) for o in objects}
+        for obj in objects:
+            proc = c.kubectl("create", "--dry-run=server", "--validate=strict", "-o", "json", "-f", "-",
+                             input=json.dumps(obj), check=False)
+            assert proc.returncode == 0, (obj["kind"], obj["metadata"]["name"], proc.stderr)
+            stored = json.loads(proc.stdout)
+            if obj["kind"] == "Service":
+                assert stored["spec"]["type"] == "NodePort"
+                assert {p["name"] for p in stored["spec"]["ports"]} == {"api", "health", "remote"}
+                assert all(p.get("nodePort") for p in stored["spec"]["ports"])  # the server allocated them
 
         # 4. Deleting the federation deletes its site objects in the other namespaces (the finalizer).
         c.kubectl("delete", "federatedfinetunejob", "fed", "-n", coord, "--wait=true", "--timeout=60s")

@@ -15,6 +15,7 @@ from .finetunejob import (AdapterRef, BaseModelRef, GovernanceStatus, LoraSettin
                           PromotionSettings, PromotionStatus, Quantization, ResourceSettings, TrainingSettings)
 from .governance import GovernanceSpec
 from .meta import DIGEST_PATTERN, DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, ApiModel, Condition, Resource, age_column
+from .scheduling import _LABEL_KEYS_RULE
 
 Aggregation = Literal["fedavg", "ffa-lora", "svd-refactor"]
 SecureAggregationMode = Literal["auto", "on", "off"]
@@ -29,6 +30,9 @@ MAX_STATUS_ROUNDS = 50
 #: Secure aggregation with "auto" is on from this many sites (fewer sites: the sum reveals too much anyway,
 #: and SecAgg+'s secret sharing needs at least 3 participants to hide one).
 SECAGG_AUTO_MIN_SITES = 3
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+#: host:port a remote site dials: a DNS name or an IPv4 address, and a port.
+ADDRESS_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9.]{0,251}[A-Za-z0-9])?:[0-9]{1,5}$"
 
 
 def _rules(*rules: dict) -> dict:
@@ -54,6 +58,40 @@ class RemoteSite(ApiModel):
     license: Optional[str] = Field(
         None, min_length=1, max_length=256,
         description="License of the remote site's data (SPDX id or a name), recorded in the adapter's provenance.")
+
+
+class SuperLinkTLS(ApiModel):
+    """The certificate remote sites see on the SuperLink's remote port."""
+
+    secretName: str = Field(
+        ..., min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+        description="A kubernetes.io/tls Secret in the coordinator's namespace (keys tls.crt and tls.key: what "
+        "cert-manager's Certificate writes). Its names must cover the host of externalAddress. Only the SuperLink "
+        "pod mounts it; the operator never reads it.")
+    caBundle: Optional[str] = Field(
+        None, min_length=1, max_length=65536, pattern=r"-----BEGIN CERTIFICATE-----",
+        description="PEM of the CA remote sites verify the certificate with (public; unset when a public CA "
+        "signed it); copied into each remote site's join bundle.")
+
+
+class SuperLinkSettings(ApiModel):
+    """How the SuperLink is reached. In-cluster sites use its Service's api port; sites in other clusters
+    use the remote port: TLS, the Fleet API only, and only SuperNodes that sign with a listed site's key."""
+
+    serviceType: ServiceType = Field(
+        "ClusterIP", description="Type of the SuperLink's Service: ClusterIP (an Ingress or Gateway of the "
+        "platform's exposes the remote port), NodePort or LoadBalancer.")
+    serviceAnnotations: dict[str, str] = Field(
+        default_factory=dict, max_length=32,
+        description="Annotations of the Service (a cloud load balancer's settings, say).",
+        json_schema_extra={"x-kubernetes-validations": [_LABEL_KEYS_RULE],
+                           "additionalProperties": {"type": "string", "maxLength": 4096}})
+    externalAddress: Optional[str] = Field(
+        None, max_length=259, pattern=ADDRESS_PATTERN,
+        description="host:port at which sites in other clusters reach the remote port (the load balancer's, "
+        "the Ingress's); written into their join bundles. Required with a remote participant.")
+    tls: Optional[SuperLinkTLS] = Field(None, description="The remote port's certificate. Required with a "
+                                        "remote participant.")
 
 
 class Participant(ApiModel):
@@ -121,6 +159,12 @@ class FederatedFineTuneJobSpec(ApiModel):
         {"rule": "!has(self.training) || !has(self.training.replay)",
          "message": "spec.training.replay is not supported in a federation",
          "fieldPath": ".training.replay", "reason": "FieldValueForbidden"},
+        # Conditionals, not ||/&&: the test port (cel-python) evaluates both sides.
+        {"rule": "self.participants.exists(p, has(p.remote)) ? (has(self.superlink) ? "
+                 "(has(self.superlink.tls) ? has(self.superlink.externalAddress) : false) : false) : true",
+         "message": "a remote participant needs spec.superlink.tls (the remote port's certificate) and "
+                    "spec.superlink.externalAddress (where the site reaches it)",
+         "fieldPath": ".superlink", "reason": "FieldValueRequired"},
     )
 
     baseModel: BaseModelRef = Field(
@@ -164,6 +208,8 @@ class FederatedFineTuneJobSpec(ApiModel):
         json_schema_extra=_immutable("spec.aggregation"))
     privacy: PrivacySettings = Field(default_factory=PrivacySettings, description="Secure aggregation and "
                                      "differential privacy.")
+    superlink: SuperLinkSettings = Field(default_factory=SuperLinkSettings,
+                                         description="How sites reach the SuperLink (remote sites: TLS, keys).")
     resources: ResourceSettings = Field(default_factory=ResourceSettings,
                                         description="Scheduling and hardware of every site's client pod.")
     output: OutputLocation = Field(..., description="Where the coordinator writes the aggregate adapters and "

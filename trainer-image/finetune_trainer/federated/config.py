@@ -212,8 +212,8 @@ def identity(job: FederatedFineTuneJob) -> JobIdentity:
 
 
 #: Where the operator mounts, in the SuperLink pod, the external certificate and the remote sites' keys.
-REMOTE_TLS_DIR = "/etc/finetune/remote-tls"
-REMOTE_KEYS_DIR = "/etc/finetune/remote-keys"
+REMOTE_TLS_DIR = "/etc/finetune-remote/tls"
+REMOTE_KEYS_DIR = "/etc/finetune-remote/keys"
 
 
 def remote_key_file(site: str) -> str:
@@ -282,6 +282,30 @@ def site_config(job: FederatedFineTuneJob, participant: Participant, dataset: Da
         differentialPrivacy=job.spec.privacy.differentialPrivacy,
         data=TrainingData(uri=status.validatedURI, format=dataset.spec.format, digest=status.digest),
         scratchURI=scratch_uri)
+
+
+#: The fields of a remote site's config that only its own team fills in (remote_site_template).
+REMOTE_SITE_OWN_FIELDS = ("data", "scratchURI", "authPrivateKeyFile")
+
+
+def remote_site_template(job: FederatedFineTuneJob, participant: Participant, *, address: str,
+                         ca_file: Optional[str]) -> dict:
+    """A remote site's SiteConfig without REMOTE_SITE_OWN_FIELDS (its data, its scratch folder, its
+    private key: the coordinator knows none of them), aimed at the SuperLink's external address. The
+    site's team adds them and runs `finetune-trainer federation-site --config site.json`."""
+    if participant.remote is None:
+        raise ValueError(f"participant {participant.name} is not remote")
+    s = job.spec
+    doc = SiteConfig.model_construct(
+        job=identity(job), site=participant.name, superlink=address,
+        tls=TLSFiles(caFile=ca_file) if ca_file else None, model=model_shape(job), aggregation=s.aggregation,
+        rounds=s.rounds, localSteps=s.localSteps, minSites=s.minSites, secureAggregation=job.secure_aggregation(),
+        differentialPrivacy=s.privacy.differentialPrivacy)
+    out = {k: v for k, v in doc.model_dump(mode="json", exclude_none=True, warnings=False).items()
+           if k not in REMOTE_SITE_OWN_FIELDS}
+    # A Secret's name in the coordinator's namespace means nothing in the site's cluster.
+    out["model"]["baseModel"].pop("credentials", None)
+    return out
 
 
 def federation_dataset_digest(sites: list[SiteProvenance]) -> Optional[str]:
