@@ -196,6 +196,8 @@ class FederationProgress(ApiModel):
                                     description="Sites selected in the last round that did not report.")
     message: str = Field("", description="What is happening, or why it failed.")
     updatedAt: Optional[str] = Field(None, description="When the server wrote this record (RFC 3339).")
+    jobUID: Optional[str] = Field(None, description="The FederatedFineTuneJob's uid: a restarted server resumes "
+                                  "only its own federation's rounds, never a deleted namesake's.")
 
 
 # ---- rendering (the operator calls these with the typed API objects)

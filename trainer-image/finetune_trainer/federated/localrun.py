@@ -94,15 +94,22 @@ class LocalFederation:
         wait_for_port(self.superlink.port)
         for name in self.sites:
             self.start_site(name)
-        self._start("server", "federation-server", self.server)
+        self.start_server()
 
     def start_site(self, name: str) -> subprocess.Popen:
         return self._start(f"site-{name}", "federation-site", self.sites[name])
 
+    def start_server(self) -> subprocess.Popen:
+        return self._start("server", "federation-server", self.server)
+
     def kill_site(self, name: str) -> None:
-        """SIGKILL the site and every process under it, as a node dying takes its pod: Flower's SuperExec and
-        ClientApps start sessions of their own, so the process group alone would leave them running."""
-        proc = self.procs.get(f"site-{name}")
+        self.kill_role(f"site-{name}")
+
+    def kill_role(self, name: str) -> None:
+        """SIGKILL a role (superlink, server, site-<name>) and every process under it, as a node dying takes
+        its pod: Flower's SuperExec, ServerApp and ClientApps start sessions of their own, so the process
+        group alone would leave them running."""
+        proc = self.procs.get(name)
         if proc is None or proc.poll() is not None:
             return
         for pid in [proc.pid, *descendants(proc.pid)]:

@@ -120,7 +120,16 @@ def run(config_path: str) -> int:
         Path(local_config).write_text(cfg.model_dump_json())
     app = write_app(work, str(Path(local_config).resolve()), os.environ.get("FINETUNE_FEDERATION_AUDIT_DIR"))
     write_connection(work / "flwr-home", cfg)
-    storage.write_text(cfg.progressURI, FederationProgress(totalRounds=cfg.rounds, message="starting").model_dump_json())
+    previous = read_progress(cfg.progressURI)
+    mine = previous is not None and previous.jobUID == cfg.job.uid
+    if mine and previous.state == "Succeeded":  # restarted after the adapter was written: nothing to do
+        shutil.rmtree(work, ignore_errors=True)
+        return EXIT_OK
+    if not mine or previous.state == "Failed":
+        # A record of this federation's earlier server (Starting/Training) stays: the ServerApp resumes
+        # after its last round (server_app.Federation.resume).
+        storage.write_text(cfg.progressURI, FederationProgress(totalRounds=cfg.rounds, message="starting",
+                                                               jobUID=cfg.job.uid).model_dump_json())
     superexec_argv = [executable("flower-superexec"), "--runtime-api-address", cfg.superlink]
     superexec_argv += ["--root-certificates", cfg.tls.caFile] if cfg.tls else ["--insecure"]
     superexec = subprocess.Popen(superexec_argv, env=env)

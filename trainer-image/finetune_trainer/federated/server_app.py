@@ -62,6 +62,11 @@ def rounds_uri(output_uri: str, round_: int) -> str:
     return storage.join(output_uri, "federation", "rounds", f"round-{round_:04d}.safetensors")
 
 
+def adapter_config_uri(output_uri: str) -> str:
+    """The adapter_config.json of the initialisation: what a restarted server needs besides the weights."""
+    return storage.join(output_uri, "federation", "rounds", "adapter_config.json")
+
+
 class Federation:
     def __init__(self, cfg: ServerConfig, grid: PollingGrid, context: Context):
         self.cfg, self.grid, self.context = cfg, grid, context
@@ -69,7 +74,7 @@ class Federation:
         self.ignored: set[int] = set()  # nodes that did not answer, were replaced, or are no participant
         self.examples: dict[str, int] = {}
         self.known = {s.site for s in cfg.sites}
-        self.progress = FederationProgress(totalRounds=cfg.rounds)
+        self.progress = FederationProgress(totalRounds=cfg.rounds, jobUID=cfg.job.uid)
         self.progress.privacy.secureAggregation = cfg.secureAggregation
         if cfg.differentialPrivacy.enabled:
             self.progress.privacy.delta = cfg.differentialPrivacy.delta
@@ -146,16 +151,48 @@ class Federation:
     # ---- the federation ---------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.cfg
-        self.write_progress(state="Starting", message=f"waiting for {cfg.minSites} sites")
+        done = self.resume()
+        if done:
+            log.info("resumed", extra={"event": "resumed", "after_round": done})
+            self.write_progress(state="Training", message=f"resumed after round {done}; waiting for "
+                                f"{cfg.minSites} sites")
+        else:
+            self.write_progress(state="Starting", message=f"waiting for {cfg.minSites} sites")
         self.wait_for_sites(cfg.minSites, cfg.connectTimeoutSeconds)
-        self.initialise()
-        for round_ in range(1, cfg.rounds + 1):
+        if not done:
+            self.initialise()
+        for round_ in range(done + 1, cfg.rounds + 1):
             self.run_round(round_)
         self.final_evaluation()
         final = self.write_adapter()
         self.write_progress(state="Succeeded", adapter=final, droppedSites=[],
                             message=f"{cfg.rounds} rounds; adapter {final.digest}")
         self.say_done(final)
+
+    def resume(self) -> int:
+        """The rounds an earlier server of this federation finished (its pod restarted), restored from
+        progress.json and the global adapter it wrote after its last round; 0: start from the beginning.
+        The round file is written before progress.json names its round, so the one named is complete."""
+        cfg = self.cfg
+        try:
+            previous = FederationProgress.model_validate_json(storage.read_text(cfg.progressURI))
+            if (previous.jobUID != cfg.job.uid or previous.state not in ("Starting", "Training")
+                    or previous.totalRounds != cfg.rounds or not 0 < previous.currentRound <= cfg.rounds):
+                return 0
+            done = previous.currentRound
+            weights = arrays_from_bytes(storage.read_bytes(rounds_uri(cfg.outputURI, done)))
+            adapter_config = storage.read_text(adapter_config_uri(cfg.outputURI))
+        except (FileNotFoundError, ValueError) as exc:  # nothing to resume, or a record we cannot trust
+            if not isinstance(exc, FileNotFoundError):
+                log.warning("progress not resumed", extra={"event": "resume_refused", "error": str(exc)[:300]})
+            return 0
+        self.global_ = {k: v.astype(np.float32) for k, v in weights.items()}
+        self.names, self.adapter_config = sorted(self.global_), adapter_config
+        self.progress.rounds, self.progress.currentRound = previous.rounds, done
+        if cfg.differentialPrivacy.enabled:
+            self.progress.privacy.epsilon = privacy.epsilon(cfg.differentialPrivacy.noiseMultiplier, done,
+                                                            cfg.differentialPrivacy.delta)
+        return done
 
     def initialise(self) -> None:
         nid = min(self.sites)  # any site: the initialisation is a function of the seed and the base model
@@ -167,6 +204,7 @@ class Federation:
         self.names = sorted(self.global_)
         self.adapter_config = str(props["adapter-config"])
         storage.write_bytes(rounds_uri(self.cfg.outputURI, 0), arrays_to_bytes(self.global_))
+        storage.write_text(adapter_config_uri(self.cfg.outputURI), self.adapter_config)
         log.info("initial adapter", extra={"event": "init", "site": self.sites[nid], "tensors": len(self.names)})
 
     def sample(self, round_: int) -> list[int]:
