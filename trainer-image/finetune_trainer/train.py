@@ -271,8 +271,10 @@ def _run(cfg, stop: StopFlag, world: distributed.World, fed=None) -> int:
                                   fused=device.type == "cuda")
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(t.lrScheduler, optimizer, num_warmup_steps=int(t.warmupRatio * n_steps),
-                              num_training_steps=n_steps)
+    # A federated site's schedule spans the federation's rounds, not its step budget (local_round.py).
+    schedule_steps = fed.schedule_steps if fed is not None and fed.schedule_steps else n_steps
+    scheduler = get_scheduler(t.lrScheduler, optimizer, num_warmup_steps=int(t.warmupRatio * schedule_steps),
+                              num_training_steps=schedule_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---- 3. resume from the newest checkpoint that verifies
@@ -287,7 +289,7 @@ def _run(cfg, stop: StopFlag, world: distributed.World, fed=None) -> int:
         state = loaded.state
         log.info("resumed from checkpoint", extra={"event": "resume", "step": state.step, "uri": loaded.uri})
     if fed is not None:
-        fed.begin(state.step, n_steps, len(train_set), len(eval_set))
+        fed.begin(state.step, n_steps, len(train_set), len(eval_set), scheduler)
     if world.rank > 0:
         # Dropout differs per rank (as it would per example in one big batch); reproducible per (seed, rank, step).
         torch.manual_seed(t.seed * 1_000_003 + world.rank * 7919 + state.step)

@@ -81,7 +81,7 @@ class SiteClient(NumPyClient):
         names = json.loads(str(config["names"]))
         round_ = int(config["round"])
         received = agg.from_list(parameters, names)
-        fed = run_round(site, received, site.localSteps)
+        fed = run_round(site, received, site.localSteps, round_)
         update = agg.site_update(received, fed.local_weights, site.aggregation,
                                  site.model.lora.alpha / site.model.lora.r)
         dp = site.differentialPrivacy

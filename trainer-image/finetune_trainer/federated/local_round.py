@@ -1,7 +1,10 @@
 """A site's part of a round: the trainer's own loop (train.run_local_round) from the global adapter.
 
-The site's TrainerConfig has a budget of rounds × localSteps × ROUND_ATTEMPTS steps (one learning-rate
-schedule over the federation, one checkpoint fingerprint), with its checkpoints in the site's scratch folder. Each round
+The site's TrainerConfig has a budget of rounds × localSteps × ROUND_ATTEMPTS steps (one checkpoint
+fingerprint; room for attempts of rounds that did not complete), with its checkpoints in the site's
+scratch folder. The learning-rate schedule spans rounds × localSteps and follows the server's round, not
+the site's step count: round r trains at the schedule's steps (r-1)·localSteps ... r·localSteps, so a site
+that retried or missed rounds is at the same point of the schedule as every other. Each round
 resumes from the newest checkpoint (optimizer state, data position, step), replaces the adapter's
 weights with the aggregate the server sent, and trains localSteps more steps. A site that was away
 resumes the same way: its checkpoint is its own.
@@ -46,6 +49,9 @@ class LocalRound:
     aggregation: str
     local_steps: int
     global_weights: Optional[Arrays] = None
+    #: The federation's round (from 1; 0: an evaluation only) and the schedule's length, rounds × localSteps.
+    round: int = 0
+    schedule_steps: Optional[int] = None
     # filled by train._run
     start_step: int = 0
     until_step: int = 0
@@ -78,10 +84,12 @@ class LocalRound:
             state[k] = torch.from_numpy(np.ascontiguousarray(v)).to(device=device, dtype=expected[k].dtype)
         set_peft_model_state_dict(model, state)
 
-    def begin(self, step: int, total_steps: int, examples: int, eval_examples: int) -> None:
+    def begin(self, step: int, total_steps: int, examples: int, eval_examples: int, scheduler=None) -> None:
         self.start_step = step
         self.until_step = min(total_steps, step + self.local_steps)
         self.examples, self.eval_examples = examples, eval_examples
+        if scheduler is not None and self.round > 0:
+            seek(scheduler, min((self.round - 1) * self.local_steps, self.schedule_steps or 0))
 
     def finish(self, model) -> None:
         from peft import get_peft_model_state_dict
@@ -93,12 +101,23 @@ class LocalRound:
         return float(np.mean(self.losses)) if self.losses else None
 
 
-def run_round(site: SiteConfig, global_weights: Optional[Arrays], local_steps: int) -> LocalRound:
-    """Train (local_steps > 0) or only evaluate (0) the global adapter at this site."""
+def seek(scheduler, position: int) -> None:
+    """Put a LambdaLR schedule (what transformers.get_scheduler returns) at `position`: the optimizer's
+    learning rates become the schedule's at that step, and stepping goes on from there."""
+    scheduler.last_epoch = position
+    lrs = [base * fn(position) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def run_round(site: SiteConfig, global_weights: Optional[Arrays], local_steps: int, round_: int = 0) -> LocalRound:
+    """Train (local_steps > 0) in the federation's round `round_`, or only evaluate (0) the global adapter."""
     from ..errors import EXIT_OK, TrainerError
     from ..train import run_local_round
 
-    fed = LocalRound(aggregation=site.aggregation, local_steps=local_steps, global_weights=global_weights)
+    fed = LocalRound(aggregation=site.aggregation, local_steps=local_steps, global_weights=global_weights,
+                     round=round_ if local_steps else 0, schedule_steps=site.rounds * site.localSteps)
     code = run_local_round(trainer_config(site), fed)
     if code != EXIT_OK:
         raise TrainerError(f"site {site.site}: the local round stopped early (exit {code})")
