@@ -41,6 +41,9 @@ NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 GRACEFUL_SHUTDOWN_SECONDS = 5
 #: The Fleet calls a SuperNode makes: one path segment under /v1/fleet/, nothing that could be normalised.
 FLEET_CALL = re.compile(r"/v1/fleet/[a-z][a-z0-9-]{0,63}")
+#: A remote site's node exists from the start (register_remote_nodes) and outlives its SuperNode, which
+#: only activates and deactivates it: self-registration and unregistering are no remote site's business.
+NOT_REMOTE_CALLS = ("/v1/fleet/register-node", "/v1/fleet/unregister-node")
 
 
 def public_key_pem(site: str, path: str) -> bytes:
@@ -125,6 +128,8 @@ class PortGuard:
         """Why a request on the remote port is refused ('' when it may go on to Flower's Fleet API)."""
         if scope["type"] != "http" or scope.get("method") != "POST" or not FLEET_CALL.fullmatch(scope.get("path", "")):
             return "only the Fleet API is served on this port"
+        if scope["path"] in NOT_REMOTE_CALLS:
+            return "a remote site's node is registered by the SuperLink, never by the site"
         raw = _header(scope, self.key_header)
         try:
             key = b64decode(raw or b"", validate=True)
@@ -150,7 +155,11 @@ def register_remote_nodes(state, keys: dict[bytes, str]) -> None:
     for pem, site in keys.items():
         if state.get_node_id_by_public_key(pem) is not None:
             continue  # a SuperLink restarted on its database: the node is still there
-        node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, pem, 0)
+        try:
+            node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, pem, 0)
+        except ValueError as exc:  # the key's node was unregistered (through Control on the in-cluster port)
+            raise ConfigError(f"remote site {site}: its key cannot be registered in the SuperLink's "
+                              f"database ({exc}); start on a fresh database") from None
         log.info("remote site registered", extra={"event": "remote_registered", "site": site, "node": node_id})
 
 
