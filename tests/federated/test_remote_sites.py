@@ -169,6 +169,25 @@ def test_a_bad_remote_key_exits_3_naming_the_site_and_file_without_a_traceback(t
     assert f"remote site west: {junk}" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_taken_remote_port_stops_the_superlink_with_both_ports_closed(tmp_path):
+    _, west = keygen(tmp_path / "west")
+    tls = make_tls(tmp_path / "tls")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = free_port()
+        cfg = fc.SuperLinkConfig(job=JobIdentity(name="f"), host="127.0.0.1", port=port, healthPort=0,
+                                 remoteFleet=fc.RemoteFleet(port=taken.getsockname()[1], certFile=tls.certFile,
+                                                            keyFile=tls.keyFile,
+                                                            sites=[fc.RemoteSiteKey(site="west", publicKeyFile=str(west))]))
+        proc = start_superlink(tmp_path, cfg)
+        assert proc.wait(timeout=60) == 4, (tmp_path / "superlink.log").read_text()[-2000:]
+    log = (tmp_path / "superlink.log").read_text()
+    assert "address already in use" in log and "Traceback" not in log
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
 def test_admit_binds_a_remote_sites_name_to_its_key():
     known, remote = {"north", "south", "west", "far"}, {"west", "far"}
     nodes = {11: "west", 12: "far"}
@@ -298,6 +317,9 @@ def test_plaintext_to_the_remote_port_fails(link):
 def test_sigterm_stops_both_servers(link):
     proc = link["proc"]
     assert proc.poll() is None
+    # a SuperNode's keep-alive TLS connection is open on the remote port while the SuperLink stops
+    open_connection = httpx.Client(verify=link["ca"])
+    assert open_connection.get(f"https://127.0.0.1:{link['remote']}/docs").status_code == 403
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
     for port in (link["port"], link["remote"]):
@@ -305,6 +327,7 @@ def test_sigterm_stops_both_servers(link):
             assert s.connect_ex(("127.0.0.1", port)) != 0
     log = (link["work"] / "superlink.log").read_text()
     assert "Traceback" not in log and "remote_refused" in log
+    open_connection.close()
 
 
 # ---- a federation with a remote site --------------------------------------------------------------------

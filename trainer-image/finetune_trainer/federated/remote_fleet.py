@@ -29,7 +29,7 @@ import sys
 from base64 import b64decode
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import EXIT_OK, EXIT_TRANSIENT_ERROR, ConfigError
 from ..logs import get_logger
 from .config import REMOTE_NODES_PATH, RemoteFleet, SuperLinkConfig
 
@@ -119,7 +119,7 @@ class PortGuard:
                                                                   "path": scope.get("path", "")[:100]})
                 return await _respond(send, 403, {"error": refusal})
         elif scope["type"] == "http" and scope.get("path") == REMOTE_NODES_PATH:
-            if scope.get("method") not in ("GET", "HEAD"):
+            if scope.get("method") != "GET":
                 return await _respond(send, 405, {"error": "GET only"})
             return await _respond(send, 200, {"nodes": await asyncio.to_thread(self.remote_nodes)})
         return await self.app(scope, receive, send)
@@ -219,6 +219,8 @@ def serve(cfg: SuperLinkConfig, argv: list[str]) -> int:
         for server in servers:
             server.should_exit = True
 
+    failed: list[int] = []
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,13 +229,14 @@ def serve(cfg: SuperLinkConfig, argv: list[str]) -> int:
         async def one(server):
             try:
                 await server.serve()
+            except SystemExit:  # uvicorn could not bind its port (it logged which): the pod's restart may
+                failed.append(server.config.port)  # find it free
             finally:
-                stop()  # one server down (a port already taken, a signal): the other follows
+                stop()  # one server down (a port taken, a signal): the other follows
 
         await asyncio.gather(*(one(s) for s in servers))
 
-    try:
-        asyncio.run(main())
-    except SystemExit as exc:  # uvicorn exits 1 when it cannot bind its port
-        return int(exc.code or 0)
-    return 0 if all(s.started for s in servers) else 1
+    asyncio.run(main())
+    if failed:
+        return EXIT_TRANSIENT_ERROR
+    return EXIT_OK if all(s.started for s in servers) else EXIT_TRANSIENT_ERROR
