@@ -238,7 +238,7 @@ def _pem(key) -> bytes:
 
 
 def test_a_listed_key_activates_through_the_remote_tls_port_as_the_node_the_map_names(link):
-    from flwr.proto.fleet_pb2 import ActivateNodeRequest, PullMessagesRequest
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest, PullMessagesRequest
     from flwr.proto.node_pb2 import Node
 
     nodes = remote_nodes(link)
@@ -248,6 +248,10 @@ def test_a_listed_key_activates_through_the_remote_tls_port_as_the_node_the_map_
                                                     heartbeat_interval=30)).node_id
     assert nodes[str(node_id)] == "west"
     assert west.PullMessages(PullMessagesRequest(node=Node(node_id=node_id))).messages_list is not None
+    # a SuperNode that stops deactivates its node; started again it is the same node (the same site)
+    west.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+    again = west.ActivateNode(ActivateNodeRequest(public_key=_pem(link["keys"]["west"]), heartbeat_interval=30))
+    assert again.node_id == node_id and remote_nodes(link) == nodes
 
 
 def test_an_unlisted_key_is_refused_on_the_remote_port(link):
