@@ -9,6 +9,7 @@
     finetune-trainer federation-superlink --config superlink.json  # Flower's SuperLink (coordinator)
     finetune-trainer federation-server --config server.json        # submits the run, runs the ServerApp
     finetune-trainer federation-site --config site.json            # a SuperNode training on one site's data
+    finetune-trainer federation-keygen --out DIR                   # a remote site's SuperNode key pair
 
 Every command maps errors to the exit codes in errors.py and logs JSON lines to stderr.
 """
@@ -46,9 +47,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in COMMANDS:
         p = sub.add_parser(name)
         p.add_argument("--config", required=True, help="Path (or file:// / s3:// URI) of the rendered JSON config")
+    keygen = sub.add_parser("federation-keygen", help="A remote site's SuperNode key pair (docs/federated.md)")
+    keygen.add_argument("--out", required=True, help="Folder for private-key (0600) and public-key")
     ns = parser.parse_args(argv)
     log = get_logger(ns.command)
     try:
+        if ns.command == "federation-keygen":
+            from .federated.keygen import keygen as make_keys
+
+            private, public = make_keys(ns.out)
+            print(f"private key (keep it at the site): {private}\npublic key (the credentialsSecret's "
+                  f"public-key): {public}")
+            sys.exit(0)
         ranks = _ranks_to_launch(ns.command)
         if ranks:  # a multi-GPU / multi-node pod: start torchrun's ranks, each runs this command
             from .distributed import launch

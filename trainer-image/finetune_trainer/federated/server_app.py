@@ -37,7 +37,8 @@ from .. import storage
 from ..logs import get_logger
 from . import aggregation as agg
 from . import privacy
-from .config import ROUND_ATTEMPTS, FederationProgress, FinalAdapter, ServerConfig, federation_dataset_digest
+from .config import (REMOTE_NODES_PATH, ROUND_ATTEMPTS, FederationProgress, FinalAdapter, ServerConfig,
+                     federation_dataset_digest)
 from .grid import PollingGrid
 from .processes import load
 from .wire import arrays_from_bytes, arrays_to_bytes
@@ -67,6 +68,37 @@ def adapter_config_uri(output_uri: str) -> str:
     return storage.join(output_uri, "federation", "rounds", "adapter_config.json")
 
 
+def admit(node: int, claimed: str, known: set[str], remote_sites: set[str],
+          remote_nodes: Optional[dict[int, str]]) -> tuple[Optional[str], str]:
+    """Which site a node that says it is `claimed` may be: (site, "") or (None, why not).
+
+    `remote_nodes` (node id -> remote site, from the SuperLink: the nodes holding a listed key) is None
+    when no participant is remote. A node holding a remote site's key is that site and nothing else; a
+    remote site's name is never taken on a node's word."""
+    mapped = (remote_nodes or {}).get(node)
+    if mapped is not None and claimed != mapped:
+        return None, f"a node with remote site {mapped}'s key says it is {claimed[:64]!r}"
+    if claimed not in known:
+        return None, "unknown_site"
+    if mapped is None and claimed in remote_sites:
+        return None, f"a node without remote site {claimed}'s key says it is {claimed}"
+    return claimed, ""
+
+
+def fetch_remote_nodes(cfg: ServerConfig) -> Optional[dict[int, str]]:
+    """The SuperLink's REMOTE_NODES_PATH (node id -> remote site); None when it cannot be read."""
+    import httpx
+
+    scheme, verify = ("https", cfg.tls.caFile) if cfg.tls else ("http", False)
+    try:
+        response = httpx.get(f"{scheme}://{cfg.superlink}{REMOTE_NODES_PATH}", verify=verify, timeout=30)
+        response.raise_for_status()
+        return {int(node): str(site) for node, site in response.json()["nodes"].items()}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("remote nodes unknown", extra={"event": "remote_nodes_unavailable", "error": str(exc)[:300]})
+        return None
+
+
 class Federation:
     def __init__(self, cfg: ServerConfig, grid: PollingGrid, context: Context):
         self.cfg, self.grid, self.context = cfg, grid, context
@@ -74,6 +106,7 @@ class Federation:
         self.ignored: set[int] = set()  # nodes that did not answer, were replaced, or are no participant
         self.examples: dict[str, int] = {}
         self.known = {s.site for s in cfg.sites}
+        self.remote_sites = {s.site for s in cfg.sites if s.remote}
         self.progress = FederationProgress(totalRounds=cfg.rounds, jobUID=cfg.job.uid)
         self.progress.privacy.secureAggregation = cfg.secureAggregation
         if cfg.differentialPrivacy.enabled:
@@ -112,7 +145,7 @@ class Federation:
         return replies
 
     def hello(self, timeout: float) -> None:
-        """Ask nodes we do not know yet which site they are."""
+        """Ask nodes we do not know yet which site they are (a remote site's name is bound to its key)."""
         online = set(self.grid.get_node_ids())
         for nid in list(self.sites):
             if nid not in online:
@@ -123,11 +156,21 @@ class Federation:
             return
         replies = self._exchange("props", {n: GetPropertiesIns({"kind": "hello"}) for n in new}, 0, timeout)
         self.ignored |= set(new) - set(replies)  # silent: a node on its way out (its site may come back as a new one)
+        remote_nodes: Optional[dict[int, str]] = None
+        if self.remote_sites:
+            remote_nodes = fetch_remote_nodes(self.cfg)
+            if remote_nodes is None:
+                return  # cannot tell which nodes hold a remote site's key: admit nobody now, ask again next time
         for nid, msg in replies.items():
             res = compat.recorddict_to_getpropertiesres(msg.content)
-            site = str(res.properties.get("site", ""))
-            if site not in self.known:
-                log.warning("a SuperNode that is no participant", extra={"event": "unknown_site", "site": site[:64]})
+            claimed = str(res.properties.get("site", ""))
+            site, why = admit(nid, claimed, self.known, self.remote_sites, remote_nodes)
+            if site is None:
+                if why == "unknown_site":
+                    log.warning("a SuperNode that is no participant", extra={"event": why, "site": claimed[:64]})
+                else:
+                    log.warning(f"SuperNode ignored: {why}", extra={"event": "impersonation", "node": nid,
+                                                                    "site": claimed[:64]})
                 self.ignored.add(nid)
                 continue
             for old in [n for n, s in self.sites.items() if s == site]:

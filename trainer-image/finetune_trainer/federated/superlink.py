@@ -3,12 +3,15 @@
 It only relays messages between the ServerApp and the SuperNodes: it holds no credentials and no data.
 The ServerApp runs elsewhere (`--isolation process`: the federation-server pod), so the SuperLink pod
 never imports the trainer or sees an adapter it could write anywhere.
+
+With remote participants (`remoteFleet`), Flower's app runs in this process instead, on two ports:
+remote_fleet.py.
 """
 
 from __future__ import annotations
 
 from .config import SuperLinkConfig
-from .processes import executable, load, run_foreground
+from .processes import executable, flower_env, load, run_foreground
 
 
 def superlink_argv(cfg: SuperLinkConfig) -> list[str]:
@@ -28,4 +31,12 @@ def superlink_argv(cfg: SuperLinkConfig) -> list[str]:
 
 
 def run(config_path: str) -> int:
-    return run_foreground(superlink_argv(load(config_path, SuperLinkConfig)))
+    cfg = load(config_path, SuperLinkConfig)
+    if cfg.remoteFleet is None:
+        return run_foreground(superlink_argv(cfg))
+    import os
+
+    os.environ.update(flower_env())  # what the subprocess would get: telemetry off, FLWR_HOME
+    from .remote_fleet import serve
+
+    return serve(cfg, superlink_argv(cfg))
