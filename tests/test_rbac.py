@@ -93,8 +93,21 @@ def all_rules(objects: list[dict]) -> list[tuple[dict, dict]]:
     return [(o, r) for o in objects if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]]
 
 
+def user_role(obj: dict) -> bool:
+    """A ClusterRole for people (templates/user-roles.yaml): bound by nobody in the chart."""
+    return obj["kind"] == "ClusterRole" and obj["metadata"]["name"].endswith(USER_ROLE_SUFFIXES)
+
+
+USER_ROLE_SUFFIXES = ("-view", "-edit", "-reviewer")
+
+
+def operator_objects(objects: list[dict]) -> list[dict]:
+    """What the chart keeps for the operator itself: the release without hooks and the user roles."""
+    return [o for o in release_objects(objects) if not user_role(o)]
+
+
 def signing_secret(objects: list[dict]) -> str:
-    return f"{one(release_objects(objects), 'ClusterRole')['metadata']['name']}-signing"
+    return f"{one(operator_objects(objects), 'ClusterRole')['metadata']['name']}-signing"
 
 
 # What the operator does in each namespace it watches: (group, resource) -> verbs.
@@ -226,7 +239,7 @@ def test_secrets_only_in_the_operator_namespace_and_only_by_name_except_create(c
 
 @pytest.mark.parametrize("value_set", [s for s in ALL_SETS if watched_of(s)])
 def test_a_namespace_list_gets_roles_only_in_those_namespaces_and_the_operator_namespace(charts, value_set):
-    objects = release_objects(charts[value_set])
+    objects = operator_objects(charts[value_set])
     watched = watched_of(value_set)
     assert {r["metadata"]["namespace"] for r in of_kind(objects, "Role")} == set(watched) | {NAMESPACE}
     assert {b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")} == set(watched) | {NAMESPACE}
@@ -250,7 +263,7 @@ def test_a_namespace_list_gets_roles_only_in_those_namespaces_and_the_operator_n
 
 
 def test_every_namespace_mode_binds_one_clusterrole_and_the_operator_namespace_role(charts):
-    objects = release_objects(charts["default"])
+    objects = operator_objects(charts["default"])
     binding = one(objects, "ClusterRoleBinding")
     sa = one(objects, "ServiceAccount")
     assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
@@ -296,3 +309,29 @@ def test_docs_list_no_pod_log_or_cluster_wide_secret_rights():
     assert "readSecrets" not in section or "removed" in section
     assert "networkpolicies" in section and "-signing" in section
 
+
+
+def test_user_roles_read_or_edit_our_resources_never_their_status_and_aggregate_only_view_and_edit(helm, charts):
+    roles = {o["metadata"]["name"]: o for o in release_objects(charts["default"]) if user_role(o)}
+    view, edit, reviewer = (next(r for n, r in roles.items() if n.endswith(f"-{k}")) for k in ("view", "edit", "reviewer"))
+    kinds = {"datasets", "finetunejobs", "syntheticdatasets", "federatedfinetunejobs"}
+    for role in (view, edit, reviewer):
+        for rule in role["rules"]:
+            assert rule["apiGroups"] == ["finetune.dev"] and "governancepolicies" not in rule["resources"]
+            if any(r.endswith("/status") for r in rule["resources"]):
+                assert rule["verbs"] == ["get"], (role["metadata"]["name"], rule)  # status is the operator's
+    assert {r for rule in view["rules"] for r in rule["resources"] if "/" not in r} == kinds
+    assert {v for rule in view["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    assert {r for rule in edit["rules"] for r in rule["resources"]} == kinds
+    assert {v for rule in reviewer["rules"] for v in rule["verbs"] if v not in ("get", "list", "watch")} == {"patch"}
+    assert [rule["resources"] for rule in reviewer["rules"] if "patch" in rule["verbs"]] == [["syntheticdatasets"]]
+    labels = lambda role: {k for k in role["metadata"]["labels"] if k.startswith("rbac.authorization.k8s.io/")}  # noqa: E731
+    assert labels(view) == {f"rbac.authorization.k8s.io/aggregate-to-{r}" for r in ("view", "edit", "admin")}
+    assert labels(edit) == {f"rbac.authorization.k8s.io/aggregate-to-{r}" for r in ("edit", "admin")}
+    assert labels(reviewer) == set()
+    # No bindings for them in the chart: who gets them is the platform's RoleBindings' business.
+    assert not [b for b in of_kind(charts["default"], "RoleBinding") + of_kind(charts["default"], "ClusterRoleBinding")
+                if b["roleRef"]["name"] in {r["metadata"]["name"] for r in roles.values()}]
+    unaggregated = render(helm, "default", "--set", "rbac.userRoles.aggregate=false")
+    assert not [o for o in unaggregated if user_role(o) and labels(o)]
+    assert not [o for o in render(helm, "default", "--set", "rbac.userRoles.create=false") if user_role(o)]

@@ -150,4 +150,47 @@ def test_cluster_wide_operator_still_reads_no_secret_but_its_key(real_cluster, r
     assert got == answers, {q: a for q, a in got.items() if a != answers[q]}
     for ns in (op_ns, other):
         assert not can_i(real_cluster, sa, "get", "pods", ns, subresource="log"), ns
-    assert [o["metadata"]["name"] for o in objects if o["kind"] == "ClusterRole"] == [fullname]
+    assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "ClusterRole") == [
+        fullname, f"{fullname}-edit", f"{fullname}-reviewer", f"{fullname}-view"]  # the user roles: bound by nobody
+
+
+def test_the_user_roles_join_kubernetes_view_and_edit_and_never_write_status(real_cluster, rbac_release):
+    """The real clusterrole-aggregation controller adds our view/edit rules to the built-in view, edit and
+    admin roles: a namespace's ordinary RoleBindings then let people apply our resources (GitOps too),
+    never their status; the reviewer role reads and annotates SyntheticDatasets and nothing more."""
+    op_ns = rbac_release.namespace("rbac-op")
+    team = rbac_release.namespace("rbac-team")
+    fullname, _, _ = rbac_release(operator_ns=op_ns)
+    bindings = [("alice", "ClusterRole", "edit"), ("bob", "ClusterRole", "view"),
+                ("carol", "ClusterRole", f"{fullname}-reviewer")]
+    real_cluster.apply([{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                         "metadata": {"name": f"{user}-{role}", "namespace": team},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},
+                         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}
+                        for user, kind, role in bindings])
+    wait_for(lambda: can_i(real_cluster, "alice", "create", "finetunejobs.finetune.dev", team)
+             and can_i(real_cluster, "bob", "list", "federatedfinetunejobs.finetune.dev", team), timeout=60,
+             what="the aggregation controller to add our rules to edit and view")
+    answers = {
+        ("alice", "create", "finetunejobs.finetune.dev", None): True,
+        ("alice", "delete", "datasets.finetune.dev", None): True,
+        ("alice", "patch", "syntheticdatasets.finetune.dev", None): True,
+        ("alice", "create", "federatedfinetunejobs.finetune.dev", None): True,
+        ("alice", "patch", "finetunejobs.finetune.dev", "status"): False,  # status is the operator's
+        ("alice", "update", "federatedfinetunejobs.finetune.dev", "status"): False,
+        ("bob", "get", "finetunejobs.finetune.dev", None): True,
+        ("bob", "get", "finetunejobs.finetune.dev", "status"): True,
+        ("bob", "create", "finetunejobs.finetune.dev", None): False,
+        ("bob", "patch", "datasets.finetune.dev", None): False,
+        ("carol", "get", "syntheticdatasets.finetune.dev", None): True,
+        ("carol", "patch", "syntheticdatasets.finetune.dev", None): True,  # finetune.dev/reviewed-at
+        ("carol", "get", "datasets.finetune.dev", None): True,
+        ("carol", "create", "syntheticdatasets.finetune.dev", None): False,
+        ("carol", "create", "finetunejobs.finetune.dev", None): False,
+        ("carol", "patch", "syntheticdatasets.finetune.dev", "status"): False,
+        ("carol", "get", "secrets", None): False,
+    }
+    got = {q: can_i(real_cluster, q[0], q[1], q[2], team, subresource=q[3]) for q in answers}
+    assert got == answers, {q: a for q, a in got.items() if a != answers[q]}
+    # Nothing outside the namespace the RoleBindings are in.
+    assert not can_i(real_cluster, "alice", "create", "finetunejobs.finetune.dev", op_ns)
