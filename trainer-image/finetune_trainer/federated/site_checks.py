@@ -35,7 +35,8 @@ import numpy as np
 
 from ..logs import get_logger
 from .aggregation import Arrays
-from .config import BiasMeasures, SiteBias, SiteCheckReport, SiteChecks, SiteConfig, SitePII
+from .config import (MAX_SITE_ERROR, MAX_SITE_REPORT_BYTES, BiasMeasures, SiteBias, SiteCheckReport, SiteChecks,
+                     SiteConfig, SitePII)
 
 log = get_logger("federation.site-checks")
 
@@ -189,7 +190,7 @@ def run_site_checks(site: SiteConfig, weights: Arrays, adapter_config: str, want
                                                                   "check": name})
                 errors.append(f"{name}: {type(exc).__name__}")
     if errors:
-        report.error = ("; ".join(errors) + " (see the site's log)")[:300]
+        report.error = ("; ".join(errors) + " (see the site's log)")[:MAX_SITE_ERROR]
     log.info("site checks done", extra={"event": "site_checks", "site": site.site,
                                         "report": report.model_dump(mode="json", exclude_none=True)})
     return report
@@ -200,8 +201,8 @@ def parse_report(raw: object, site: str) -> SiteCheckReport:
     bound the node to (never the name the reply claims); anything else is an error entry for that site."""
     if not isinstance(raw, str) or not raw:
         return SiteCheckReport(site=site, error="the site sent no check report")
-    if len(raw.encode()) > 8192:
-        return SiteCheckReport(site=site, error="the site's check report is over 8192 bytes")
+    if len(raw.encode()) > MAX_SITE_REPORT_BYTES:
+        return SiteCheckReport(site=site, error=f"the site's check report is over {MAX_SITE_REPORT_BYTES} bytes")
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):
