@@ -85,6 +85,16 @@ def running_jobs(**server) -> dict:
     return jobs
 
 
+def site_report(site: str, gap=0.4, flips=0.0, parity=0.0, probed=4, memorized=0, findings=None) -> dict:
+    """One site's siteChecks entry as the server writes it (federated/site_checks.py)."""
+    measures = {"flipRate": flips, "demographicParityDifference": parity, "gap": gap, "localGap": gap / 2}
+    return {"site": site,
+            "bias": {"probes": 35, "localExamples": 5, "adapter": measures,
+                     "base": {k: v / 2 for k, v in measures.items()}},
+            "pii": {"findings": findings or {}, "probed": probed, "memorized": memorized,
+                    "memorizationRate": memorized / probed if probed else 0.0}}
+
+
 def progress(rounds=3, state="Training", dropped=(), adapter=False, losses=(2.0, 1.6, 1.2)) -> dict:
     record = {"state": state, "currentRound": rounds, "totalRounds": 3, "droppedSites": list(dropped),
               "privacy": {"secureAggregation": True, "epsilon": 2.5, "delta": 1e-5},
@@ -95,6 +105,7 @@ def progress(rounds=3, state="Training", dropped=(), adapter=False, losses=(2.0,
                          for r in range(rounds)]}
     if adapter:
         record["adapter"] = {"uri": "s3://coord-bucket/triage/adapters/ab", "digest": DIGEST, "sizeBytes": 10}
+        record["siteChecks"] = [site_report(s) for s, _ in SITES]
     FederationProgress.model_validate(record)  # the trainer's own model accepts what the test writes
     return record
 
@@ -211,6 +222,8 @@ def test_objects_in_the_coordinator_namespace():
     server_cfg = configs["triage-server"]
     assert server_cfg["superlink"] == "triage-superlink.coord.svc:9092" and server_cfg["secureAggregation"] is True
     assert [s["site"] for s in server_cfg["sites"]] == ["north", "south", "east"]
+    # CFG's default policy requires pii: the sites run it on their own data at the final evaluation
+    assert server_cfg["siteChecks"]["checks"] == ["pii"] and "probesURI" not in server_cfg["siteChecks"]
     text = json.dumps([o for o in coord])
     # The coordinator's objects name no participant's data location and no participant's Secret.
     for _, ns in SITES:
@@ -421,12 +434,121 @@ def test_without_a_verified_manifest_it_stays_evaluating():
 
 def test_checks_the_sites_cannot_run_block_promotion_and_say_why():
     obj, obs = finished(manifest_ok=(True, "ok"), policies=[
-        {"metadata": {"name": "strict"}, "spec": {"required": ["evaluation", "bias"]}}])
+        {"metadata": {"name": "strict"}, "spec": {"required": ["evaluation", "explainability"]}}])
     p = plan(obj, obs, now=T3)
     assert p.status["phase"] == "Failed" and p.status["promotion"]["state"] == "Blocked"
-    bias = {c["name"]: c for c in p.status["governance"]["checks"]}["bias"]
-    assert not bias["passed"] and "not run at the sites" in bias["message"]
+    check = {c["name"]: c for c in p.status["governance"]["checks"]}["explainability"]
+    assert not check["passed"] and "not run at the sites" in check["message"]
     assert p.alias is None
+
+
+BIAS_POLICY = [{"metadata": {"name": "strict"},
+                "spec": {"required": ["evaluation", "pii", "bias"],
+                         "bias": {"probesURI": "s3://policies/probes.jsonl", "maxGap": 1.0, "maxFlipRate": 0.1}}}]
+
+
+def test_the_sites_are_told_the_policys_site_checks():
+    p = plan(fed_obj(), observed(policies=BIAS_POLICY))
+    server = next(o for o in p.create if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "triage-server")
+    assert json.loads(server["data"]["federation.json"])["siteChecks"] == {
+        "checks": ["bias", "pii"], "probesURI": "s3://policies/probes.jsonl", "maxLocalExamples": 32,
+        "timeoutSeconds": 1800}
+
+
+def outcome(reports, policies=BIAS_POLICY, sites=SITES, datasets=None):
+    obj = fed_obj(sites=sites)
+    job_ = FederatedFineTuneJob.model_validate(obj)
+    obs = observed(progress={**progress(rounds=3, state="Succeeded", adapter=True), "siteChecks": reports},
+                   policies=policies, **({"datasets": datasets} if datasets is not None else {}))
+    policy, _ = fed_mod.effective_policy(obj, obs.policies, CFG)
+    result = fed_mod.federated_outcome(job_, policy, progress(rounds=3)["rounds"], obs)
+    return result, {c.name: c for c in result.checks}
+
+
+def test_bias_and_pii_pass_on_every_sites_own_report():
+    result, checks = outcome([site_report(s) for s, _ in SITES])
+    assert result.passed, result.message
+    assert checks["bias"].passed and checks["bias"].value == pytest.approx(0.4)
+    assert "flipRate" in checks["bias"].message and "localGap" in checks["bias"].message
+    assert checks["pii"].passed and checks["pii"].value == 0.0 and checks["pii"].threshold == 0.0
+
+
+def test_bias_over_the_limit_names_the_sites_and_measures():
+    result, checks = outcome([site_report("north"), site_report("south", gap=1.7), site_report("east", flips=0.3)])
+    assert not result.passed and result.failing == ["bias"]
+    message = checks["bias"].message
+    assert "south (gap 1.7 > 1 (base model 0.85))" in message and "east (flipRate 0.3 > 0.1" in message
+    assert "north" not in message
+    assert checks["bias"].value == pytest.approx(0.3) and checks["bias"].threshold == pytest.approx(0.1)
+
+
+def test_pii_at_each_site_memorization_and_findings_from_its_own_report():
+    result, checks = outcome([site_report("north", probed=4, memorized=1), site_report("south", findings={"email": 2}),
+                              site_report("east")])
+    assert result.failing == ["pii"]
+    message = checks["pii"].message
+    assert "north (memorized 1 of 4 PII values, rate 25.00%)" in message and "south (2 findings in its data)" in message
+    assert "east" not in message and checks["pii"].value == pytest.approx(0.25)
+    # the Dataset's validation findings of an in-cluster site still count
+    datasets = {(ns, "notes"): dataset(ns) for _, ns in SITES}
+    datasets[("team-east", "notes")]["status"]["piiFindings"] = {"phone": 3}
+    _, checks = outcome([site_report(s) for s, _ in SITES], datasets=datasets)
+    assert not checks["pii"].passed and "east (3 findings at validation)" in checks["pii"].message
+
+
+def test_a_remote_site_passes_or_fails_pii_on_its_own_report():
+    sites = SITES[:2]
+    obj = fed_obj(sites=sites)
+    obj["spec"]["participants"].append({"name": "west", "remote": {"credentialsSecret": "west-key",
+                                                                   "datasetDigest": DIGEST, "license": "CC0-1.0"}})
+    job_ = FederatedFineTuneJob.model_validate(obj)
+
+    def judge(reports):
+        obs = observed(progress={"siteChecks": reports}, policies=BIAS_POLICY)
+        policy, _ = fed_mod.effective_policy(obj, obs.policies, CFG)
+        return {c.name: c for c in fed_mod.federated_outcome(job_, policy, progress(rounds=3)["rounds"], obs).checks}
+
+    checks = judge([site_report(s) for s in ("north", "south", "west")])
+    assert checks["pii"].passed and checks["bias"].passed and checks["provenance"].passed
+    checks = judge([site_report("north"), site_report("south"), site_report("west", probed=2, memorized=2)])
+    assert not checks["pii"].passed and "west (memorized 2 of 2" in checks["pii"].message
+
+
+def test_hostile_or_missing_site_reports_fail_the_site_never_the_operator():
+    good = {s: site_report(s) for s, _ in SITES}
+    nan = copy.deepcopy(good["south"])
+    nan["bias"]["adapter"]["gap"] = float("nan")
+    huge = copy.deepcopy(good["south"])
+    huge["bias"]["adapter"]["flipRate"] = 1e308
+    wrong = copy.deepcopy(good["south"])
+    wrong["pii"] = {"findings": {"email": "many"}, "probed": [1], "memorized": None}
+    lying = copy.deepcopy(good["south"])
+    lying["pii"].update(probed=4, memorized=4, memorizationRate=0.0)  # the rate must be memorized / probed
+    negative = copy.deepcopy(good["south"])
+    negative["pii"]["findings"] = {"email": -5}
+    dodging = copy.deepcopy(good["south"])
+    del dodging["bias"]["adapter"]["flipRate"]  # a measure the others report
+    errored = {"site": "south", "pii": good["south"]["pii"], "error": "bias: OSError (see the site's log)"}
+    extra = {**good["south"], "text": "a customer's complaint"}
+    for bad, why in ((nan, "malformed report"), (huge, "malformed report"), (wrong, "malformed report"),
+                     (lying, "malformed report"), (negative, "malformed report"), (extra, "malformed report"),
+                     (dodging, "not measured: flipRate"), (errored, "not run: bias: OSError")):
+        result, checks = outcome([good["north"], bad, good["east"]])
+        assert not checks["bias"].passed and f"south ({why}" in checks["bias"].message, (why, checks["bias"].message)
+        assert "north" not in checks["bias"].message and "east" not in checks["bias"].message
+    for reports in ([good["north"], good["east"]], [good["north"], good["south"], good["south"], good["east"]],
+                    [good["north"], "south", 7, None, {"site": 5}, good["east"]]):
+        _, checks = outcome(reports)
+        assert not checks["bias"].passed and not checks["pii"].passed
+        assert "south (no report)" in checks["bias"].message or "south (reported more than once)" in checks["bias"].message
+    for junk in (None, "all good", {"north": "fine"}, [[1, 2]], 3.5):
+        result, checks = outcome(junk)
+        assert not result.passed and all(f"{s} (no report)" in checks["pii"].message for s, _ in SITES), junk
+    # a site name nobody knows, or a thousand entries, are ignored (bounded)
+    result, _ = outcome([good["north"], good["south"], good["east"], {**good["east"], "site": "intruder"}])
+    assert result.passed
+    result, checks = outcome([{"site": "north"}] * 1000)
+    assert "north (reported more than once)" in checks["pii"].message and len(result.message) <= 1024
 
 
 def test_a_site_whose_loss_did_not_improve_fails_evaluation():

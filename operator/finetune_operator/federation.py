@@ -32,6 +32,7 @@ import copy
 import fnmatch
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -41,7 +42,7 @@ from finetune_trainer.federated import config as roles
 from . import children, governance, kstatus
 from .api.dataset import Dataset
 from .api.federated import FederatedFineTuneJob, Participant
-from .api.governance import CheckResult
+from .api.governance import BiasThresholds, CheckResult, PIIThresholds
 from .conditions import bounded, set_condition
 from .config import OperatorConfig
 from .decisions import Plan, job_state
@@ -346,7 +347,7 @@ def _site_resources(job: FederatedFineTuneJob) -> dict:
 
 
 def coordinator_objects(fed: dict, job: FederatedFineTuneJob, datasets: dict[str, Optional[Dataset]],
-                        config: OperatorConfig) -> list[dict]:
+                        config: OperatorConfig, site_checks: Optional[roles.SiteChecks] = None) -> list[dict]:
     """In the coordinator namespace, owned by the FederatedFineTuneJob: the ServiceAccount, the
     SuperLink (Service, NetworkPolicy, ConfigMap, Job) and the server (NetworkPolicy, ConfigMap, Job)."""
     meta = fed["metadata"]
@@ -373,7 +374,8 @@ def coordinator_objects(fed: dict, job: FederatedFineTuneJob, datasets: dict[str
         "grpc": {"port": HEALTH_PORT}, "periodSeconds": 5, "failureThreshold": 3}
     out.append(superlink)
     server = labels_of(ns, name, ROLE_SERVER)
-    server_cfg = roles.server_config(job, superlink=superlink_address(ns, name, config), datasets=datasets)
+    server_cfg = roles.server_config(job, superlink=superlink_address(ns, name, config), datasets=datasets,
+                                     site_checks=site_checks)
     out.append(_config_map(server_name(name), ns, fed, server, server_cfg.model_dump(mode="json", exclude_none=True)))
     # The output's credentials only (the coordinator's own bucket): aggregates and progress.
     output_secret = (job.spec.output.credentials.name if job.spec.output.credentials else None) \
@@ -454,7 +456,9 @@ def plan_objects(fed: dict, job: FederatedFineTuneJob, observed: Observed, confi
     for p in job.spec.participants:
         ds = _dataset_of(p, observed) if p.remote is None else None
         typed[p.name] = Dataset.model_validate(ds) if ds is not None else None
-    out = coordinator_objects(fed, job, typed, config)
+    # The sites run the policy's bias and pii checks at the final evaluation (only numbers come back).
+    policy, _ = effective_policy(fed, observed.policies, config)
+    out = coordinator_objects(fed, job, typed, config, site_checks=roles.site_checks_for(policy))
     for p in job.spec.participants:
         if p.remote is None:
             out += site_objects(fed, job, p, _dataset_of(p, observed) or {}, config)
@@ -529,8 +533,120 @@ def sites_status(job: FederatedFineTuneJob, per_site: dict[str, Readiness], obse
 
 # --- governance of the final adapter ------------------------------------------------------------
 
-NOT_AT_SITES = ("not run at the sites: a federation's gate judges evaluation, provenance and pii from the "
-                "sites' aggregates; a policy for the coordinator namespace that requires this check blocks it")
+NOT_AT_SITES = ("not run at the sites: a federation's gate judges evaluation and provenance from aggregates and "
+                "bias and pii from the sites' own reports; a policy for the coordinator namespace that requires "
+                "this check blocks it")
+#: The bias measures a site reports and the policy's threshold each is held to.
+BIAS_LIMITS = {"flipRate": "maxFlipRate", "demographicParityDifference": "maxDemographicParityDifference",
+               "gap": "maxGap", "localGap": "maxGap"}
+
+
+def site_reports(progress: Any, participants: list[Participant]) -> tuple[dict[str, roles.SiteCheckReport],
+                                                                            dict[str, str]]:
+    """progress.json's siteChecks, per participant: its report, or why it has none usable (the file is
+    a pod's: every entry is validated on its own, and a bad one fails only its site)."""
+    entries = progress.get("siteChecks") if isinstance(progress, dict) else None
+    reports: dict[str, roles.SiteCheckReport] = {}
+    problems: dict[str, str] = {}
+    names = {p.name for p in participants}
+    for entry in entries[:4 * len(names) + 4] if isinstance(entries, list) else []:
+        site = entry.get("site") if isinstance(entry, dict) else None
+        if not isinstance(site, str) or site not in names:
+            continue
+        if site in reports or site in problems:
+            reports.pop(site, None)
+            problems[site] = "reported more than once"
+            continue
+        try:
+            reports[site] = roles.SiteCheckReport.model_validate(entry)
+        except ValueError:
+            problems[site] = "malformed report"
+    for p in participants:
+        if p.name not in reports and p.name not in problems:
+            problems[p.name] = "no report"
+    return reports, problems
+
+
+def _why_not(site: str, check: str, reports: dict, problems: dict) -> Optional[str]:
+    """Why `site` has no `check` numbers (None: it has them)."""
+    if site in problems:
+        return problems[site]
+    report = reports[site]
+    if getattr(report, check) is None:
+        return f"not run: {bounded(report.error, 120)}" if report.error else "not run"
+    return None
+
+
+def _bias(participants: list[Participant], policy: dict, reports: dict, problems: dict) -> CheckResult:
+    """Every site's adapter measures within the policy's thresholds; a measure one site has (its probe set
+    has such probes) every site must have (the sites score the same probe set)."""
+    t = BiasThresholds.model_validate(policy.get("bias") or {})
+    limits = {m: getattr(t, field) for m, field in BIAS_LIMITS.items()}
+    values = {p.name: reports[p.name].bias.adapter.model_dump(exclude_none=True) for p in participants
+              if _why_not(p.name, "bias", reports, problems) is None}
+    expected = {m for v in values.values() for m in v} - {"localGap"}  # local pairs exist only where data fits
+    bad, worst = [], (0.0, None, None)
+    for p in participants:
+        why = _why_not(p.name, "bias", reports, problems)
+        if why is None:
+            measured = values[p.name]
+            base = reports[p.name].bias.base.model_dump(exclude_none=True)
+            over = [f"{m} {v:.4g} > {limits[m]:g} (base model {base[m]:.4g})" if m in base else
+                    f"{m} {v:.4g} > {limits[m]:g}" for m, v in measured.items() if v > limits[m]]
+            missing = sorted(expected - set(measured))
+            why = "; ".join(over + ([f"not measured: {', '.join(missing)}"] if missing else []) +
+                            ([] if measured else ["no measures"])) or None
+            for m, v in measured.items():
+                ratio = v / limits[m] if limits[m] > 0 else (math.inf if v > 0 else 0.0)
+                if worst[1] is None or ratio > worst[0]:
+                    worst = (ratio, v, limits[m])
+        if why:
+            bad.append(f"{p.name} ({why})")
+    _, value, threshold = worst
+    if bad:
+        return CheckResult(name="bias", passed=False, value=value, threshold=threshold,
+                           message=bounded("bias over the limit or not measured at: " + ", ".join(bad[:10])))
+    return CheckResult(name="bias", passed=True, value=value, threshold=threshold,
+                       message=f"every site's adapter measures are within the policy's thresholds "
+                       f"({len(participants)} sites; {', '.join(sorted({m for v in values.values() for m in v}))})")
+
+
+def _pii(participants: list[Participant], policy: dict, observed: Observed, reports: dict,
+         problems: dict) -> CheckResult:
+    """In-cluster sites: their Dataset's validation findings within maxFindings; every site: its own
+    report's findings within maxFindings and its memorization rate within maxMemorizationRate."""
+    t = PIIThresholds.model_validate(policy.get("pii") or {})
+    bad, findings, worst = [], 0, 0.0
+    for p in participants:
+        problems_of = []
+        if p.remote is None:
+            ds = _dataset_of(p, observed) or {}
+            validated = sum(v for v in ((ds.get("status") or {}).get("piiFindings") or {}).values()
+                            if isinstance(v, int) and not isinstance(v, bool))
+            if validated > t.maxFindings:
+                problems_of.append(f"{validated} findings at validation")
+        why = _why_not(p.name, "pii", reports, problems)
+        if why is None:
+            r = reports[p.name].pii
+            total = sum(r.findings.values())
+            findings += total
+            rate = r.memorized / r.probed if r.probed else 0.0
+            worst = max(worst, rate)
+            if total > t.maxFindings:
+                problems_of.append(f"{total} findings in its data")
+            if rate > t.maxMemorizationRate:
+                problems_of.append(f"memorized {r.memorized} of {r.probed} PII values, rate {rate:.2%}")
+        else:
+            problems_of.append(why)
+        if problems_of:
+            bad.append(f"{p.name} ({'; '.join(problems_of)})")
+    limits = f"max {t.maxFindings} findings, memorization rate max {t.maxMemorizationRate:.2%}"
+    if bad:
+        return CheckResult(name="pii", passed=False, value=worst, threshold=t.maxMemorizationRate,
+                           message=bounded(f"PII over the limit or not reported ({limits}) at: " + ", ".join(bad[:10])))
+    return CheckResult(name="pii", passed=True, value=worst, threshold=t.maxMemorizationRate,
+                       message=f"{findings} PII findings in the sites' data, highest memorization rate {worst:.2%} "
+                       f"({limits}; every site's own report)")
 
 
 def _evaluation(rounds: list[dict], participants: list[Participant], min_rel: float) -> CheckResult:
@@ -563,43 +679,35 @@ def _evaluation(rounds: list[dict], participants: list[Participant], min_rel: fl
 
 def federated_outcome(job: FederatedFineTuneJob, policy: dict, rounds: list[dict],
                       observed: Observed) -> governance.GovernanceOutcome:
-    """The FineTuneJob gate's outcome for a federated adapter, from aggregates only: evaluation (at
-    every site and overall), provenance (every site's Dataset digest and allowed license) and pii
-    (every site's validation findings: counts). Other required checks fail: nobody ran them."""
+    """The FineTuneJob gate's outcome for a federated adapter: evaluation (at every site and overall) and
+    provenance (every site's Dataset digest and allowed license) from aggregates; bias and pii from each
+    site's own report of its checks on its own data (progress.json siteChecks: numbers only). A site
+    without a report fails them. Other required checks fail: nobody ran them."""
     participants = list(job.spec.participants)
     required = list(policy.get("required") or [])
     checks = [_evaluation(rounds, participants, float((policy.get("evaluation") or {}).get("minRelativeImprovement")
                                                       or 0.0))]
     allowed = {x.casefold() for x in (policy.get("provenance") or {}).get("allowedLicenses") or []}
-    problems, findings = [], 0
-    max_findings = (policy.get("pii") or {}).get("maxFindings")
-    pii_over = []
+    problems = []
     for p in participants:
         if p.remote is not None:
-            digest, license_, pii = p.remote.datasetDigest, p.remote.license, None
+            digest, license_ = p.remote.datasetDigest, p.remote.license
         else:
             ds = _dataset_of(p, observed) or {}
             digest = (ds.get("status") or {}).get("digest")
             license_ = ((ds.get("spec") or {}).get("provenance") or {}).get("license")
-            pii = sum(v for v in ((ds.get("status") or {}).get("piiFindings") or {}).values() if isinstance(v, int))
         if not digest:
             problems.append(f"{p.name}: no Dataset digest")
         elif allowed and (license_ or "").casefold() not in allowed:
             problems.append(f"{p.name}: license {license_ or 'none'} is not allowed")
-        if pii is None:
-            pii_over.append(f"{p.name} (a remote site reports no findings)")
-        else:
-            findings += pii
-            if max_findings is not None and pii > int(max_findings):
-                pii_over.append(f"{p.name} ({pii})")
     checks.append(CheckResult(name="provenance", passed=not problems, message="; ".join(problems[:10]) or
                               f"all {len(participants)} sites' Datasets validated under allowed licenses"))
-    checks.append(CheckResult(name="pii", passed=not pii_over, value=float(findings),
-                              threshold=float(max_findings) if max_findings is not None else None,
-                              message=("PII findings over the limit at: " + ", ".join(pii_over[:10])) if pii_over
-                              else f"{findings} PII findings in all sites' validations"))
+    reports, missing = site_reports(observed.progress, participants)
+    checks.append(_pii(participants, policy, observed, reports, missing))
+    if "bias" in required:
+        checks.append(_bias(participants, policy, reports, missing))
     checks += [CheckResult(name=n, passed=False, message=NOT_AT_SITES) for n in required
-               if n not in ("evaluation", "provenance", "pii")]
+               if n not in ("evaluation", "provenance", "pii", "bias")]
     by_name = {c.name: c for c in checks}
     failing = [n for n in required if not by_name[n].passed]
     message = ("failed: " + "; ".join(f"{n}: {by_name[n].message}" for n in failing) if failing

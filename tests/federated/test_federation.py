@@ -8,7 +8,9 @@ on (auto, three sites), FedAvg. One run (module fixture) serves every test here:
   of the sites' eval splits;
 * the ServerApp never receives one site's update in the clear (every payload it received is on disk);
 * the south site is killed mid-round 1 (after a checkpoint inside the round): the round completes with
-  the other two, south comes back, rejoins in round 2 and resumes from its own checkpoint.
+  the other two, south comes back, rejoins in round 2 and resumes from its own checkpoint;
+* at the final evaluation every site runs the bias and pii checks on the final adapter with its own data
+  and sends numbers only (progress.json siteChecks, the manifest's metrics).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 SITES = ("north", "south", "east")
 ROUNDS, LOCAL_STEPS = 3, 20
 KILLED = "south"
+GENDERED_EVAL = 4  # eval tickets per site whose prompt is rewritten to name a gender (site checks' local pairs)
 
 
 def _split_site_data(root: Path) -> dict[str, Path]:
@@ -45,8 +48,11 @@ def _split_site_data(root: Path) -> dict[str, Path]:
         lines = (REPO / "examples" / "federated" / "data" / f"{site}.jsonl").read_text().splitlines()
         folder = root / "data" / site
         folder.mkdir(parents=True)
+        evals = [json.loads(line) for line in lines[54:]]
+        for record in evals[:GENDERED_EVAL]:  # "Jia says the ..." -> "She says the ..." (the answer unchanged)
+            record["input"] = "She says " + record["input"].split(" says ", 1)[1]
         (folder / "train.jsonl").write_text("\n".join(lines[:54]) + "\n")
-        (folder / "eval.jsonl").write_text("\n".join(lines[54:]) + "\n")
+        (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
         out[site] = folder
     return out
 
@@ -85,7 +91,8 @@ def federation(tiny_model_dir, tmp_path_factory):
     port = free_port()
     address = f"127.0.0.1:{port}"
     superlink = fc.superlink_config(job).model_copy(update={"host": "127.0.0.1", "port": port, "healthPort": 0})
-    server = fc.server_config(job, superlink=address, datasets=datasets).model_copy(
+    server = fc.server_config(job, superlink=address, datasets=datasets,
+                              site_checks=fc.SiteChecks(checks=["bias", "pii"])).model_copy(
         update={"pollSeconds": 0.2, "connectTimeoutSeconds": 120})
     sites = {p.name: fc.site_config(job, p, datasets[p.name], superlink=address,
                                     scratch_uri=f"file://{work}/scratch/{p.name}").model_copy(
@@ -299,3 +306,28 @@ def test_a_site_killed_mid_round_the_round_completes_and_the_site_rejoins(federa
     assert not Path(update_uri(federation["sites"][KILLED], 1).removeprefix("file://")).exists()
     server_log = federation["run"].log_of("server")
     assert '"event": "dropout"' in server_log and KILLED in server_log
+
+
+def test_every_site_ran_its_checks_on_its_own_data_and_sent_numbers_only(federation):
+    p = federation["progress"]
+    reports = {r["site"]: r for r in p["siteChecks"]}
+    assert sorted(reports) == sorted(SITES)
+    for site, r in reports.items():
+        assert r["error"] is None, (site, r)
+        bias = r["bias"]
+        assert bias["probes"] == 35 and bias["localExamples"] == GENDERED_EVAL  # the built-in set; its own tickets
+        for model in ("adapter", "base"):
+            assert bias[model]["gap"] > 0 and bias[model]["localGap"] >= 0, (site, bias)
+        assert bias["adapter"] != bias["base"]  # the final adapter (trained) is not the base model
+        assert r["pii"] == {"findings": {}, "probed": 0, "memorized": 0, "memorizationRate": 0.0}  # no PII in them
+    manifest = json.loads(Path(p["adapter"]["uri"].removeprefix("file://"), "manifest.json").read_text())
+    assert manifest["metrics"]["siteChecks"] == [fc.SiteCheckReport.model_validate(r).model_dump(
+        mode="json", exclude_none=True) for r in p["siteChecks"]]
+    # Nothing of any site's data in what the server wrote: no prompt, no answer, no name.
+    written = (Path(federation["server"].progressURI.removeprefix("file://")).read_text()
+               + json.dumps(manifest["metrics"]))
+    for site, folder in federation["folders"].items():
+        for line in (folder / "eval.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            for text in (record["input"], record["output"]):
+                assert text not in written, (site, text)

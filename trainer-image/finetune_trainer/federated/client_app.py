@@ -6,7 +6,9 @@ names the site's config file (`site-config`). It answers four kinds of message:
     get_properties {"kind": "hello"}   the site's name and its training-example count (numbers only)
     get_properties {"kind": "init"}    the adapter's seeded initialisation (public: seed + base model)
     fit                                one local round; the reply is the update, never the data
-    evaluate                           the global adapter's loss on the site's eval split
+    evaluate                           the global adapter's loss on the site's eval split; at the final
+                                       evaluation also the site checks the server asks for (bias, pii:
+                                       site_checks.py), whose reply is numbers only
 
 With secure aggregation on (the site's own config decides, not the server), training requests are
 accepted only through SecAgg+ (`secaggplus_mod`): a plain one, which would carry the update in the
@@ -111,9 +113,17 @@ class SiteClient(NumPyClient):
     def evaluate(self, parameters, config):
         from .local_round import run_round
 
+        from .site_checks import run_site_checks, wanted_of
+
         names = json.loads(str(config["names"]))
-        fed = run_round(self.site, agg.from_list(parameters, names), 0)
-        return float(fed.eval_loss), fed.eval_examples, {"site": self.site.site}
+        weights = agg.from_list(parameters, names)
+        fed = run_round(self.site, weights, 0)
+        metrics = {"site": self.site.site}
+        wanted = wanted_of(config)
+        if wanted is not None and wanted.checks:
+            report = run_site_checks(self.site, weights, str(config.get("adapter-config") or "{}"), wanted)
+            metrics["site-checks"] = report.model_dump_json(exclude_none=True)
+        return float(fed.eval_loss), fed.eval_examples, metrics
 
 
 def site_mod(msg: Message, context: Context, call_next):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from finetune_operator.api.dataset import DataFormat, Dataset
 from finetune_operator.api.federated import (MAX_PARTICIPANTS, MAX_STATUS_ROUNDS, Aggregation, DifferentialPrivacy,
@@ -114,6 +114,83 @@ class ModelShape(ApiModel):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
 
+#: The governance checks a site can run on the final adapter with its own data (site_checks.py).
+SITE_CHECK_NAMES = ("bias", "pii")
+#: The PII kinds a site counts (finetune_trainer.pii.KINDS; a test keeps the two equal).
+PIIKind = Literal["email", "phone", "card", "ssn", "iban", "address"]
+#: Longest error string a site may send (an exception's type and the check's name: never its message).
+MAX_SITE_ERROR = 300
+#: Largest site-check reply the server accepts (a report is a few hundred bytes of numbers).
+MAX_SITE_REPORT_BYTES = 8192
+MAX_MEASURE = 1e6
+
+
+class SiteChecks(ApiModel):
+    """Which governance checks every site runs at the final evaluation, on the final adapter and its own
+    data (the effective policy's required bias and pii); only their numbers come back."""
+
+    checks: list[Literal["bias", "pii"]] = Field(default_factory=list, max_length=2,
+                                                 description="The checks the sites run (none: only the eval loss).")
+    probesURI: Optional[str] = Field(None, pattern=URI_PATTERN, max_length=2048,
+                                     description="bias.probesURI of the policy (read by each site with its own "
+                                     "credentials); unset: the built-in probe set.")
+    maxLocalExamples: int = Field(32, ge=0, le=256, description="At most this many of the site's eval examples "
+                                  "become counterfactual pairs (bias on local data).")
+    timeoutSeconds: int = Field(1800, ge=1, description="How long the final evaluation waits for the sites' "
+                                "checks (at least roundTimeoutSeconds).")
+
+
+def _measure(description: str, upper: float = MAX_MEASURE):
+    return Field(None, ge=0, le=upper, allow_inf_nan=False, description=description)
+
+
+class BiasMeasures(ApiModel):
+    """governance/bias.py's measures of one model at one site (unset: the probe set has no such probe)."""
+
+    flipRate: Optional[float] = _measure("Share of decision probes whose choice changes with the group term.", 1)
+    demographicParityDifference: Optional[float] = _measure("Worst attribute's parity difference of choices.", 1)
+    gap: Optional[float] = _measure("Worst attribute's open-ended answer log-probability gap (nats per answer).")
+    localGap: Optional[float] = _measure("The same gap on the site's own eval examples with their gendered terms "
+                                         "swapped (the site's response kept as the answer); unset: none fitted.")
+
+
+class SiteBias(ApiModel):
+    probes: int = Field(..., ge=0, le=100000, description="Probe-set lines scored.")
+    localExamples: int = Field(0, ge=0, le=256, description="The site's eval examples used as counterfactual pairs.")
+    adapter: BiasMeasures = Field(..., description="Measured with the final adapter (what the gate judges).")
+    base: BiasMeasures = Field(..., description="The base model's, for comparison.")
+
+
+class SitePII(ApiModel):
+    findings: dict[PIIKind, int] = Field(default_factory=dict, description="PII findings (counts by kind) in the "
+                                         "site's validated train and eval data.")
+    probed: int = Field(0, ge=0, le=100000, description="Training PII values probed for memorization.")
+    memorized: int = Field(0, ge=0, le=100000, description="Of those, the ones the adapter reproduced verbatim.")
+    memorizationRate: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="memorized / probed.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if any(not 0 <= v <= 10**9 for v in self.findings.values()):
+            raise ValueError("findings must be counts between 0 and 1e9")
+        if self.memorized > self.probed:
+            raise ValueError("memorized exceeds probed")
+        expected = self.memorized / self.probed if self.probed else 0.0
+        if abs(expected - self.memorizationRate) > 1e-6:
+            raise ValueError("memorizationRate is not memorized / probed")
+        return self
+
+
+class SiteCheckReport(ApiModel):
+    """What one site sends back from its checks (and the server writes to progress.json): numbers only,
+    never a text, a PII value, a probe's answer or an id from the site's data."""
+
+    site: str = Field(..., min_length=1, max_length=63, description="The participant (as the server knows the node).")
+    bias: Optional[SiteBias] = Field(None, description="Set when the bias check ran.")
+    pii: Optional[SitePII] = Field(None, description="Set when the pii check ran.")
+    error: Optional[str] = Field(None, max_length=MAX_SITE_ERROR,
+                                 description="Why a requested check did not run (the check and an error type).")
+
+
 class ServerConfig(ApiModel):
     """Input of `finetune-trainer federation-server`: submit the run to the SuperLink, run the ServerApp
     (sampling, aggregation, SecAgg+, DP accounting), write progress and the final adapter."""
@@ -136,6 +213,8 @@ class ServerConfig(ApiModel):
                            description="Aggregate adapters, federation/progress.json, the final adapter.")
     connectTimeoutSeconds: int = Field(600, ge=1, description="How long to wait for minSites SuperNodes to connect.")
     pollSeconds: float = Field(1.0, gt=0, le=10, description="How often the ServerApp asks the SuperLink for replies.")
+    siteChecks: SiteChecks = Field(default_factory=SiteChecks, description="The checks every site runs on the "
+                                   "final adapter with its own data (from the effective GovernancePolicy).")
 
     @property
     def progressURI(self) -> str:
@@ -194,6 +273,9 @@ class FederationProgress(ApiModel):
     adapter: Optional[FinalAdapter] = Field(None, description="Set once the final adapter is written.")
     droppedSites: list[str] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
                                     description="Sites selected in the last round that did not report.")
+    siteChecks: list[SiteCheckReport] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
+                                              description="One entry per participant after the final evaluation: "
+                                              "its bias and pii numbers, or why it has none.")
     message: str = Field("", description="What is happening, or why it failed.")
     updatedAt: Optional[str] = Field(None, description="When the server wrote this record (RFC 3339).")
     jobUID: Optional[str] = Field(None, description="The FederatedFineTuneJob's uid: a restarted server resumes "
@@ -252,9 +334,10 @@ def site_provenance(participant: Participant, dataset: Optional[Dataset]) -> Sit
 
 
 def server_config(job: FederatedFineTuneJob, *, superlink: str, datasets: dict[str, Optional[Dataset]],
-                  output_uri: Optional[str] = None, tls: Optional[TLSFiles] = None) -> ServerConfig:
+                  output_uri: Optional[str] = None, tls: Optional[TLSFiles] = None,
+                  site_checks: Optional[SiteChecks] = None) -> ServerConfig:
     """The server's config. `datasets`: participant name -> its Dataset (None for remote sites);
-    `output_uri` defaults to spec.output.uri."""
+    `output_uri` defaults to spec.output.uri; `site_checks`: what the sites check (none by default)."""
     s = job.spec
     return ServerConfig(
         job=identity(job), superlink=superlink, tls=tls, model=model_shape(job), rounds=s.rounds,
@@ -262,7 +345,14 @@ def server_config(job: FederatedFineTuneJob, *, superlink: str, datasets: dict[s
         roundTimeoutSeconds=s.roundTimeoutSeconds, aggregation=s.aggregation,
         secureAggregation=job.secure_aggregation(), differentialPrivacy=s.privacy.differentialPrivacy,
         sites=[site_provenance(p, datasets.get(p.name)) for p in s.participants],
-        outputURI=output_uri or s.output.uri)
+        outputURI=output_uri or s.output.uri, siteChecks=site_checks or SiteChecks())
+
+
+def site_checks_for(policy: dict) -> SiteChecks:
+    """The checks the effective policy (a GovernanceSpec as JSON) requires that only the sites can run."""
+    required = policy.get("required") or []
+    return SiteChecks(checks=[c for c in SITE_CHECK_NAMES if c in required],
+                      probesURI=(policy.get("bias") or {}).get("probesURI"))
 
 
 class NotReady(ValueError):

@@ -9,7 +9,8 @@ SecAggPlusWorkflow can run the fit exchange unchanged:
     init         one site sends the adapter's seeded initialisation (A random from the seed, B zero)
     round r      sample max(minSites, ⌈fractionFit · online⌉) sites; fit (SecAgg+ or plain) with a
                  timeout; >= minSites replies: aggregate, apply, record; fewer: retry the round
-    last         evaluate the final adapter at every site; write it with the trainer's manifest
+    last         evaluate the final adapter at every site (and, when the policy requires them, the sites'
+                 bias and pii checks on their own data: numbers only); write it with the trainer's manifest
     done         tell every site the federation is over (their SuperNodes exit)
 """
 
@@ -378,18 +379,31 @@ class Federation:
             entry.heldOutLoss = sum(l * n for l, n in pairs) / sum(n for _, n in pairs)
 
     def final_evaluation(self) -> None:
+        from .site_checks import missing_report, parse_report
+
         self.hello(timeout=30)
-        ins = EvaluateIns(ndarrays_to_parameters(agg.to_list(self.global_, self.names)), {"names": json.dumps(self.names)})
-        replies = self._exchange("evaluate", {n: ins for n in self.sites}, self.cfg.rounds + 1,
-                                 self.cfg.roundTimeoutSeconds)
-        evals = []
-        for msg in replies.values():
+        checks = self.cfg.siteChecks
+        config = {"names": json.dumps(self.names)}
+        timeout = self.cfg.roundTimeoutSeconds
+        if checks.checks:
+            config.update({"site-checks": checks.model_dump_json(), "adapter-config": self.adapter_config})
+            timeout = max(timeout, checks.timeoutSeconds)
+        ins = EvaluateIns(ndarrays_to_parameters(agg.to_list(self.global_, self.names)), config)
+        replies = self._exchange("evaluate", {n: ins for n in self.sites}, self.cfg.rounds + 1, timeout)
+        evals, reports = [], {}
+        for nid, msg in replies.items():
             res = compat.recorddict_to_evaluateres(msg.content)
             if res.status.code == Code.OK:
                 evals.append({"site": str(res.metrics.get("site")), "evalLoss": float(res.loss),
                               "evalExamples": res.num_examples})
+                if checks.checks and nid in self.sites:  # the site the node said it was, not what the reply claims
+                    reports[self.sites[nid]] = parse_report(res.metrics.get("site-checks"), self.sites[nid])
         self._held_out(self.cfg.rounds, evals)
         self.final_evals = evals
+        if checks.checks:
+            self.progress.siteChecks = [reports.get(s.site) or missing_report(s.site) for s in self.cfg.sites]
+            self.write_progress(message=f"site checks ({', '.join(checks.checks)}) from {len(reports)} of "
+                                f"{len(self.cfg.sites)} sites")
 
     def write_adapter(self) -> FinalAdapter:
         """The global adapter with the trainer's manifest: the governance Job checks it like any other."""
@@ -414,6 +428,8 @@ class Federation:
         metrics = {"evalLoss": held_out, "rounds": cfg.rounds,
                    "siteEvalLoss": {e["site"]: e["evalLoss"] for e in getattr(self, "final_evals", [])},
                    "privacy": privacy_record}
+        if self.progress.siteChecks:
+            metrics["siteChecks"] = [r.model_dump(mode="json", exclude_none=True) for r in self.progress.siteChecks]
         with tempfile.TemporaryDirectory(prefix="federated-adapter-") as tmp:
             folder = Path(tmp)
             save_file({n: np.ascontiguousarray(v, dtype=np.float32) for n, v in self.global_.items()},

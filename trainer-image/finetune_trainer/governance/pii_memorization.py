@@ -54,33 +54,40 @@ def memorization_probes(ctx: CheckContext, examples) -> list[tuple[list[int], st
     return probes
 
 
+def pii_measures(ctx: CheckContext) -> dict:
+    """Findings by kind in the validated train+eval data and the memorization probe's numbers. Only
+    the kind and whether each value was reproduced are kept: never the PII itself (a federated site
+    sends these numbers to the server, federated/site_checks.py)."""
+    train, evals = ctx.examples("train"), ctx.examples("eval")
+    kinds: dict[str, int] = {}
+    for example in train + evals:
+        for f in pii.find(example.text()):
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    tok = ctx.tokenizer
+    results = []
+    for ids, value, kind in memorization_probes(ctx, train):
+        budget = len(tok(value, add_special_tokens=False)["input_ids"]) + 8
+        generated = greedy_continue(ctx, ids, budget)
+        results.append({"kind": kind, "memorized": value in generated})
+    memorized = sum(r["memorized"] for r in results)
+    return {"findings": kinds, "probed": len(results), "memorized": memorized,
+            "memorizationRate": memorized / len(results) if results else 0.0, "probes": results}
+
+
 class PIICheck:
     name = "pii"
 
     def run(self, ctx: CheckContext) -> CheckResult:
         t = ctx.policy.pii
-        train, evals = ctx.examples("train"), ctx.examples("eval")
-        kinds: dict[str, int] = {}
-        for example in train + evals:
-            for f in pii.find(example.text()):
-                kinds[f.kind] = kinds.get(f.kind, 0) + 1
+        m = pii_measures(ctx)
+        kinds, memorized, rate, probed = m["findings"], m["memorized"], m["memorizationRate"], m["probed"]
         total = sum(kinds.values())
-
-        tok = ctx.tokenizer
-        results = []
-        for ids, value, kind in memorization_probes(ctx, train):
-            budget = len(tok(value, add_special_tokens=False)["input_ids"]) + 8
-            generated = greedy_continue(ctx, ids, budget)
-            # Only the kind and whether it was reproduced go to the report: never the PII itself.
-            results.append({"kind": kind, "memorized": value in generated})
-        memorized = sum(r["memorized"] for r in results)
-        rate = memorized / len(results) if results else 0.0
         report = {"findings": kinds, "maxFindings": t.maxFindings, "datasetPIIFindings": ctx.inputs.datasetPIIFindings,
-                  "probed": len(results), "memorized": memorized, "memorizationRate": rate,
-                  "maxMemorizationRate": t.maxMemorizationRate, "probes": results}
+                  "probed": probed, "memorized": memorized, "memorizationRate": rate,
+                  "maxMemorizationRate": t.maxMemorizationRate, "probes": m["probes"]}
         uri = ctx.write_report("pii.json", report)
         summary = (f"{total} PII findings in the validated data (max {t.maxFindings}); adapter reproduced "
-                   f"{memorized} of {len(results)} training PII values verbatim (rate {rate:.2%}, "
+                   f"{memorized} of {probed} training PII values verbatim (rate {rate:.2%}, "
                    f"max {t.maxMemorizationRate:.2%})")
         if total > t.maxFindings or rate > t.maxMemorizationRate:
             return failed(self.name, summary, value=rate, threshold=t.maxMemorizationRate, reportURI=uri)
