@@ -106,8 +106,19 @@ def progress(rounds=3, state="Training", dropped=(), adapter=False, losses=(2.0,
     if adapter:
         record["adapter"] = {"uri": "s3://coord-bucket/triage/adapters/ab", "digest": DIGEST, "sizeBytes": 10}
         record["siteChecks"] = [site_report(s) for s, _ in SITES]
+        record["finalEvaluation"] = final_evaluation()
     FederationProgress.model_validate(record)  # the trainer's own model accepts what the test writes
     return record
+
+
+def final_evaluation(sites=tuple(s for s, _ in SITES), base=2.0, loss=1.2, **per_site) -> dict:
+    """progress.json's finalEvaluation: every site's base-model and final-adapter loss (per_site: site ->
+    (base, loss) overrides), and both over the union weighted by eval examples."""
+    entries = [{"site": s, "baseEvalLoss": per_site.get(s, (base, loss))[0], "evalLoss": per_site.get(s, (base, loss))[1],
+                "evalExamples": 10} for s in sites]
+    n = 10 * len(entries)
+    return {"sites": entries, "baseHeldOutLoss": sum(e["baseEvalLoss"] * 10 for e in entries) / n if n else None,
+            "heldOutLoss": sum(e["evalLoss"] * 10 for e in entries) / n if n else None}
 
 
 def started() -> dict:
@@ -196,7 +207,7 @@ def test_an_invalid_dataset_or_an_unwatched_namespace_is_refused():
 
 
 def test_objects_in_the_coordinator_namespace():
-    p = plan(fed_obj(image="coord/custom:1"), observed())
+    p = plan(fed_obj(), observed())
     coord = [o for o in p.create if o["metadata"]["namespace"] == "coord"]
     assert sorted((o["kind"], o["metadata"]["name"]) for o in coord) == [
         ("ConfigMap", "triage-server"), ("ConfigMap", "triage-superlink"), ("Job", "triage-server"),
@@ -212,7 +223,7 @@ def test_objects_in_the_coordinator_namespace():
     for j in (link, server):
         pod = j["spec"]["template"]["spec"]
         assert pod["serviceAccountName"] == "triage-federation" and pod["automountServiceAccountToken"] is False
-        assert pod["containers"][0]["image"] == "coord/custom:1"  # spec.image: the coordinator's own pods only
+        assert pod["containers"][0]["image"] == "platform/trainer:1"  # the platform's: the gate judges its numbers
     assert link["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["finetune-trainer", "federation-superlink"]
     assert server["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["finetune-trainer", "federation-server"]
     secrets = lambda j: {e["valueFrom"]["secretKeyRef"]["name"] for e in j["spec"]["template"]["spec"]["containers"][0]["env"]  # noqa: E731
@@ -284,7 +295,7 @@ def test_a_remote_site_gets_the_remote_port_its_key_mounted_and_a_join_bundle_an
 
 
 def test_objects_in_each_participant_namespace_read_only_that_namespace():
-    p = plan(fed_obj(image="coord/custom:1"), observed())
+    p = plan(fed_obj(), observed())
     for site, ns in SITES:
         mine = [o for o in p.create if o["metadata"]["namespace"] == ns]
         name = f"coord-triage-site-{site}"
@@ -461,7 +472,7 @@ def outcome(reports, policies=BIAS_POLICY, sites=SITES, datasets=None):
     obs = observed(progress={**progress(rounds=3, state="Succeeded", adapter=True), "siteChecks": reports},
                    policies=policies, **({"datasets": datasets} if datasets is not None else {}))
     policy, _ = fed_mod.effective_policy(obj, obs.policies, CFG)
-    result = fed_mod.federated_outcome(job_, policy, progress(rounds=3)["rounds"], obs)
+    result = fed_mod.federated_outcome(job_, policy, final_evaluation(tuple(s for s, _ in sites)), obs)
     return result, {c.name: c for c in result.checks}
 
 
@@ -506,7 +517,8 @@ def test_a_remote_site_passes_or_fails_pii_on_its_own_report():
     def judge(reports):
         obs = observed(progress={"siteChecks": reports}, policies=BIAS_POLICY)
         policy, _ = fed_mod.effective_policy(obj, obs.policies, CFG)
-        return {c.name: c for c in fed_mod.federated_outcome(job_, policy, progress(rounds=3)["rounds"], obs).checks}
+        evaluation = final_evaluation(("north", "south", "west"))
+        return {c.name: c for c in fed_mod.federated_outcome(job_, policy, evaluation, obs).checks}
 
     checks = judge([site_report(s) for s in ("north", "south", "west")])
     assert checks["pii"].passed and checks["bias"].passed and checks["provenance"].passed
@@ -553,11 +565,32 @@ def test_hostile_or_missing_site_reports_fail_the_site_never_the_operator():
 
 def test_a_site_whose_loss_did_not_improve_fails_evaluation():
     obj, obs = finished(manifest_ok=(True, "ok"))
-    obs.progress["rounds"][-1]["sites"][1]["evalLoss"] = 2.5  # south got worse
+    # Judged on the final adapter against the base model, each measured at the site.
+    p = plan(obj, obs, now=T3)
+    assert p.status["evaluation"]["baseHeldOutLoss"] == pytest.approx(2.0)
+    evaluation = {c["name"]: c for c in p.status["governance"]["checks"]}["evaluation"]
+    assert evaluation["passed"] and evaluation["value"] == pytest.approx(0.4), evaluation
+    assert "base model 2.0000, adapter 1.2000 (+40.0%)" in evaluation["message"]
+    obj, obs = finished(manifest_ok=(True, "ok"))
+    obs.progress["finalEvaluation"] = final_evaluation(south=(2.0, 2.5))  # south got worse than the base model
     p = plan(obj, obs, now=T3)
     evaluation = {c["name"]: c for c in p.status["governance"]["checks"]}["evaluation"]
     assert not evaluation["passed"] and "south (-25.0%)" in evaluation["message"]
-    assert p.status["phase"] == "Failed"
+    assert "north" not in evaluation["message"] and p.status["phase"] == "Failed"
+
+
+@pytest.mark.parametrize("record, needle", [
+    (None, "no site evaluated the final adapter"),
+    ({"sites": "nope"}, "no site evaluated the final adapter"),
+    ({"sites": []}, "no site evaluated the final adapter"),
+    (final_evaluation(("north", "south")), "east (not evaluated)"),  # a site that missed the final evaluation
+    (final_evaluation(east=(0.0, 1.0)), "east (not evaluated)"),  # a base loss of 0: no relative improvement
+    ({**final_evaluation(), "heldOutLoss": None}, "overall (not evaluated)"),
+])
+def test_evaluation_fails_naming_the_site_when_the_record_is_missing_partial_or_malformed(record, needle):
+    job_ = FederatedFineTuneJob.model_validate(fed_obj())
+    check = fed_mod._evaluation(record, list(job_.spec.participants), 0.01)
+    assert not check.passed and needle in check.message, check.message
 
 
 def test_manual_promotion_waits_for_the_digest():

@@ -16,8 +16,9 @@ Where things run (docs/federated.md, "On a cluster"):
   ClientApp), its ConfigMap, a ServiceAccount and a NetworkPolicy. The site reads that namespace's
   Dataset with that namespace's credentials (a secretKeyRef resolves in the pod's own namespace, so
   no other namespace's Secret can be named) and sends only adapter updates to the SuperLink. Site
-  pods always run the platform's image (config.trainer_image), never spec.image: they hold another
-  team's credentials.
+  pods always run the platform's image (config.trainer_image): they hold another team's credentials.
+  So do the coordinator's (a FederatedFineTuneJob has no spec.image): the server's progress record is
+  what the gate judges, and the SuperLink relays every site's reply.
 
 Owner references cannot cross namespaces: site objects carry the label
 finetune.dev/federation=<namespace>.<name>, and the FederatedFineTuneJob a finalizer whose handler
@@ -353,7 +354,7 @@ def coordinator_objects(fed: dict, job: FederatedFineTuneJob, datasets: dict[str
     meta = fed["metadata"]
     ns, name = meta["namespace"], meta["name"]
     account = coordinator_account(name)
-    image = job.spec.image or config.trainer_image
+    image = config.trainer_image  # never a user's: this pod's numbers are what the gate judges
     out = [service_account(account, ns, labels_of(ns, name, ROLE_SERVER), fed), superlink_service(fed, job)]
     if config.job_network_policy:
         out += [superlink_policy(fed, job), server_policy(fed, config)]
@@ -649,35 +650,46 @@ def _pii(participants: list[Participant], policy: dict, observed: Observed, repo
                        f"({limits}; every site's own report)")
 
 
-def _evaluation(rounds: list[dict], participants: list[Participant], min_rel: float) -> CheckResult:
-    """Every site's eval loss and the overall held-out loss, first kept round vs last (a round's
-    losses are of the aggregate each site received): relative improvement >= min_rel everywhere."""
-    if not rounds:
-        return CheckResult(name="evaluation", passed=False, message="no round was reported")
-    first, last = rounds[0], rounds[-1]
+def _evaluation(evaluation: Any, participants: list[Participant], min_rel: float) -> CheckResult:
+    """The final adapter against the base model, on every site's eval split and over their union (both
+    losses computed at each site, the adapter switched off for the base: status.evaluation): the
+    relative improvement must reach min_rel at every site and overall. A site that did not evaluate
+    the final adapter fails the check, named."""
+    from .api.federated import FinalEvaluation
 
-    def losses(r: dict) -> dict[str, float]:
-        return {s["site"]: s["evalLoss"] for s in r.get("sites") or [] if isinstance(s.get("evalLoss"), (int, float))}
+    try:
+        ev = FinalEvaluation.model_validate(evaluation) if isinstance(evaluation, dict) else None
+    except ValueError:  # a pod wrote it: a malformed record is no evaluation, never a crash
+        ev = None
+    if ev is None or not ev.sites:
+        return CheckResult(name="evaluation", passed=False, threshold=min_rel,
+                           message="no site evaluated the final adapter against the base model")
 
-    before, after = losses(first), losses(last)
+    def gain(base: Optional[float], loss: Optional[float]) -> Optional[float]:
+        ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (base, loss))
+        return (base - loss) / base if ok and base > 0 else None  # type: ignore[operator]
+
+    by_site = {s.site: s for s in ev.sites}
     short = []
     for p in participants:
-        b, a = before.get(p.name), after.get(p.name)
-        if b is None or a is None or b <= 0:
-            short.append(f"{p.name} (not reported)")
-        elif (b - a) / b < min_rel:
-            short.append(f"{p.name} ({(b - a) / b:+.1%})")
-    b, a = first.get("heldOutLoss"), last.get("heldOutLoss")
-    overall = (b - a) / b if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b > 0 else None
+        site = by_site.get(p.name)
+        rel = gain(site.baseEvalLoss, site.evalLoss) if site is not None else None
+        if rel is None:
+            short.append(f"{p.name} (not evaluated)")
+        elif rel < min_rel:
+            short.append(f"{p.name} ({rel:+.1%})")
+    overall = gain(ev.baseHeldOutLoss, ev.heldOutLoss)
     if overall is None or overall < min_rel:
-        short.append("overall (not reported)" if overall is None else f"overall ({overall:+.1%})")
-    message = (f"held-out loss improved at every site and overall ({overall:+.1%}, rounds {first['round']}"
-               f"-{last['round']})" if not short else
-               f"held-out loss not improved by {min_rel:.1%} at: {', '.join(short[:10])}")
+        short.append("overall (not evaluated)" if overall is None else f"overall ({overall:+.1%})")
+    if short:
+        message = f"loss against the base model not improved by {min_rel:.1%} at: {', '.join(short[:10])}"
+    else:
+        message = (f"loss on the sites' eval splits: base model {ev.baseHeldOutLoss:.4f}, adapter "
+                   f"{ev.heldOutLoss:.4f} ({overall:+.1%}); every site improved by at least {min_rel:.1%}")
     return CheckResult(name="evaluation", passed=not short, value=overall, threshold=min_rel, message=message)
 
 
-def federated_outcome(job: FederatedFineTuneJob, policy: dict, rounds: list[dict],
+def federated_outcome(job: FederatedFineTuneJob, policy: dict, evaluation: Any,
                       observed: Observed) -> governance.GovernanceOutcome:
     """The FineTuneJob gate's outcome for a federated adapter: evaluation (at every site and overall) and
     provenance (every site's Dataset digest and allowed license) from aggregates; bias and pii from each
@@ -685,8 +697,8 @@ def federated_outcome(job: FederatedFineTuneJob, policy: dict, rounds: list[dict
     without a report fails them. Other required checks fail: nobody ran them."""
     participants = list(job.spec.participants)
     required = list(policy.get("required") or [])
-    checks = [_evaluation(rounds, participants, float((policy.get("evaluation") or {}).get("minRelativeImprovement")
-                                                      or 0.0))]
+    checks = [_evaluation(evaluation, participants,
+                          float((policy.get("evaluation") or {}).get("minRelativeImprovement") or 0.0))]
     allowed = {x.casefold() for x in (policy.get("provenance") or {}).get("allowedLicenses") or []}
     problems = []
     for p in participants:
@@ -819,6 +831,8 @@ def plan_federation(fed: dict, job: FederatedFineTuneJob, observed: Observed, co
         status["rounds"] = [r.model_dump(mode="json", exclude_none=True) for r in progress.rounds]
         status["currentRound"] = progress.currentRound
         status["privacy"] = progress.privacy.model_dump(mode="json", exclude_none=True)
+        if progress.finalEvaluation is not None:
+            status["evaluation"] = progress.finalEvaluation.model_dump(mode="json", exclude_none=True)
     server = job_state(observed.jobs.get((ns, server_name(name))), observed.pods.get((ns, server_name(name))) or [])
     if phase in ("Starting", "Training"):
         if server.state == "Failed" or (progress is not None and progress.state == "Failed"):
@@ -857,7 +871,7 @@ def _govern(fed: dict, job: FederatedFineTuneJob, observed: Observed, config: Op
     adapter = status.get("adapter") or {}
     digest = adapter.get("digest", "")
     policy, ignored = effective_policy(fed, observed.policies, config)
-    outcome = federated_outcome(job, policy, status.get("rounds") or [], observed)
+    outcome = federated_outcome(job, policy, status.get("evaluation"), observed)
     gov = status.get("governance") or {}
     status["governance"] = {"checks": [c.model_dump(mode="json", exclude_none=True) for c in outcome.checks],
                             "passed": outcome.passed, "adapterDigest": digest, "effectivePolicy": policy,

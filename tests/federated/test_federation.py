@@ -170,6 +170,16 @@ def test_the_federation_finishes_with_a_complete_status(federation):
         for s in r["sites"]:
             assert s["examples"] == 54 and s["localLoss"] > 0 and s["evalLoss"] > 0
     assert p["privacy"]["secureAggregation"] is True
+    # The final adapter against the base model at every site (both measured there), and over the union.
+    final = p["finalEvaluation"]
+    assert sorted(s["site"] for s in final["sites"]) == sorted(SITES)
+    assert all(s["evalExamples"] == 18 and s["baseEvalLoss"] > s["evalLoss"] > 0 for s in final["sites"]), final
+    assert final["heldOutLoss"] == pytest.approx(p["rounds"][-1]["heldOutLoss"])
+    # The base model's loss is what every site reported for the seeded initialisation (B = 0) in round 1.
+    first = {s["site"]: s["evalLoss"] for s in p["rounds"][0]["sites"]}
+    for s in final["sites"]:
+        if s["site"] in first:
+            assert s["baseEvalLoss"] == pytest.approx(first[s["site"]], rel=1e-4)
     ok, why = adapter_io.verify(p["adapter"]["uri"])
     assert ok, why
     manifest = json.loads(Path(p["adapter"]["uri"].removeprefix("file://"), "manifest.json").read_text())

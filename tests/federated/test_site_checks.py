@@ -69,7 +69,9 @@ def test_the_final_evaluation_reply_carries_check_numbers_and_no_text_of_the_sit
               "site-checks": fc.SiteChecks(checks=["bias", "pii"]).model_dump_json()}
     loss, examples, metrics = client.evaluate(agg.to_list(weights, names), config)
     assert loss > 0 and examples == GENDERED_EVAL + 2
-    assert set(metrics) == {"site", "site-checks"}
+    assert set(metrics) == {"site", "site-checks", "base-eval-loss"}
+    # The base model alone on the same split: the seeded initialisation (B = 0) is the base model's function.
+    assert metrics["base-eval-loss"] == pytest.approx(loss, rel=1e-5)
     report = fc.SiteCheckReport.model_validate_json(metrics["site-checks"])
     assert report.error is None, report.error
     # pii: the planted address, counted where it is (train outputs), probed for memorization on the adapter

@@ -66,8 +66,11 @@ SERVER = textwrap.dedent("""
     # The sites' own check numbers, for the checks the operator's server config asks for (the policy's pii).
     checks = [{"site": s, "pii": {"findings": {}, "probed": 3, "memorized": 0, "memorizationRate": 0.0}}
               for s in sites] if "pii" in cfg["siteChecks"]["checks"] else []
+    # Every site's final evaluation: the adapter and the base model on its own eval split.
+    final = {"sites": [{"site": s, "evalLoss": 1.1, "baseEvalLoss": 2.2, "evalExamples": 5} for s in sites],
+             "heldOutLoss": 1.1, "baseHeldOutLoss": 2.2}
     progress(rounds, state="Succeeded", adapter={"uri": result["adapterURI"], "digest": result["digest"]},
-             siteChecks=checks)
+             siteChecks=checks, finalEvaluation=final)
 """)
 
 

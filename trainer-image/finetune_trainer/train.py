@@ -386,6 +386,9 @@ def _run(cfg, stop: StopFlag, world: distributed.World, fed=None) -> int:
 
     if fed is not None:  # the aggregate the site received, on the site's eval split
         fed.eval_loss = run_eval()
+        if fed.evaluate_base:  # and the base model alone (peft switches the adapter off), for the gate
+            with model.disable_adapter():
+                fed.base_eval_loss = run_eval()
 
     # ---- 4. the loop: one iteration = one optimizer step
     # Fault-injection tests slow steps down so they can signal a run mid-training; 0 in real runs.

@@ -217,8 +217,8 @@ class FederatedFineTuneJobSpec(ApiModel):
     governance: Optional[GovernanceSpec] = Field(
         None, description="Checks and thresholds; may only tighten the GovernancePolicy that applies.")
     promotion: PromotionSettings = Field(default_factory=PromotionSettings, description="Promotion of the adapter.")
-    image: Optional[str] = Field(None, min_length=1, max_length=1024, pattern=r"^\S+$",
-                                 description="Trainer image, overriding the operator's default (no whitespace).")
+    # No `image` (a FineTuneJob has one): every pod of a federation runs the platform's trainer image. The
+    # sites hold other teams' credentials, and the server's and SuperLink's numbers are what the gate judges.
 
 
 class SiteRound(ApiModel):
@@ -245,6 +245,25 @@ class RoundStatus(ApiModel):
         "evaluates it on its own split, weighted by their eval examples. Filled by the next round's reports "
         "(and, for the last round, by a final evaluation at every site).")
     seconds: Optional[float] = Field(None, ge=0, description="Wall time of the round.")
+
+
+class SiteEvaluation(ApiModel):
+    """The final adapter and the base model on one site's eval split, computed at the site."""
+
+    site: str = Field(..., description="The participant's name.")
+    evalLoss: float = Field(..., description="The final adapter's mean loss on the site's eval split.")
+    baseEvalLoss: Optional[float] = Field(None, description="The base model's (the adapter switched off).")
+    evalExamples: int = Field(0, ge=0, description="Eval examples it was computed on.")
+
+
+class FinalEvaluation(ApiModel):
+    """After the last round: every reporting site's losses, and over the union of their eval splits."""
+
+    sites: list[SiteEvaluation] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
+                                        description="One entry per site that evaluated the final adapter.")
+    heldOutLoss: Optional[float] = Field(None, description="The final adapter, weighted by eval examples "
+                                         "(the sites with both numbers).")
+    baseHeldOutLoss: Optional[float] = Field(None, description="The base model, over the same sites.")
 
 
 class PrivacyStatus(ApiModel):
@@ -282,6 +301,9 @@ class FederatedFineTuneJobStatus(ApiModel):
     sites: list[SiteStatus] = Field(default_factory=list, max_length=MAX_PARTICIPANTS,
                                     description="One entry per participant.")
     privacy: Optional[PrivacyStatus] = Field(None, description="Secure aggregation and the (epsilon, delta) spent.")
+    evaluation: Optional[FinalEvaluation] = Field(
+        None, description="The final adapter against the base model on every site's eval split (computed at "
+        "the sites): what the governance gate's evaluation check compares.")
     adapter: Optional[AdapterRef] = Field(None, description="The final aggregate adapter.")
     governance: Optional[GovernanceStatus] = Field(None, description="Governance results.")
     promotion: Optional[PromotionStatus] = Field(None, description="Promotion of the adapter.")

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ..api import Dataset, FederatedFineTuneJob
 from . import logic, models
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, FtctlError
+from .errors import EXIT_BLOCKED, EXIT_FAILED, EXIT_INTERRUPTED, FtctlError
 
 #: Local rounds are short: the SuperNodes and the ServerApp poll every 0.2 s instead of Flower's 3 s.
 LOCAL_POLL_SECONDS = 0.2
@@ -91,8 +91,49 @@ def _round_line(r: dict) -> str:
             f"{r.get('seconds') or 0:.1f}s ({sites})")
 
 
+def local_gate(job: FederatedFineTuneJob, datasets: dict[str, dict], progress: dict, policies: list[dict],
+               config, now: str) -> tuple[dict, object]:
+    """The operator's own planner (federation.plan_federation) over the finished local federation, as
+    on a cluster: the server Job done, progress.json read, the adapter's manifest verified, the
+    GovernancePolicies given to `ftctl run`. Returns the final status and the plan (its alias record)."""
+    from finetune_trainer import adapter as adapter_mod
+    from finetune_trainer import storage
+
+    from .. import federation as fed_mod
+
+    fed = job.model_dump(mode="json", exclude_none=True)
+    meta = fed["metadata"]
+    meta.setdefault("generation", 1)
+    ns, name = meta.get("namespace") or "default", meta["name"]
+    server = {"metadata": {"name": fed_mod.server_name(name), "namespace": ns}}
+    summary, pods = logic.observed_job(server, 0, now, now)
+    observed = fed_mod.Observed(
+        datasets={(p.namespace or "", p.dataset or ""): datasets[p.dataset or ""] for p in job.spec.participants
+                  if p.remote is None and p.dataset in datasets},
+        jobs={(ns, fed_mod.server_name(name)): summary}, pods={(ns, fed_mod.server_name(name)): pods},
+        progress=progress, policies=policies)
+    fed["status"] = {"phase": "Training", "startTime": now, "observedGeneration": meta["generation"]}
+    plan = fed_mod.plan_federation(fed, job, observed, config, now)
+    for _ in range(3):  # Training -> Evaluating (the manifest to verify) -> a verdict
+        fed["status"] = plan.status if plan.status is not None else fed["status"]
+        adapter_uri = (fed["status"].get("adapter") or {}).get("uri")
+        if fed["status"].get("phase") != "Evaluating" or not adapter_uri:
+            break
+        observed.manifest_ok = adapter_mod.verify(adapter_uri)
+        alias_uri = fed_mod.alias_uri_of(fed)
+        try:
+            current = json.loads(storage.read_text(alias_uri)) if alias_uri else None
+        except (FileNotFoundError, ValueError):
+            current = None
+        observed.alias_current = current if isinstance(current, dict) else None
+        plan = fed_mod.plan_federation(fed, job, observed, config, now)
+    if plan.status is not None:
+        fed["status"] = plan.status
+    return fed["status"], plan
+
+
 def run_federation(manifest: dict, datasets: dict[str, dict], cwd: Path, state_dir: Path, console: Console,
-                   tiny: bool = False) -> int:
+                   tiny: bool = False, policies: Optional[list[dict]] = None, config=None) -> int:
     job = prepare(manifest, cwd, state_dir, tiny)
     name = job.metadata.model_dump()["name"]
     by_site = site_datasets(job, datasets)
@@ -133,9 +174,38 @@ def run_federation(manifest: dict, datasets: dict[str, dict], cwd: Path, state_d
     adapter = progress["adapter"]
     privacy = progress.get("privacy") or {}
     eps = f", epsilon {privacy['epsilon']:.2f} at delta {privacy['delta']:g}" if privacy.get("epsilon") is not None else ""
-    console.print(f"FederatedFineTuneJob/{name} Succeeded in {time.monotonic() - started:.0f}s: adapter "
-                  f"{adapter['digest']} at {adapter['uri']}{eps}", markup=False, soft_wrap=True)
-    return 0
+    console.print(f"FederatedFineTuneJob/{name}: {len(progress.get('rounds', []))} rounds aggregated in "
+                  f"{time.monotonic() - started:.0f}s: adapter {adapter['digest']} at {adapter['uri']}{eps}",
+                  markup=False, soft_wrap=True)
+    return conclude(job, by_site_raw(job, datasets), progress, policies or [], config or logic.operator_config(
+        state_dir), console)
+
+
+def by_site_raw(job: FederatedFineTuneJob, datasets: dict[str, dict]) -> dict[str, dict]:
+    return {p.dataset or "": datasets[p.dataset or ""] for p in job.spec.participants if p.dataset in datasets}
+
+
+def conclude(job: FederatedFineTuneJob, datasets: dict[str, dict], progress: dict, policies: list[dict], config,
+             console: Console) -> int:
+    """The gate's verdict, as the operator would reach it, and the alias record it writes."""
+    from finetune_trainer import storage
+
+    from ..conditions import now_iso
+    from . import display
+
+    name = job.metadata.model_dump()["name"]
+    status, plan = local_gate(job, datasets, progress, policies, config, now_iso())
+    gov = status.get("governance") or {}
+    console.print(display.governance_table(gov.get("checks") or [], gov.get("passed"),
+                                           (gov.get("effectivePolicy") or {}).get("required") or []))
+    if plan.alias is not None:
+        alias_uri, record = plan.alias
+        storage.write_text(alias_uri, json.dumps(record, indent=2, sort_keys=True))  # one atomic write
+    phase = status.get("phase")
+    console.print(f"FederatedFineTuneJob/{name} {phase}: {status.get('message', '')}", markup=False, soft_wrap=True)
+    if phase in ("Succeeded", "AwaitingApproval"):
+        return 0
+    return EXIT_BLOCKED if (status.get("promotion") or {}).get("state") == "Blocked" else EXIT_FAILED
 
 
 def summary_table(progress: dict) -> Table:

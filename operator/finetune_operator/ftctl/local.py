@@ -527,7 +527,8 @@ def _run_in_order(run: LocalRun, manifests: ManifestSet, console: Console, repor
 
         with run.timings.phase(f"federation {federation['metadata']['name']}"):
             worst = max(worst, run_federation(federation, run.datasets, run.options.cwd, run.options.state_dir,
-                                              console, tiny=run.options.tiny))
+                                              console, tiny=run.options.tiny, policies=run.manifests.policies,
+                                              config=run.config))
     console.print(display.timings_table(run.timings.phases, run.timings.total(), os.environ.get("OMP_NUM_THREADS")))
     if pending_jobs and not waiting:
         worst = max(worst, EXIT_FAILED)

@@ -19,6 +19,7 @@ quickly.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -117,8 +118,10 @@ class SiteClient(NumPyClient):
 
         names = json.loads(str(config["names"]))
         weights = agg.from_list(parameters, names)
-        fed = run_round(self.site, weights, 0)
+        fed = run_round(self.site, weights, 0, evaluate_base=True)
         metrics = {"site": self.site.site}
+        if fed.base_eval_loss is not None and math.isfinite(fed.base_eval_loss):
+            metrics["base-eval-loss"] = float(fed.base_eval_loss)
         wanted = wanted_of(config)
         if wanted is not None and wanted.checks:
             report = run_site_checks(self.site, weights, str(config.get("adapter-config") or "{}"), wanted)

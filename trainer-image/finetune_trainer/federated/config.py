@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 
 from finetune_operator.api.dataset import DataFormat, Dataset
 from finetune_operator.api.federated import (MAX_PARTICIPANTS, MAX_STATUS_ROUNDS, Aggregation, DifferentialPrivacy,
-                                             FederatedFineTuneJob, Participant, PrivacyStatus, RoundStatus)
+                                             FederatedFineTuneJob, FinalEvaluation, Participant, PrivacyStatus,
+                                             RoundStatus, SiteEvaluation)
 from finetune_operator.api.finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from finetune_operator.api.meta import URI_PATTERN, ApiModel
 from finetune_operator.api.trainer_config import JobIdentity, TrainingData
@@ -278,6 +279,8 @@ class FederationProgress(ApiModel):
                                               "its bias and pii numbers, or why it has none.")
     message: str = Field("", description="What is happening, or why it failed.")
     updatedAt: Optional[str] = Field(None, description="When the server wrote this record (RFC 3339).")
+    finalEvaluation: Optional[FinalEvaluation] = Field(
+        None, description="The final adapter against the base model at every site (after the last round).")
     jobUID: Optional[str] = Field(None, description="The FederatedFineTuneJob's uid: a restarted server resumes "
                                   "only its own federation's rounds, never a deleted namesake's.")
 

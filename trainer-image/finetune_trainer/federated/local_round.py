@@ -52,6 +52,9 @@ class LocalRound:
     #: The federation's round (from 1; 0: an evaluation only) and the schedule's length, rounds × localSteps.
     round: int = 0
     schedule_steps: Optional[int] = None
+    #: Also evaluate the base model without the adapter (the final evaluation: the gate compares them).
+    evaluate_base: bool = False
+    base_eval_loss: Optional[float] = None
     # filled by train._run
     start_step: int = 0
     until_step: int = 0
@@ -111,13 +114,16 @@ def seek(scheduler, position: int) -> None:
     scheduler._last_lr = lrs
 
 
-def run_round(site: SiteConfig, global_weights: Optional[Arrays], local_steps: int, round_: int = 0) -> LocalRound:
-    """Train (local_steps > 0) in the federation's round `round_`, or only evaluate (0) the global adapter."""
+def run_round(site: SiteConfig, global_weights: Optional[Arrays], local_steps: int, round_: int = 0,
+              evaluate_base: bool = False) -> LocalRound:
+    """Train (local_steps > 0) in the federation's round `round_`, or only evaluate (0) the global adapter
+    (and, with evaluate_base, the base model on the same eval split)."""
     from ..errors import EXIT_OK, TrainerError
     from ..train import run_local_round
 
     fed = LocalRound(aggregation=site.aggregation, local_steps=local_steps, global_weights=global_weights,
-                     round=round_ if local_steps else 0, schedule_steps=site.rounds * site.localSteps)
+                     round=round_ if local_steps else 0, schedule_steps=site.rounds * site.localSteps,
+                     evaluate_base=evaluate_base)
     code = run_local_round(trainer_config(site), fed)
     if code != EXIT_OK:
         raise TrainerError(f"site {site.site}: the local round stopped early (exit {code})")

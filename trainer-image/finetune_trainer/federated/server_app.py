@@ -59,6 +59,25 @@ class RoundFailed(RuntimeError):
     pass
 
 
+def final_evaluation_of(evals: list[dict]):
+    """The final adapter and the base model on every reporting site's eval split (numbers the sites
+    computed), and both weighted by eval examples over the union: what the gate's evaluation compares."""
+    from .config import FinalEvaluation, SiteEvaluation
+
+    sites = []
+    for e in sorted(evals, key=lambda e: e["site"]):
+        loss, base, n = e.get("evalLoss"), e.get("baseEvalLoss"), e.get("evalExamples") or 0
+        if isinstance(loss, float) and math.isfinite(loss) and n > 0:
+            sites.append(SiteEvaluation(site=e["site"], evalLoss=loss, evalExamples=int(n),
+                                        baseEvalLoss=base if isinstance(base, float) and math.isfinite(base) else None))
+    both = [s for s in sites if s.baseEvalLoss is not None]
+    weight = sum(s.evalExamples for s in both)
+    return FinalEvaluation(
+        sites=sites,
+        heldOutLoss=sum(s.evalLoss * s.evalExamples for s in both) / weight if weight else None,
+        baseHeldOutLoss=sum((s.baseEvalLoss or 0.0) * s.evalExamples for s in both) / weight if weight else None)
+
+
 def rounds_uri(output_uri: str, round_: int) -> str:
     """The global adapter after each round (round 0: the initialisation), for audit and resumption."""
     return storage.join(output_uri, "federation", "rounds", f"round-{round_:04d}.safetensors")
@@ -393,13 +412,15 @@ class Federation:
         evals, reports = [], {}
         for nid, msg in replies.items():
             res = compat.recorddict_to_evaluateres(msg.content)
-            if res.status.code == Code.OK:
-                evals.append({"site": str(res.metrics.get("site")), "evalLoss": float(res.loss),
-                              "evalExamples": res.num_examples})
+            if res.status.code == Code.OK and nid in self.sites:
+                base = res.metrics.get("base-eval-loss")
+                evals.append({"site": self.sites[nid], "evalLoss": float(res.loss), "evalExamples": res.num_examples,
+                              "baseEvalLoss": float(base) if isinstance(base, (int, float)) else None})
                 if checks.checks and nid in self.sites:  # the site the node said it was, not what the reply claims
                     reports[self.sites[nid]] = parse_report(res.metrics.get("site-checks"), self.sites[nid])
         self._held_out(self.cfg.rounds, evals)
         self.final_evals = evals
+        self.progress.finalEvaluation = final_evaluation_of(evals)
         if checks.checks:
             self.progress.siteChecks = [reports.get(s.site) or missing_report(s.site) for s in self.cfg.sites]
             self.write_progress(message=f"site checks ({', '.join(checks.checks)}) from {len(reports)} of "
