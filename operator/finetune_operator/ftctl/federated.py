@@ -67,15 +67,16 @@ def site_datasets(job: FederatedFineTuneJob, datasets: dict[str, dict]) -> dict[
     return out
 
 
-def local_federation(job: FederatedFineTuneJob, datasets: dict[str, Dataset], workdir: Path):
-    """The three roles' configs, rendered as the operator renders them, with local addresses."""
+def local_federation(job: FederatedFineTuneJob, datasets: dict[str, Dataset], workdir: Path, site_checks=None):
+    """The three roles' configs, rendered as the operator renders them, with local addresses; `site_checks`
+    (what the effective policy asks the sites to run) as the operator derives it."""
     from finetune_trainer.federated import config as fc
     from finetune_trainer.federated.localrun import LocalFederation, free_port
 
     port = free_port()
     address = f"127.0.0.1:{port}"
     superlink = fc.superlink_config(job).model_copy(update={"host": "127.0.0.1", "port": port, "healthPort": 0})
-    server = fc.server_config(job, superlink=address, datasets=datasets).model_copy(
+    server = fc.server_config(job, superlink=address, datasets=datasets, site_checks=site_checks).model_copy(
         update={"pollSeconds": LOCAL_POLL_SECONDS})
     sites = {p.name: fc.site_config(job, p, datasets[p.name], superlink=address,
                                     scratch_uri=f"file://{(workdir / 'sites' / p.name).resolve()}").model_copy(
@@ -139,7 +140,13 @@ def run_federation(manifest: dict, datasets: dict[str, dict], cwd: Path, state_d
     by_site = site_datasets(job, datasets)
     workdir = state_dir / "federations" / name
     shutil.rmtree(workdir, ignore_errors=True)  # a new federation: no site resumes a previous run's rounds
-    federation = local_federation(job, by_site, workdir)
+    from finetune_trainer.federated import config as fc
+
+    from .. import federation as fed_mod
+
+    config = config or logic.operator_config(state_dir)
+    policy, _ = fed_mod.effective_policy(job.model_dump(mode="json", exclude_none=True), policies or [], config)
+    federation = local_federation(job, by_site, workdir, site_checks=fc.site_checks_for(policy))
     progress_path = models.local_path(federation.server.progressURI)
     console.print(f"FederatedFineTuneJob/{name}: {len(by_site)} sites, {job.spec.rounds} rounds x "
                   f"{job.spec.localSteps} local steps, aggregation {job.spec.aggregation}, secure aggregation "
@@ -177,8 +184,7 @@ def run_federation(manifest: dict, datasets: dict[str, dict], cwd: Path, state_d
     console.print(f"FederatedFineTuneJob/{name}: {len(progress.get('rounds', []))} rounds aggregated in "
                   f"{time.monotonic() - started:.0f}s: adapter {adapter['digest']} at {adapter['uri']}{eps}",
                   markup=False, soft_wrap=True)
-    return conclude(job, by_site_raw(job, datasets), progress, policies or [], config or logic.operator_config(
-        state_dir), console)
+    return conclude(job, by_site_raw(job, datasets), progress, policies or [], config, console)
 
 
 def by_site_raw(job: FederatedFineTuneJob, datasets: dict[str, dict]) -> dict[str, dict]:
