@@ -352,7 +352,8 @@ def fed_dataset(namespace: str, phase: str = "Ready", consent: str = "coord/fed"
             "status": status}
 
 
-def _fed_progress(rounds: int, losses=(2.0, 1.5), adapter: bool = False, state: str = "Training") -> dict:
+def _fed_progress(rounds: int, losses=(2.0, 1.5), adapter: bool = False, state: str = "Training",
+                  final=(2.0, 1.5)) -> dict:
     record = {"state": state, "currentRound": rounds, "totalRounds": 2,
               "privacy": {"secureAggregation": False},
               "rounds": [{"round": r + 1, "sitesSelected": 2, "sitesReported": 2, "heldOutLoss": losses[r],
@@ -361,6 +362,12 @@ def _fed_progress(rounds: int, losses=(2.0, 1.5), adapter: bool = False, state: 
                          for r in range(rounds)]}
     if adapter:
         record["adapter"] = {"uri": "s3://out-bucket/fed/adapters/ab", "digest": DIGEST}
+        # Every site's final evaluation (base model, adapter) and its own pii check: numbers only.
+        base, loss = final
+        record["finalEvaluation"] = {"sites": [{"site": n, "baseEvalLoss": base, "evalLoss": loss, "evalExamples": 5}
+                                               for n, _ in FED_SITES], "baseHeldOutLoss": base, "heldOutLoss": loss}
+        record["siteChecks"] = [{"site": n, "pii": {"findings": {}, "probed": 2, "memorized": 0, "memorizationRate": 0.0}}
+                                for n, _ in FED_SITES]
     return record
 
 
@@ -396,7 +403,7 @@ def federation_paths() -> dict[str, dict]:
     manual = copy.deepcopy(out["evaluating"])
     manual["spec"]["promotion"] = {"mode": "manual"}
     out["awaiting-approval"] = plan(manual, T3, manifest_ok=(True, "ok"), **done)
-    worse = dict(done, progress=_fed_progress(2, losses=(1.5, 2.0), adapter=True, state="Succeeded"))
+    worse = dict(done, progress=_fed_progress(2, losses=(1.5, 2.0), adapter=True, state="Succeeded", final=(1.5, 2.0)))
     out["governance-blocked"] = plan(out["evaluating"], T3, manifest_ok=(True, "ok"), **worse)
     out["server-failed"] = plan(out["training"], T2, jobs=jobs(failed_reason="BackoffLimitExceeded"),
                                 progress=_fed_progress(1))

@@ -115,7 +115,8 @@ def test_blocked_by_governance_is_degraded_naming_the_failing_checks():
 def test_a_federation_blocked_by_governance_names_the_failing_check_and_site():
     health = run_health("FederatedFineTuneJob", ALL["FederatedFineTuneJob/governance-blocked"])
     assert health["status"] == "Degraded"
-    assert health["message"].startswith("Blocked by governance: failing checks: evaluation (held-out loss not improved")
+    assert health["message"].startswith("Blocked by governance: failing checks: evaluation (loss against the base "
+                                         "model not improved")
     assert "north" in health["message"]
 
 

@@ -314,8 +314,9 @@ def test_a_site_killed_mid_round_the_round_completes_and_the_site_rejoins(federa
     # and trained its round from there: its round-2 update exists, its round-1 one never did
     assert Path(update_uri(federation["sites"][KILLED], 2).removeprefix("file://")).exists()
     assert not Path(update_uri(federation["sites"][KILLED], 1).removeprefix("file://")).exists()
-    server_log = federation["run"].log_of("server")
-    assert '"event": "dropout"' in server_log and KILLED in server_log
+    # What the operator's SiteDropout Event is made of (federation.dropped_rounds): selected, not reported.
+    # (The server's own dropout log line may be lost: its pod is killed right after round 1, below.)
+    assert rounds[1]["sitesSelected"] - rounds[1]["sitesReported"] == 1
 
 
 def test_every_site_ran_its_checks_on_its_own_data_and_sent_numbers_only(federation):
