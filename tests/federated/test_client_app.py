@@ -25,15 +25,7 @@ def _context(path: str) -> Context:
     return Context(run_id=1, node_id=7, node_config={SITE_CONFIG_KEY: path}, state=RecordDict(), run_config={})
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What a ClientApp process has from Flower before it sees a message: its run and node."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 11
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _train(content: RecordDict) -> Message:

@@ -28,11 +28,12 @@ import yaml
 from finetune_operator.api import Dataset, FederatedFineTuneJob
 from finetune_operator.api.validation import validate_manifest
 from finetune_trainer import adapter as adapter_io
-from finetune_trainer.federated import aggregation as agg
 from finetune_trainer.federated import config as fc
 from finetune_trainer.federated import wire
 from finetune_trainer.federated.client_app import update_uri
 from finetune_trainer.federated.localrun import LocalFederation, free_port
+
+from .sites import tickets_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = ("north", "south", "east")
@@ -70,12 +71,7 @@ def _job(model: Path, output: Path) -> FederatedFineTuneJob:
 
 
 def _dataset(site: str, folder: Path) -> Dataset:
-    return Dataset.model_validate({
-        "metadata": {"name": "tickets", "namespace": f"desk-{site}"},
-        "spec": {"source": {"uri": f"file://{folder}/train.jsonl"}, "format": "instruction",
-                 "provenance": {"origin": f"{site} desk", "license": "CC0-1.0"}},
-        "status": {"phase": "Ready", "validatedURI": f"file://{folder}", "stats": {"examples": 54},
-                   "digest": "sha256:" + f"{SITES.index(site) + 1:x}" * 64}})
+    return tickets_dataset(site, folder, 54, f"{SITES.index(site) + 1:x}")
 
 
 def _checkpoint_steps(scratch: Path) -> list[int]:

@@ -38,6 +38,8 @@ from finetune_trainer.federated.localrun import LocalFederation, free_port, wait
 from finetune_trainer.federated.remote_fleet import public_key_pem, remote_keys
 from finetune_trainer.federated.server_app import admit
 
+from .sites import tickets_dataset
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -366,12 +368,7 @@ def _job(model: Path, output: Path) -> FederatedFineTuneJob:
 
 
 def _dataset(site: str, folder: Path) -> Dataset:
-    return Dataset.model_validate({
-        "metadata": {"name": "tickets", "namespace": f"desk-{site}"},
-        "spec": {"source": {"uri": f"file://{folder}/train.jsonl"}, "format": "instruction",
-                 "provenance": {"origin": f"{site} desk", "license": "CC0-1.0"}},
-        "status": {"phase": "Ready", "validatedURI": f"file://{folder}", "stats": {"examples": 40},
-                   "digest": "sha256:" + ("1" if site == "north" else "2") * 64}})
+    return tickets_dataset(site, folder, 40, "1" if site == "north" else "2")
 
 
 @pytest.fixture(scope="module")

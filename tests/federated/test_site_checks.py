@@ -38,14 +38,7 @@ def _site_data(folder):
     (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 11
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def test_the_final_evaluation_reply_carries_check_numbers_and_no_text_of_the_sites_data(tiny_model_dir, tmp_path):

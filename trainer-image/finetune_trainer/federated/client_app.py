@@ -35,7 +35,7 @@ from .. import storage
 from . import aggregation as agg
 from .config import SiteConfig
 from .processes import load
-from .wire import arrays_from_bytes, arrays_to_bytes
+from .wire import arrays_to_bytes
 
 SITE_CONFIG_KEY = "site-config"
 DONE_FILE_KEY = "done-file"

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from finetune_operator.api.dataset import DataFormat, Dataset
 from finetune_operator.api.federated import (MAX_PARTICIPANTS, MAX_STATUS_ROUNDS, Aggregation, DifferentialPrivacy,
                                              FederatedFineTuneJob, FinalEvaluation, Participant, PrivacyStatus,
-                                             RoundStatus, SiteEvaluation)
+                                             RoundStatus)
 from finetune_operator.api.finetunejob import BaseModelRef, LoraSettings, Method, Quantization, TrainingSettings
 from finetune_operator.api.meta import URI_PATTERN, ApiModel
 from finetune_operator.api.trainer_config import JobIdentity, TrainingData

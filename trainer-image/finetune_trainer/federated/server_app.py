@@ -62,7 +62,7 @@ class RoundFailed(RuntimeError):
 def final_evaluation_of(evals: list[dict]):
     """The final adapter and the base model on every reporting site's eval split (numbers the sites
     computed), and both weighted by eval examples over the union: what the gate's evaluation compares."""
-    from .config import FinalEvaluation, SiteEvaluation
+    from finetune_operator.api.federated import FinalEvaluation, SiteEvaluation
 
     sites = []
     for e in sorted(evals, key=lambda e: e["site"]):
