@@ -23,6 +23,11 @@ if [ ! -f "$stamp" ]; then
   # run a whole federation), so it goes in without its pins, and what it needs that we lack goes in by
   # name. Not in pyproject's extras: pip could not resolve it there. (uv, also required, is only for
   # installing an app's dependencies at run time, which we disable.)
+  # Upgrading flwr: federated/remote_fleet.py relies on internals of 1.42 (tests/federated/test_remote_sites.py
+  # checks each): flower_superlink._parse_superlink_lifespan_config and SuperLinkLifespan, main.create_app,
+  # NodeAuthMiddleware on every Fleet call with SuperNode auth off, the flwr-public-key header (base64 PEM),
+  # LinkState.create_node / get_node_id_by_public_key, a keyed SuperNode only activating (never registering),
+  # and uvicorn.Server.capture_signals; supernode.py patches the SuperNode's 3 s poll sleep.
   python -m pip install -q --no-deps "flwr==1.42.0"
   python -m pip install -q grpcio grpcio-health-checking "pycryptodome<4" "iterators<0.0.3" tomli tomli-w \
     pathspec prompt-toolkit "httpx<1" httpcore h11 anyio sniffio "sqlalchemy>=2.0.45" "alembic>=1.18" mako \
