@@ -7,6 +7,7 @@ keeps it to well under a minute; tests/federated/test_federation.py runs the ful
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +22,18 @@ from .conftest import REPO, ftctl
 
 
 NOISE = 0.05
+
+
+def left_running(folder: Path) -> list[str]:
+    """Command lines of live processes working in `folder` (every process of the run inherits it as cwd)."""
+    found = []
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if Path(os.readlink(cwd)).is_relative_to(folder):
+                found.append((cwd.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+        except OSError:
+            continue
+    return found
 
 
 @pytest.fixture()
@@ -48,6 +61,8 @@ def test_ftctl_runs_the_federated_example_locally(federated_workdir):
     proc = ftctl("run", "examples/federated/", cwd=federated_workdir, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    # Nothing the run started outlives it: Flower's SuperExec and ClientApps run in sessions of their own.
+    assert not left_running(federated_workdir), left_running(federated_workdir)
     assert "round 1: 2 of 2 sites reported" in out
     assert "FederatedFineTuneJob/ticket-router Succeeded" in out and "epsilon" in out
     # The operator's own gate, run locally: the example's policy (evaluation, bias, provenance, pii), the

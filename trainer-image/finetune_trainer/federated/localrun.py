@@ -139,7 +139,9 @@ class LocalFederation:
         return code
 
     def stop(self) -> None:
-        """Everything still running: TERM, then KILL."""
+        """Everything still running: TERM, then KILL; then whatever they started in sessions of their own
+        (a SuperNode's ClientApps, a server's ServerApp), which a process group does not reach."""
+        started = [pid for proc in self.procs.values() if proc.poll() is None for pid in descendants(proc.pid)]
         for name in reversed(list(self.procs)):
             proc = self.procs[name]
             if proc.poll() is None:
@@ -148,3 +150,8 @@ class LocalFederation:
                     proc.wait(timeout=15)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     self._kill(name, signal.SIGKILL)
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -42,6 +42,24 @@ def supernode_argv(cfg: SiteConfig, site_config: Path, done_file: Path) -> list[
     return argv
 
 
+def stop_supernode(proc: subprocess.Popen) -> None:
+    """TERM the SuperNode, then KILL what it started in sessions of its own (Flower's SuperExec and its
+    ClientApps): outside a pod, where the container's end takes everything, they would outlive it."""
+    from .localrun import descendants
+
+    started = descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run(config_path: str) -> int:
     cfg = load(config_path, SiteConfig)
     work = Path(tempfile.mkdtemp(prefix=f"federation-site-{cfg.site}-"))
@@ -64,11 +82,7 @@ def run(config_path: str) -> int:
             if done_file.exists():
                 log.info("federation over", extra={"event": "done", "site": cfg.site,
                                                    **json.loads(done_file.read_text() or "{}")})
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_supernode(proc)
                 return EXIT_OK
             time.sleep(0.5)
         log.error("SuperNode exited", extra={"event": "exited", "site": cfg.site, "code": proc.returncode})
