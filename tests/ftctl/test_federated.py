@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,10 @@ def test_ftctl_runs_the_federated_example_locally(federated_workdir):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # Nothing the run started outlives it: Flower's SuperExec and ClientApps run in sessions of their own.
+    # (A process SIGKILLed as ftctl exits may take a moment to go.)
+    deadline = time.monotonic() + 20
+    while left_running(federated_workdir) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not left_running(federated_workdir), left_running(federated_workdir)
     assert "round 1: 2 of 2 sites reported" in out
     assert "FederatedFineTuneJob/ticket-router Succeeded" in out and "epsilon" in out
