@@ -146,13 +146,38 @@ def run(config_path: str) -> int:
         if logs is not None and logs.poll() is None:
             time.sleep(1.5)  # the last lines
             logs.terminate()
+        from .localrun import descendants
+
+        leftovers = descendants(superexec.pid) if superexec.poll() is None else []
         if superexec.poll() is None:
             superexec.terminate()
             try:
                 superexec.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 superexec.kill()
+        _stop_leftovers(leftovers)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def finish(run_id: int, env: dict, timeout: float = 150.0) -> None:
+    """After the adapter is written the ServerApp still tells every site it is over (up to 30 s to find
+    them and 60 s for their answers): let it, so the sites stop, before this pod ends."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not run_status(run_id, env).startswith("finished"):
+        time.sleep(1.0)
+
+
+def _stop_leftovers(started: list[int]) -> None:
+    """Flower's ServerApp runs in a session of its own under the SuperExec: outside a pod, where the
+    container's end takes everything, it would outlive this command."""
+    import os
+    import signal
+
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _wait(cfg: ServerConfig, run_id: int, env: dict, superexec: subprocess.Popen) -> int:
@@ -162,6 +187,7 @@ def _wait(cfg: ServerConfig, run_id: int, env: dict, superexec: subprocess.Popen
         if progress is not None and progress.state == "Succeeded":
             log.info("federation done", extra={"event": "done", "adapter": progress.adapter.digest
                                                if progress.adapter else None})
+            finish(run_id, env)
             return EXIT_OK
         if progress is not None and progress.state == "Failed":
             raise ConfigError(f"the federation failed: {progress.message}")
